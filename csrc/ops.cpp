@@ -1,0 +1,30 @@
+// Schemas of the fastsam ops and the Python module init of fastsam._C.
+// The math of every op is specified by fastsam/ops/reference.py; the CPU and CUDA kernels register
+// implementations of these schemas with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fastsam._C registers the ops; the module itself holds no functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastsam, m) {
+  m.def("norm_sq_(Tensor(a!) acc, Tensor[] grads, Tensor[] params, Tensor[] row_scales, int mode, float eta) -> ()");
+  m.def("row_norm_(Tensor(a!)[] out, Tensor[] params, float eta) -> ()");
+  m.def(
+      "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor[] row_scales, Tensor norm_sq, "
+      "float rho, float eps, int mode, float eta, bool sign) -> ()");
+  m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
+  m.def(
+      "restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] momentum_buffers, "
+      "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+      "bool init_momentum) -> ()");
+  m.def(
+      "restore_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float weight_decay, float eps, "
+      "bool decoupled, bool maximize, float step) -> ()");
+}

@@ -1,0 +1,65 @@
+"""The fused ops: one Python entry each, taking tensor lists of one device and dtype.
+
+Each entry picks an implementation (``impl``: "auto", "cuda", "triton", "cpu" or "torch", see
+:func:`fastsam.ops._dispatch.resolve_impl`) and runs it. The math of every op is specified in
+:mod:`fastsam.ops.reference`; the other implementations agree with it to rounding.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from torch import Tensor
+
+from fastsam.ops._dispatch import backend, check_impl, resolve_impl
+from fastsam.ops.reference import MODE_ABS, MODE_IDENTITY, MODE_ROW
+
+__all__ = [
+    "MODE_IDENTITY", "MODE_ABS", "MODE_ROW", "check_impl", "resolve_impl",
+    "norm_sq_", "row_norm_", "perturb_", "restore_", "restore_sgd_", "restore_adam_",
+]
+
+
+def _run(name: str, impl: str, first: List[Tensor], *args) -> None:
+    if len(first) == 0:
+        return
+    getattr(backend(resolve_impl(impl, first[0].device)), name)(*args)
+
+
+def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales: List[Tensor],
+             mode: int, eta: float, *, impl: str = "auto") -> None:
+    """``acc += sum_j ||T_j g_j||^2`` (fp32 ``acc`` of shape [1]); see reference.norm_sq_."""
+    _run("norm_sq_", impl, grads, acc, grads, params, row_scales, mode, eta)
+
+
+def row_norm_(out: List[Tensor], params: List[Tensor], eta: float, *, impl: str = "auto") -> None:
+    """``out[j][r] = ||params[j][r]||_2 + eta`` per output filter; see reference.row_norm_."""
+    _run("row_norm_", impl, params, out, params, eta)
+
+
+def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], row_scales: List[Tensor],
+             norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool,
+             *, impl: str = "auto") -> None:
+    """Back up w and move it to ``w + e``; see reference.perturb_."""
+    _run("perturb_", impl, params, params, grads, backups, row_scales, norm_sq, rho, eps, mode, eta, sign)
+
+
+def restore_(params: List[Tensor], backups: List[Tensor], *, impl: str = "auto") -> None:
+    """``params[j] <- backups[j]`` exactly."""
+    _run("restore_", impl, params, params, backups)
+
+
+def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                 momentum_buffers: List[Tensor], lr: float, weight_decay: float, momentum: float,
+                 dampening: float, nesterov: bool, maximize: bool, init_momentum: bool,
+                 *, impl: str = "auto") -> None:
+    """Restore w, then one torch.optim.SGD step; see reference.restore_sgd_."""
+    _run("restore_sgd_", impl, params, params, grads, backups, momentum_buffers, lr, weight_decay,
+         momentum, dampening, nesterov, maximize, init_momentum)
+
+
+def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], exp_avgs: List[Tensor],
+                  exp_avg_sqs: List[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float,
+                  eps: float, decoupled: bool, maximize: bool, step: float, *, impl: str = "auto") -> None:
+    """Restore w, then one torch.optim.Adam / AdamW step; see reference.restore_adam_."""
+    _run("restore_adam_", impl, params, params, grads, backups, exp_avgs, exp_avg_sqs, lr, beta1, beta2,
+         weight_decay, eps, decoupled, maximize, step)

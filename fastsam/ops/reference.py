@@ -1,0 +1,200 @@
+"""Pure-torch reference of every fused op: the ground truth of the tests and the last fallback.
+
+Contract shared by every implementation (reference, cpu, cuda, triton):
+
+* All ops are in place and return ``None``. Every tensor list holds tensors of one device and
+  one dtype (the "param dtype": fp32, bf16 or fp16); ``acc``, ``norm_sq`` and ``row_scales`` are fp32.
+* Math is done in fp32 whatever the param dtype, with one rounding to the param dtype at each store.
+* Reductions accumulate in fp32. The order of accumulation is free, so implementations agree with
+  this reference to rounding, not bit for bit.
+* The normalization operator ``T`` of (A)SAM is selected by ``mode``:
+
+  ``MODE_IDENTITY`` (0)
+      ``T = 1``; ``params`` is only read where the op itself needs it.
+  ``MODE_ABS`` (1)
+      ``T = |w| + eta`` element-wise (ASAM element-wise; davda54's adaptive SAM uses ``eta = 0``).
+  ``MODE_ROW`` (2)
+      ``T[i] = row_scales[j][i // inner]`` with ``inner = numel / size(0)``: one scale per output
+      filter, precomputed by :func:`row_norm_` as ``||w[r]||_2 + eta`` (ASAM filter-wise).
+
+  ``row_scales`` is an empty list unless ``mode == MODE_ROW``.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import Tensor
+
+MODE_IDENTITY = 0
+MODE_ABS = 1
+MODE_ROW = 2
+
+
+def _t_operator(w32: Tensor, row_scale: Tensor | None, mode: int, eta: float) -> Tensor | float:
+    """T for one tensor, in fp32 and in the shape of ``w32`` (or the scalar 1.0 for identity)."""
+    if mode == MODE_IDENTITY:
+        return 1.0
+    if mode == MODE_ABS:
+        return w32.abs() + eta
+    if mode == MODE_ROW:
+        inner = w32.numel() // max(w32.shape[0], 1) if w32.dim() > 0 else 1
+        return row_scale.repeat_interleave(inner).view_as(w32)
+    raise ValueError(f"mode must be 0 (identity), 1 (abs) or 2 (row), got {mode}")
+
+
+def _row(row_scales: List[Tensor], j: int, mode: int) -> Tensor | None:
+    return row_scales[j] if mode == MODE_ROW else None
+
+
+@torch.no_grad()
+def norm_sq_(
+    acc: Tensor,
+    grads: List[Tensor],
+    params: List[Tensor],
+    row_scales: List[Tensor],
+    mode: int,
+    eta: float,
+) -> None:
+    """``acc += sum_j ||T_j g_j||_2^2``.
+
+    acc: fp32, shape ``[1]``, on the device of the tensors. grads/params: matching shapes.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=acc.device)
+    for j, g in enumerate(grads):
+        g32 = g.float()
+        t = _t_operator(params[j].float(), _row(row_scales, j, mode), mode, eta)
+        total += (t * g32).square().sum()
+    acc.add_(total)
+
+
+@torch.no_grad()
+def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
+    """``out[j][r] = ||params[j][r]||_2 + eta`` for every output filter r (slice along dim 0).
+
+    out[j]: fp32, shape ``[params[j].shape[0]]``.
+    """
+    for o, w in zip(out, params):
+        o.copy_(w.float().reshape(w.shape[0], -1).norm(dim=1) + eta)
+
+
+@torch.no_grad()
+def perturb_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    backups: List[Tensor],
+    row_scales: List[Tensor],
+    norm_sq: Tensor,
+    rho: float,
+    eps: float,
+    mode: int,
+    eta: float,
+    sign: bool,
+) -> None:
+    """Back up ``w`` and move it to the SAM point ``w + e``.
+
+    ``backups[j] <- w_j`` (exact copy), then, with T evaluated at the old w:
+
+    * ``sign=False`` (p = 2): ``e = rho / (sqrt(norm_sq) + eps) * T^2 g``
+    * ``sign=True``  (p = inf): ``e = rho * T * sign(g)``  (``norm_sq`` is not read)
+
+    norm_sq: fp32 shape ``[1]``, the global ``sum ||T g||^2`` from :func:`norm_sq_`.
+    """
+    scale = rho / (norm_sq.sqrt() + eps)
+    for j, (w, g, b) in enumerate(zip(params, grads, backups)):
+        b.copy_(w)
+        w32 = w.float()
+        t = _t_operator(w32, _row(row_scales, j, mode), mode, eta)
+        g32 = g.float()
+        if sign:
+            e = rho * t * torch.sign(g32)
+        else:
+            e = scale * (t * t) * g32
+        w.copy_(w32 + e)
+
+
+@torch.no_grad()
+def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
+    """``params[j] <- backups[j]``, bit-exactly."""
+    for w, b in zip(params, backups):
+        w.copy_(b)
+
+
+@torch.no_grad()
+def restore_sgd_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    backups: List[Tensor],
+    momentum_buffers: List[Tensor],
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    init_momentum: bool,
+) -> None:
+    """Restore ``w`` from the backup, then one ``torch.optim.SGD`` step with the given grads.
+
+    ``momentum_buffers`` is empty when ``momentum == 0``. ``init_momentum=True`` means the buffers
+    hold garbage and are set to ``d_p`` (torch's first step: ``buf = clone(d_p)``).
+    """
+    for j, (w, g, b) in enumerate(zip(params, grads, backups)):
+        w.copy_(b)
+        w32 = w.float()
+        d_p = g.float()
+        if maximize:
+            d_p = -d_p
+        if weight_decay != 0:
+            d_p = d_p.add(w32, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[j]
+            if init_momentum:
+                buf32 = d_p.clone()
+            else:
+                buf32 = buf.float().mul(momentum).add_(d_p, alpha=1 - dampening)
+            buf.copy_(buf32)
+            d_p = d_p.add(buf32, alpha=momentum) if nesterov else buf32
+        w.copy_(w32.add(d_p, alpha=-lr))
+
+
+@torch.no_grad()
+def restore_adam_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    backups: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    decoupled: bool,
+    maximize: bool,
+    step: float,
+) -> None:
+    """Restore ``w`` from the backup, then one ``torch.optim.Adam`` (``decoupled=False``) or
+    ``AdamW`` (``decoupled=True``) step, amsgrad off. ``step`` is the step count after increment
+    (1 at the first step)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    step_size = lr / bias_correction1
+    for j, (w, g, b) in enumerate(zip(params, grads, backups)):
+        w.copy_(b)
+        w32 = w.float()
+        g32 = g.float()
+        if maximize:
+            g32 = -g32
+        if weight_decay != 0:
+            if decoupled:
+                w32 = w32.mul(1 - lr * weight_decay)
+            else:
+                g32 = g32.add(w32, alpha=weight_decay)
+        m32 = exp_avgs[j].float().lerp(g32, 1 - beta1)
+        v32 = exp_avg_sqs[j].float().mul(beta2).addcmul_(g32, g32, value=1 - beta2)
+        exp_avgs[j].copy_(m32)
+        exp_avg_sqs[j].copy_(v32)
+        denom = (v32.sqrt() / bias_correction2_sqrt).add_(eps)
+        w.copy_(w32.addcdiv(m32, denom, value=-step_size))
