@@ -1,0 +1,48 @@
+# make test / make bench work on a fresh clone: they create .venv and install what they need.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/cuda-check/%.o,$(CUDA_SOURCES))
+NVCC ?= nvcc
+NVCC_FLAGS ?= -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+# `make test` requires these impls to be present, so a broken build fails instead of skipping.
+REQUIRE_IMPLS ?= cpu,triton
+
+.PHONY: test bench cuda-check install clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TRITON_SPEC)" numpy ninja "pytest>=8" "pytest-benchmark>=4"
+	touch $@
+
+# Rebuilt when a C++/CUDA source or the build files change.
+$(VENV)/.fastsam: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.fastsam
+
+build/cuda-check/%.o: csrc/cuda/%.cu $(wildcard csrc/cuda/*.cuh csrc/cuda/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
+
+# Compiles every CUDA kernel source with plain nvcc (no GPU, no torch needed).
+cuda-check: $(CUDA_OBJECTS)
+
+test: install
+	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; \
+	  else echo "nvcc not found: skipping the CUDA compile check"; fi
+	FASTSAM_REQUIRE_IMPLS=$(REQUIRE_IMPLS) $(PY) -m pytest tests -q
+
+bench: install
+	$(PY) -m fastsam.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build fastsam/_C*.so *.egg-info

@@ -1,0 +1,74 @@
+"""Groups the parameters of a step into buckets that one fused op call each can cover.
+
+A bucket holds the parameters of one param group that share a device, a dtype, a normalization
+operator and an implementation. Buckets are built once per set of parameters-with-grad and cached,
+so a step only gathers the current ``.grad`` tensors (which autograd may replace between passes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from fastsam.ops import MODE_ROW, resolve_impl
+
+
+@dataclass
+class Bucket:
+    group: dict
+    mode: int
+    eta: float
+    impl: str
+    params: List[Tensor] = field(default_factory=list)
+    backups: List[Tensor] = field(default_factory=list)
+    row_scales: List[Tensor] = field(default_factory=list)
+
+    def grads(self) -> List[Tensor]:
+        return [p.grad for p in self.params]
+
+
+# (param, param name or None, group) -> (mode, eta)
+OperatorRule = Callable[[Tensor, "str | None", dict], Tuple[int, float]]
+
+
+def grad_signature(param_groups: List[dict]) -> Tuple[bool, ...]:
+    """Which parameters have a grad: the cache key of a plan."""
+    return tuple(p.grad is not None for g in param_groups for p in g["params"])
+
+
+def check_grad(p: Tensor) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError("fastsam optimizers do not support sparse gradients")
+    if p.grad.shape != p.shape:
+        raise RuntimeError(f"a gradient of shape {tuple(p.grad.shape)} belongs to a parameter of shape {tuple(p.shape)}")
+
+
+def build(param_groups: List[dict], state: Dict[Tensor, dict], impl: str, rule: OperatorRule) -> List[Bucket]:
+    """Buckets of the parameters that have a grad now. Allocates their backups (and filter-norm
+    buffers) in ``state`` the first time a parameter is seen; later plans reuse them."""
+    buckets: Dict[tuple, Bucket] = {}
+    for gi, group in enumerate(param_groups):
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            check_grad(p)
+            mode, eta = rule(p, names[i] if names else None, group)
+            # Kernels read memory linearly; a strided parameter takes the reference path.
+            p_impl = resolve_impl(impl, p.device) if p.is_contiguous() else "torch"
+            key = (gi, p.device, p.dtype, mode, p_impl)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(group, mode, eta, p_impl)
+            st = state[p]
+            if "backup" not in st:
+                st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            b.params.append(p)
+            b.backups.append(st["backup"])
+            if mode == MODE_ROW:
+                if "row_scale" not in st:
+                    st["row_scale"] = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)
+                b.row_scales.append(st["row_scale"])
+    return list(buckets.values())

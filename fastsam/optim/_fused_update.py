@@ -1,0 +1,86 @@
+"""The second SAM pass fused into one kernel: restore w from the backup, then the base optimizer's
+step, for torch.optim.SGD, Adam and AdamW. The base optimizer's state (momentum buffers, Adam moments
+and step counts) is read and written in torch's own layout, so ``base_optimizer.state_dict()`` and a
+later unfused step see exactly what torch's step would have left.
+
+Anything else (another optimizer, amsgrad, capturable/fused/differentiable flags, tensor lr) takes
+the generic path: restore, then ``base_optimizer.step()``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+import fastsam.ops as ops
+
+
+def fused_kind(base: torch.optim.Optimizer) -> str | None:
+    """"sgd" or "adam" when the base optimizer's exact type has a fused restore+update."""
+    if type(base) is torch.optim.SGD:
+        return "sgd"
+    if type(base) in (torch.optim.Adam, torch.optim.AdamW):
+        return "adam"
+    return None
+
+
+def group_supported(kind: str, group: dict) -> bool:
+    """Whether a param group's options are all covered by the fused kernel."""
+    if group.get("differentiable") or group.get("fused") or group.get("capturable"):
+        return False
+    if not isinstance(group["lr"], (float, int)):
+        return False
+    if kind == "adam":
+        return not group.get("amsgrad") and all(isinstance(b, (float, int)) for b in group["betas"])
+    return True
+
+
+def _sgd(base, group, params, grads, backups, impl) -> None:
+    momentum = group["momentum"]
+    args = (group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
+    if momentum == 0:
+        ops.restore_sgd_(params, grads, backups, [], *args, False, impl=impl)
+        return
+    states = [base.state[p] for p in params]
+    if all(s.get("momentum_buffer") is not None for s in states):
+        bufs = [s["momentum_buffer"] for s in states]
+        ops.restore_sgd_(params, grads, backups, bufs, *args, False, impl=impl)
+        return
+    # First step of some parameters: torch sets their buffer to d_p; the kernel does that in place.
+    new = [i for i, s in enumerate(states) if s.get("momentum_buffer") is None]
+    old = [i for i, s in enumerate(states) if s.get("momentum_buffer") is not None]
+    for i in new:
+        states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    for idx, init in ((old, False), (new, True)):
+        pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+        ops.restore_sgd_(pick(params), pick(grads), pick(backups), [states[i]["momentum_buffer"] for i in idx],
+                         *args, init, impl=impl)
+
+
+def _adam(base, group, params, grads, backups, impl) -> None:
+    states = [base.state[p] for p in params]
+    for p, s in zip(params, states):
+        if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
+            s["step"] = torch.tensor(0.0, dtype=torch.float32)
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    # Parameters that joined later have fewer steps: one call per distinct count (usually one).
+    by_step: Dict[float, List[int]] = {}
+    for i, t in enumerate(steps):
+        by_step.setdefault(float(t), []).append(i)
+    beta1, beta2 = group["betas"]
+    decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
+    for step, idx in by_step.items():
+        pick = (lambda ts: ts) if len(by_step) == 1 else (lambda ts: [ts[i] for i in idx])  # noqa: E731
+        ops.restore_adam_(pick(params), pick(grads), pick(backups), pick([s["exp_avg"] for s in states]),
+                          pick([s["exp_avg_sq"] for s in states]), group["lr"], beta1, beta2,
+                          group["weight_decay"], group["eps"], decoupled, group["maximize"], step, impl=impl)
+
+
+def restore_and_update(kind: str, base, group: dict, params: List[Tensor], grads: List[Tensor],
+                       backups: List[Tensor], impl: str) -> None:
+    """w <- backup, then the base optimizer's step for ``params`` (all of one device and dtype)."""
+    (_sgd if kind == "sgd" else _adam)(base, group, params, grads, backups, impl)

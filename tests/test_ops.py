@@ -1,0 +1,167 @@
+"""Every implementation of every fused op against the reference, on the same inputs."""
+import pytest
+import torch
+
+import fastsam.ops as O
+from fastsam.ops import reference as R
+
+from _impls import TOL, assert_close, impl_params
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CASES = {
+    "size1": [(1,)],
+    "size3": [(3,)],
+    "size1000003": [(1000003,)],
+    "200tensors": [((i * 7) % 23 + 1, (i * 5) % 11 + 1) if i % 3 else ((i * 13) % 97 + 1,) for i in range(200)],
+    "filters": [(16, 3, 3, 3), (1, 2, 1, 1), (6, 5, 7), (1009, 991), (5,)],
+    "empty": [],
+}
+MODES = [O.MODE_IDENTITY, O.MODE_ABS, O.MODE_ROW]
+OP_IMPLS = [p for p in impl_params() if p.values[1] != "torch"]  # torch *is* the reference
+
+
+def make(shapes, dtype, device, seed, positive=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in shapes:
+        t = torch.randn(s, generator=g)
+        out.append((t.abs() if positive else t).to(device=device, dtype=dtype))
+    return out
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def row_scales_for(params, mode, eta=0.01):
+    if mode != O.MODE_ROW:
+        return []
+    out = [torch.empty(p.shape[0], device=p.device, dtype=torch.float32) for p in params]
+    R.row_norm_(out, params, eta)
+    return out
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", MODES)
+def test_norm_sq(device, impl, dtype, case, mode):
+    params, grads = make(CASES[case], dtype, device, 0), make(CASES[case], dtype, device, 1)
+    rows = row_scales_for(params, mode)
+    acc = torch.full((1,), 0.5, device=device)  # accumulates: the op adds to what is there
+    expected = acc.clone()
+    O.norm_sq_(acc, grads, params, rows, mode, 0.01, impl=impl)
+    R.norm_sq_(expected, grads, params, rows, mode, 0.01)
+    torch.testing.assert_close(acc, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "200tensors", "filters", "empty"])
+def test_row_norm(device, impl, dtype, case):
+    params = make(CASES[case], dtype, device, 2)
+    out = [torch.full((p.shape[0],), -1.0, device=device) for p in params]
+    expected = clone(out)
+    O.row_norm_(out, params, 0.01, impl=impl)
+    R.row_norm_(expected, params, 0.01)
+    for a, e in zip(out, expected):
+        torch.testing.assert_close(a, e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sign", [False, True], ids=["p2", "pinf"])
+def test_perturb(device, impl, dtype, case, mode, sign):
+    params, grads = make(CASES[case], dtype, device, 3), make(CASES[case], dtype, device, 4)
+    if grads:
+        grads[0].view(-1)[0] = 0  # sign(0) = 0: no move
+    rows = row_scales_for(params, mode)
+    norm_sq = torch.zeros(1, device=device)
+    R.norm_sq_(norm_sq, grads, params, rows, mode, 0.01)
+    backups = [torch.full_like(p, 7.0) for p in params]
+    ref_params, ref_backups = clone(params), clone(backups)
+    O.perturb_(params, grads, backups, rows, norm_sq, 0.3, 1e-12, mode, 0.01, sign, impl=impl)
+    R.perturb_(ref_params, grads, ref_backups, rows, norm_sq, 0.3, 1e-12, mode, 0.01, sign)
+    for w, rw, b, rb in zip(params, ref_params, backups, ref_backups):
+        assert torch.equal(b, rb), "the backup must be an exact copy of w"
+        assert_close(w, rw)
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_restore(device, impl, dtype, case):
+    params, backups = make(CASES[case], dtype, device, 5), make(CASES[case], dtype, device, 6)
+    O.restore_(params, backups, impl=impl)
+    for w, b in zip(params, backups):
+        assert torch.equal(w, b)
+
+
+SGD_CONFIGS = {
+    "plain": dict(lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False),
+    "momentum_init": dict(lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+                          init_momentum=True),
+    "momentum_wd_damp": dict(lr=0.05, weight_decay=1e-2, momentum=0.9, dampening=0.1, nesterov=False,
+                             maximize=False),
+    "nesterov_maximize": dict(lr=0.05, weight_decay=5e-4, momentum=0.8, dampening=0.0, nesterov=True,
+                              maximize=True),
+}
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty"])
+@pytest.mark.parametrize("config", list(SGD_CONFIGS))
+def test_restore_sgd(device, impl, dtype, case, config):
+    kw = dict(SGD_CONFIGS[config])
+    kw.setdefault("init_momentum", False)
+    shapes = CASES[case]
+    params, grads, backups = (make(shapes, dtype, device, s) for s in (7, 8, 9))
+    bufs = make(shapes, dtype, device, 10) if kw["momentum"] else []
+    ref_params, ref_bufs = clone(params), clone(bufs)
+    O.restore_sgd_(params, grads, backups, bufs, impl=impl, **kw)
+    R.restore_sgd_(ref_params, grads, backups, ref_bufs, **kw)
+    for a, e in zip(params + bufs, ref_params + ref_bufs):
+        assert_close(a, e)
+
+
+ADAM_CONFIGS = {
+    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, decoupled=False, maximize=False,
+                 step=1.0),
+    "adam_wd_maximize": dict(lr=1e-3, beta1=0.8, beta2=0.99, weight_decay=1e-2, eps=1e-6, decoupled=False,
+                             maximize=True, step=7.0),
+    "adamw": dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8, decoupled=True, maximize=False,
+                  step=3.0),
+}
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty"])
+@pytest.mark.parametrize("config", list(ADAM_CONFIGS))
+def test_restore_adam(device, impl, dtype, case, config):
+    kw = ADAM_CONFIGS[config]
+    shapes = CASES[case]
+    params, grads, backups, exp_avgs = (make(shapes, dtype, device, s) for s in (11, 12, 13, 14))
+    exp_avg_sqs = make(shapes, dtype, device, 15, positive=True)
+    refs = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    O.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, impl=impl, **kw)
+    R.restore_adam_(refs[0], grads, backups, refs[1], refs[2], **kw)
+    for a, e in zip(params + exp_avgs + exp_avg_sqs, refs[0] + refs[1] + refs[2]):
+        assert_close(a, e)
+
+
+def test_unknown_impl_is_rejected():
+    t = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="impl"):
+        O.restore_(t, t, impl="fortran")
+    with pytest.raises(TypeError, match="impl"):
+        O.restore_(t, t, impl=3)
+
+
+def test_unavailable_impl_names_itself():
+    t = [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match="impl='cuda'"):
+        O.restore_(t, t, impl="cuda")
