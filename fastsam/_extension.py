@@ -17,6 +17,9 @@ def extension_error() -> str | None:
         from fastsam import _C  # noqa: F401  (importing registers the ops)
     except ImportError as exc:  # not built: the package still works on the other impls
         return str(exc)
+    from fastsam.ops import _fake
+
+    _fake.register()
     return None
 
 

@@ -1,0 +1,55 @@
+"""The compiled extension: its ops are registered for torch.compile, and the package works without it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsam
+from fastsam import _extension
+
+needs_ext = pytest.mark.skipif(not _extension.has_extension() and "cpu" not in os.environ.get(
+    "FASTSAM_REQUIRE_IMPLS", ""), reason="fastsam._C is not built")
+
+
+def _sample_args(name):
+    w, g, b, m, v = (torch.randn(2, 3, 4) for _ in range(5))
+    acc, rows = torch.zeros(1), [torch.rand(2) + 0.5]
+    return {
+        "norm_sq_": (acc, [g], [w], rows, 2, 0.01),
+        "row_norm_": (rows, [w], 0.01),
+        "perturb_": ([w], [g], [b], rows, torch.ones(1), 0.05, 1e-12, 2, 0.01, False),
+        "restore_": ([w], [b]),
+        "restore_sgd_": ([w], [g], [b], [m], 0.1, 1e-4, 0.9, 0.0, True, False, False),
+        "restore_adam_": ([w], [g], [b], [m], [v.abs()], 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0),
+    }[name]
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["norm_sq_", "row_norm_", "perturb_", "restore_", "restore_sgd_", "restore_adam_"])
+def test_opcheck(name):
+    """Schema, fake kernel and dispatch checks of torch.library for every op on the CPU."""
+    assert _extension.has_extension(), _extension.extension_error()
+    torch.library.opcheck(getattr(torch.ops.fastsam, name).default, _sample_args(name))
+
+
+def test_available_impls_lists_what_works():
+    impls = fastsam.available_impls("cpu")
+    assert impls[-1] == "torch"
+    assert ("cpu" in impls) == _extension.has_extension()
+
+
+def test_package_imports_without_the_extension(tmp_path):
+    """A copy of the package without the compiled module still imports and runs SAM on the torch impl."""
+    import shutil
+
+    src = os.path.dirname(fastsam.__file__)
+    shutil.copytree(src, tmp_path / "fastsam", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    code = ("import torch, fastsam; assert 'cpu' not in fastsam.available_impls(), fastsam.available_impls();"
+            "m = torch.nn.Linear(3, 2); o = fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1);"
+            "m(torch.randn(4, 3)).sum().backward(); o.first_step(True); m(torch.randn(4, 3)).sum().backward();"
+            "o.second_step(True); print('ok')")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), FASTSAM_IMPL="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
