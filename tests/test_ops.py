@@ -15,6 +15,7 @@ CASES = {
     "200tensors": [((i * 7) % 23 + 1, (i * 5) % 11 + 1) if i % 3 else ((i * 13) % 97 + 1,) for i in range(200)],
     "filters": [(16, 3, 3, 3), (1, 2, 1, 1), (6, 5, 7), (1009, 991), (5,)],
     "empty": [],
+    "scalars": [(), (2,), ()],
 }
 MODES = [O.MODE_IDENTITY, O.MODE_ABS, O.MODE_ROW]
 OP_IMPLS = [p for p in impl_params() if p.values[1] != "torch"]  # torch *is* the reference
@@ -33,6 +34,11 @@ def clone(ts):
     return [t.clone() for t in ts]
 
 
+def skip_row_on_scalars(case, mode):
+    if case == "scalars" and mode == O.MODE_ROW:
+        pytest.skip("MODE_ROW needs a dim 0 (the optimizers use it for ndim >= 3 only)")
+
+
 def row_scales_for(params, mode, eta=0.01):
     if mode != O.MODE_ROW:
         return []
@@ -46,6 +52,7 @@ def row_scales_for(params, mode, eta=0.01):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", MODES)
 def test_norm_sq(device, impl, dtype, case, mode):
+    skip_row_on_scalars(case, mode)
     params, grads = make(CASES[case], dtype, device, 0), make(CASES[case], dtype, device, 1)
     rows = row_scales_for(params, mode)
     acc = torch.full((1,), 0.5, device=device)  # accumulates: the op adds to what is there
@@ -74,6 +81,7 @@ def test_row_norm(device, impl, dtype, case):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sign", [False, True], ids=["p2", "pinf"])
 def test_perturb(device, impl, dtype, case, mode, sign):
+    skip_row_on_scalars(case, mode)
     params, grads = make(CASES[case], dtype, device, 3), make(CASES[case], dtype, device, 4)
     if grads:
         grads[0].view(-1)[0] = 0  # sign(0) = 0: no move
@@ -112,7 +120,7 @@ SGD_CONFIGS = {
 
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty"])
+@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty", "scalars"])
 @pytest.mark.parametrize("config", list(SGD_CONFIGS))
 def test_restore_sgd(device, impl, dtype, case, config):
     kw = dict(SGD_CONFIGS[config])
@@ -139,7 +147,7 @@ ADAM_CONFIGS = {
 
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty"])
+@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty", "scalars"])
 @pytest.mark.parametrize("config", list(ADAM_CONFIGS))
 def test_restore_adam(device, impl, dtype, case, config):
     kw = ADAM_CONFIGS[config]

@@ -101,7 +101,7 @@ def perturb_(
 
     norm_sq: fp32 shape ``[1]``, the global ``sum ||T g||^2`` from :func:`norm_sq_`.
     """
-    scale = rho / (norm_sq.sqrt() + eps)
+    scale = rho / (norm_sq[0].sqrt() + eps)  # 0-dim, so that 0-dim parameters keep their shape
     for j, (w, g, b) in enumerate(zip(params, grads, backups)):
         b.copy_(w)
         w32 = w.float()
