@@ -5,6 +5,7 @@ FASTSAM_FORCE_CUDA=1 builds the CUDA kernels even when no GPU is visible (e.g. i
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -22,7 +23,9 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp-simd"]
+    # at::parallel_for only runs threads in code built with OpenMP; -fno-math-errno lets sqrt vectorize.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno"] + (openmp or ["-fopenmp-simd"])
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and (
         torch.cuda.is_available() or os.environ.get("FASTSAM_FORCE_CUDA") == "1"
     )
@@ -34,10 +37,12 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("FASTSAM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_link_args=openmp,
         )
     else:
         ext = CppExtension(
-            "fastsam._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx}
+            "fastsam._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx},
+            extra_link_args=openmp,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,6 +1,7 @@
 // Schemas of the fastsam ops and the Python module init of fastsam._C.
 // The math of every op is specified by fastsam/ops/reference.py; the CPU and CUDA kernels register
-// implementations of these schemas with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda).
+// implementations of these schemas with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda). The operator is
+// "t_mode", not "mode": torch.library's mode redirection passes its own "mode" argument.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,11 +14,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastsam, m) {
-  m.def("norm_sq_(Tensor(a!) acc, Tensor[] grads, Tensor[] params, Tensor[] row_scales, int mode, float eta) -> ()");
+  m.def("norm_sq_(Tensor(a!) acc, Tensor[] grads, Tensor[] params, Tensor[] row_scales, int t_mode, float eta) -> ()");
   m.def("row_norm_(Tensor(a!)[] out, Tensor[] params, float eta) -> ()");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor[] row_scales, Tensor norm_sq, "
-      "float rho, float eps, int mode, float eta, bool sign) -> ()");
+      "float rho, float eps, int t_mode, float eta, bool sign) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def(
       "restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] momentum_buffers, "
