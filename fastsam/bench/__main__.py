@@ -1,0 +1,3 @@
+from fastsam.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Command line of the main benchmark: python -m fastsam.bench --help."""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import socket
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import fastsam
+from fastsam._extension import IMPLS, extension_error
+from fastsam.bench.peers import PEERS, fastsam_impls, make_optimizer, rows
+from fastsam.bench.report import default_out, device_name, format_table, write_json
+from fastsam.bench.shapes import DTYPES, SHAPES, make_params, numel
+from fastsam.bench.timing import WORDS_PER_PARAM, copy_bandwidth, limit_seconds, time_calls
+
+# the loop peer on ViT-B/16 takes 0.4-2 s a step on 2 CPU cores: few reps there, many on the small rows
+TIMING = {False: dict(warmup=3, budget_s=1.5, min_reps=7, max_reps=200),
+          True: dict(warmup=1, budget_s=0.2, min_reps=3, max_reps=20)}
+
+
+def _comma_list(allowed, what: str):
+    def parse(text: str) -> List[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad)) or '(empty list)'}; choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parses and checks the flags; bad values exit through argparse's error (status 2)."""
+    p = argparse.ArgumentParser(
+        prog="python -m fastsam.bench",
+        description="Time one SAM step (first_step + second_step, no forward/backward) of every available "
+                    "fastsam impl against davda54/sam's loop and a torch._foreach version.")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
+    p.add_argument("--shapes", type=_comma_list(tuple(SHAPES), "shape set"),
+                   help=f"comma list of {', '.join(SHAPES)} (default: all; --quick: all but vit_b16)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--impl", type=_comma_list(IMPLS, "impl"),
+                   help="comma list restricting the fastsam impls (default: the available ones, less triton on cpu)")
+    p.add_argument("--quick", action="store_true", help="few reps, and skip vit_b16 unless --shapes names it")
+    p.add_argument("--reps", type=_positive, help="timed steps per row (default: fit a time budget)")
+    p.add_argument("--threads", type=_positive,
+                   help="CPU threads for torch (default: torch's choice); 1 resists other processes on the cores")
+    p.add_argument("--out", type=Path, help="JSON path (default: bench/results/<host>-<device>.json)")
+    p.add_argument("--tag", help="name for the results file instead of the host name")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    available = fastsam.available_impls(args.device)
+    missing = [i for i in args.impl or () if i not in available]
+    if missing:
+        p.error(f"--impl {','.join(missing)}: not available on {args.device} (available: {', '.join(available)})")
+    args.impl = args.impl or fastsam_impls(args.device)
+    args.shapes = args.shapes or [s for s in SHAPES if not (args.quick and s == "vit_b16")]
+    return args
+
+
+def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
+    """Times every (shapes, row) pair and returns the record that report.py prints and stores."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]  # other processes on the cores skew every figure: keep the evidence
+    timing = dict(TIMING[args.quick], reps=args.reps)
+    bandwidth = copy_bandwidth(device, reps=3 if args.quick else 7)
+    bytes_per_param = WORDS_PER_PARAM * torch.empty((), dtype=dtype).element_size()
+    result: Dict[str, Any] = dict(
+        host=socket.gethostname(), tag=args.tag, device=device.type, device_name=device_name(device),
+        dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, fastsam=fastsam.__version__,
+        extension_error=extension_error(), available_impls=fastsam.available_impls(device),
+        load_avg_before=load_before, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        argv=sys.argv[1:], quick=args.quick, timing=timing, bandwidth_GBps=bandwidth / 1e9,
+        bytes_per_param=bytes_per_param, shapes={}, rows=[])
+    for name in args.shapes:
+        n = numel(SHAPES[name])
+        info = result["shapes"][name] = dict(params=n, tensors=len(SHAPES[name]),
+                                             limit_ms=1e3 * limit_seconds(n, dtype, bandwidth))
+        for row in rows(device, args.impl):
+            params = make_params(SHAPES[name], device, dtype)
+            opt = make_optimizer(row, params)
+
+            def step():
+                opt.first_step()
+                opt.second_step()
+
+            times = time_calls(step, device, **timing)
+            del step, opt, params
+            gc.collect()  # ViT-B/16 rows hold ~1.4 GB each: free them before the next row allocates
+            median = 1e3 * statistics.median(times)
+            info.setdefault("loop_ms", median)  # PEERS starts with "loop"
+            result["rows"].append(dict(
+                shapes=name, impl=row, kind="peer" if row in PEERS else "fastsam", reps=len(times),
+                median_ms=median, min_ms=1e3 * min(times), mean_ms=1e3 * statistics.mean(times),
+                times_ms=[1e3 * t for t in times], speedup_vs_loop=info["loop_ms"] / median,
+                x_limit=median / info["limit_ms"]))
+            print(f"{name:9s} {row:8s} {median:10.3f} ms  ({len(times)} reps)", file=log, flush=True)
+    result["load_avg_after"] = os.getloadavg()[0]
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the benchmark, prints the table, writes the JSON record."""
+    args = parse_args(argv)
+    result = run(args)
+    print(format_table(result))
+    path = write_json(result, args.out or default_out(args.tag or result["host"], torch.device(args.device),
+                                                      args.dtype))
+    print(f"results: {path}")
+    return 0

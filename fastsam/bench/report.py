@@ -1,0 +1,92 @@
+"""The printed table and the JSON record of a benchmark run."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+LIMIT_ROW = "bw limit"
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device: the GPU's marketing name, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def device_label(device: torch.device) -> str:
+    """File-name part for the device: "cpu", or the GPU name lower-cased with runs of odd characters as "-"."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "cuda"
+
+
+def default_out(tag: str, device: torch.device, dtype: str) -> Path:
+    """bench/results/<tag>-<device>.json (cwd-relative), with -<dtype> for non-fp32 runs so they do not overwrite."""
+    safe_tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag)
+    suffix = "" if dtype == "fp32" else f"-{dtype}"
+    return Path("bench") / "results" / f"{safe_tag}-{device_label(device)}{suffix}.json"
+
+
+def row_label(row: Dict[str, Any]) -> str:
+    return f"fastsam:{row['impl']}" if row["kind"] == "fastsam" else row["impl"]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """The run as one text table: a row per (shapes, impl), then the bandwidth limit of each shape set."""
+    head = (f"SAM step = first_step + second_step over SGD(lr=0.1, momentum=0.9), grads given, no forward/backward\n"
+            f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {result['dtype']}, "
+            f"torch {result['torch']}, copy bandwidth {result['bandwidth_GBps']:.1f} GB/s, "
+            f"limit = {result['bytes_per_param']} B/param / bandwidth, "
+            f"load average {result['load_avg_before']:.2f} -> {result['load_avg_after']:.2f}")
+    if result["device"] == "cpu" and result["threads"] > 1 and result["load_avg_before"] > 0.5:
+        # a busy core stalls every parallel region of a multi-threaded op at its barrier: steps slow down many-fold
+        head += (f"\nWARNING: other processes were running (load average {result['load_avg_before']:.2f}); "
+                 f"multi-threaded CPU timings are unreliable (try --threads 1, or a quiet machine)")
+    cols = ("shapes", "params", "tensors", "impl", "ms/step", "reps", "vs loop", "x limit")
+    blocks = []
+    for name, info in result["shapes"].items():
+        head_cells = (name, _count(info["params"]), str(info["tensors"]))
+        rows = [head_cells + (row_label(r), _ms(r["median_ms"]), str(r["reps"]),
+                              f"{r['speedup_vs_loop']:.2f}x", f"{r['x_limit']:.2f}")
+                for r in result["rows"] if r["shapes"] == name]
+        rows.append(head_cells + (LIMIT_ROW, _ms(info["limit_ms"]), "-",
+                                  f"{info['loop_ms'] / info['limit_ms']:.2f}x", "1.00"))
+        blocks.append(rows)
+    lines = [line for rows in blocks for line in rows]
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    right = {1, 2, 4, 5, 6, 7}
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [head, fmt(cols), fmt(["-" * w for w in widths])]
+    for i, rows in enumerate(blocks):
+        out += ([""] if i else []) + [fmt(line) for line in rows]
+    return "\n".join(out)
+
+
+def write_json(result: Dict[str, Any], path: Path) -> Path:
+    """Writes the run record, making the folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
