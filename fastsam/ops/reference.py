@@ -63,9 +63,11 @@ def norm_sq_(
     """
     total = torch.zeros((), dtype=torch.float32, device=acc.device)
     for j, g in enumerate(grads):
-        g32 = g.float()
-        t = _t_operator(params[j].float(), _row(row_scales, j, mode), mode, eta)
-        total += (t * g32).square().sum()
+        if mode == MODE_IDENTITY:
+            tg2 = g.float().square()
+        else:
+            tg2 = _t_operator(params[j].float(), _row(row_scales, j, mode), mode, eta).mul_(g).square_()
+        total += tg2.sum()  # torch's cascade sum: accurate in fp32 (a norm, then squared, is not)
     acc.add_(total)
 
 
@@ -104,14 +106,17 @@ def perturb_(
     scale = rho / (norm_sq[0].sqrt() + eps)  # 0-dim, so that 0-dim parameters keep their shape
     for j, (w, g, b) in enumerate(zip(params, grads, backups)):
         b.copy_(w)
-        w32 = w.float()
+        w32 = w.float()  # fp32 params: w itself, updated in place below
         t = _t_operator(w32, _row(row_scales, j, mode), mode, eta)
         g32 = g.float()
         if sign:
-            e = rho * t * torch.sign(g32)
+            e = torch.sign(g32).mul_(rho)
+            w32.add_(e if mode == MODE_IDENTITY else e.mul_(t))
+        elif mode == MODE_IDENTITY:
+            w32.addcmul_(g32, scale)
         else:
-            e = scale * (t * t) * g32
-        w.copy_(w32 + e)
+            w32.add_((t * t).mul_(scale).mul_(g32))
+        w.copy_(w32)
 
 
 @torch.no_grad()
