@@ -17,7 +17,9 @@ PEERS = ("loop", "foreach")
 
 
 class LoopSAM(torch.optim.Optimizer):
-    """davda54/sam's SAM (the de facto PyTorch implementation), kept line for line."""
+    """The algorithm of davda54/sam (the de facto PyTorch SAM), operation for operation: a norm per tensor
+    stacked into the global norm, a fresh clone of every parameter per step, the restore by rebinding
+    ``p.data`` and the base optimizer's own step."""
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, **kwargs):
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
@@ -25,38 +27,31 @@ class LoopSAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
 
+    def _pairs_with_grad(self):
+        return [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Moves every parameter to ``w + e`` and keeps ``w``."""
-        grad_norm = self._grad_norm()
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.data.clone()
-                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
-                p.add_(e_w)
+        """Moves every parameter to ``w + e`` and keeps a copy of ``w``."""
+        pairs = self._pairs_with_grad()
+        device = self.param_groups[0]["params"][0].device
+        norms = [((p.abs() if group["adaptive"] else 1.0) * p.grad).norm(p=2).to(device) for group, p in pairs]
+        total = torch.norm(torch.stack(norms), p=2)
+        for group, p in pairs:
+            self.state[p]["old_p"] = p.data.clone()
+            factor = (group["rho"] / (total + 1e-12)).to(p)
+            p.add_((p.pow(2) if group["adaptive"] else 1.0) * p.grad * factor)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Puts ``w`` back and lets the base optimizer step with the grad taken at ``w + e``."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.data = self.state[p]["old_p"]
+        for _, p in self._pairs_with_grad():
+            p.data = self.state[p]["old_p"]
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
-
-    def _grad_norm(self) -> torch.Tensor:
-        shared_device = self.param_groups[0]["params"][0].device
-        return torch.norm(torch.stack([
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2).to(shared_device)
-            for group in self.param_groups for p in group["params"] if p.grad is not None]), p=2)
 
 
 class ForeachSAM(LoopSAM):
