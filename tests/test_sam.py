@@ -296,3 +296,17 @@ def test_second_step_without_first_step():
     opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.second_step()
+
+
+def test_changing_eta_between_steps_takes_effect():
+    """The cached plan must follow group options that decide T (here eta)."""
+    ref, fast = small_cnn(), small_cnn()
+    data = batches(ref, 2)
+    base = torch.optim.SGD(ref.parameters(), lr=0.05)
+    loop_sam(ref, base, data[:1], 0.5, 2, operator_fn("elementwise", 0.01), 1e-16)
+    loop_sam(ref, base, data[1:], 0.5, 2, operator_fn("elementwise", 0.5), 1e-16)
+    opt = fastsam.ASAM(fast.named_parameters(), torch.optim.SGD, lr=0.05)
+    fast_sam(fast, opt, data[:1])
+    opt.param_groups[0]["eta"] = 0.5
+    fast_sam(fast, opt, data[1:])
+    assert_models_close(fast, ref)

@@ -37,6 +37,7 @@ class ASAM(SAM):
     """
 
     _eps_norm = 1e-16
+    _operator_options = ("eta", "normalization", "normalize")
 
     def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01,
                  normalization: str = "elementwise", p: float = 2, impl: str = "auto", **base_kwargs):

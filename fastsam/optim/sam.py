@@ -77,6 +77,7 @@ class SAM(torch.optim.Optimizer):
         self.impl = ops.check_impl(impl)
         self._plan: Optional[List[_buckets.Bucket]] = None
         self._plan_key: Optional[tuple] = None
+        self._plan_grads: Optional[tuple] = None  # which parameters had a grad in the last first_step
         self._perturbed: Optional[List[_buckets.Bucket]] = None
         self._acc: Dict[torch.device, Tensor] = {}
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -116,13 +117,18 @@ class SAM(torch.optim.Optimizer):
         """(mode, eta) of T for parameter ``p``; see fastsam.ops.reference."""
         return (ops.MODE_ABS, 0.0) if group["adaptive"] else (ops.MODE_IDENTITY, 0.0)
 
+    # Group options that decide the operator T of a parameter: a change rebuilds the plan.
+    _operator_options = ("adaptive",)
+
     def _buckets(self) -> List[_buckets.Bucket]:
-        key = _buckets.grad_signature(self.param_groups)
+        with_grad = _buckets.grad_signature(self.param_groups)
+        key = with_grad + tuple(g.get(k) for g in self.param_groups for k in self._operator_options)
         if self._plan is None or key != self._plan_key:
             for group in self.param_groups:
                 self._check_group(group)
             self._plan = _buckets.build(self.param_groups, self.state, self.impl, self._operator)
             self._plan_key = key
+        self._plan_grads = with_grad
         return self._plan
 
     # ---- the two steps -----------------------------------------------------------------------
@@ -165,7 +171,7 @@ class SAM(torch.optim.Optimizer):
         if perturbed is None:
             raise RuntimeError("second_step() called without a first_step() before it")
         kind = self._fused_kind
-        same_params = _buckets.grad_signature(self.param_groups) == self._plan_key
+        same_params = _buckets.grad_signature(self.param_groups) == self._plan_grads
         if kind is not None and same_params and all(
                 _fused_update.group_supported(kind, b.group) for b in perturbed) and all(
                 b.impl != "torch" for b in perturbed):
@@ -184,9 +190,10 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        """A whole SAM step. ``closure`` must zero nothing and run forward + backward, returning the
-        loss. If no parameter has a grad yet, the closure first runs at w (the first pass). Returns
-        the loss at w when this call computed it, otherwise the loss at w + e."""
+        """A whole SAM step. ``closure`` runs forward and backward and returns the loss; it need not
+        zero the grads (the step does between the passes). If no parameter has a grad yet, the closure
+        first runs at w (the first pass). Returns the loss at w when this call computed it, otherwise
+        the loss at w + e."""
         if closure is None:
             raise RuntimeError("SAM.step() needs a closure that runs forward and backward; "
                                "or call first_step() and second_step() yourself")
