@@ -310,3 +310,26 @@ def test_changing_eta_between_steps_takes_effect():
     opt.param_groups[0]["eta"] = 0.5
     fast_sam(fast, opt, data[1:])
     assert_models_close(fast, ref)
+
+
+@pytest.mark.parametrize("device,impl", [p for p in CPU_IMPLS if p.values[1] != "torch"])
+def test_adam_step_counts_after_a_pass_without_some_grads(device, impl):
+    """A second pass that misses the head takes the generic path (the head is restored, not stepped);
+    afterwards the head's Adam step count lags the others'. The fused path must use each count."""
+    data = batches(small_mlp(), 5)
+    models = {}
+    for which in (impl, "torch"):  # impl="torch": always restore + torch's own Adam.step()
+        model = models[which] = small_mlp()
+        opt = fastsam.SAM(model.parameters(), torch.optim.Adam, lr=1e-2, impl=which)
+        for i, batch in enumerate(data):
+            loss_at(model, batch).backward()
+            opt.first_step(zero_grad=True)
+            with frozen_bn_stats(model):
+                if i == 2:
+                    model[:3](batch[0]).square().mean().backward()
+                else:
+                    loss_at(model, batch).backward()
+            opt.second_step(zero_grad=True)
+        head_state = opt.base_optimizer.state[model[3].weight]
+        assert head_state["step"].item() == 4 and opt.base_optimizer.state[model[0].weight]["step"].item() == 5
+    assert_models_close(models[impl], models["torch"])

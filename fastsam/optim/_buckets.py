@@ -24,6 +24,8 @@ class Bucket:
     params: List[Tensor] = field(default_factory=list)
     backups: List[Tensor] = field(default_factory=list)
     row_scales: List[Tensor] = field(default_factory=list)
+    # Adam/AdamW: [(step count, indices of the params at that count)], kept so a step reads no counters.
+    adam_steps: "List[Tuple[float, List[int]]] | None" = None
 
     def grads(self) -> List[Tensor]:
         return [p.grad for p in self.params]

@@ -58,7 +58,8 @@ def _sgd(base, group, params, grads, backups, impl) -> None:
                          *args, init, impl=impl)
 
 
-def _adam(base, group, params, grads, backups, impl) -> None:
+def _adam(base, group, bucket, grads, impl) -> None:
+    params, backups = bucket.params, bucket.backups
     states = [base.state[p] for p in params]
     for p, s in zip(params, states):
         if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
@@ -66,21 +67,28 @@ def _adam(base, group, params, grads, backups, impl) -> None:
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     steps = [s["step"] for s in states]
+    # Parameters that joined later have fewer steps: one call per distinct count (usually one). The
+    # grouping is cached; one counter read checks that nothing else stepped these parameters.
+    cached = bucket.adam_steps
+    if cached is None or float(steps[cached[0][1][0]]) != cached[0][0]:
+        by_step: Dict[float, List[int]] = {}
+        for i, t in enumerate(steps):
+            by_step.setdefault(float(t), []).append(i)
+        cached = list(by_step.items())
     torch._foreach_add_(steps, 1)
-    # Parameters that joined later have fewer steps: one call per distinct count (usually one).
-    by_step: Dict[float, List[int]] = {}
-    for i, t in enumerate(steps):
-        by_step.setdefault(float(t), []).append(i)
+    bucket.adam_steps = cached = [(step + 1, idx) for step, idx in cached]
     beta1, beta2 = group["betas"]
     decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
-    for step, idx in by_step.items():
-        pick = (lambda ts: ts) if len(by_step) == 1 else (lambda ts: [ts[i] for i in idx])  # noqa: E731
+    for step, idx in cached:
+        pick = (lambda ts: ts) if len(cached) == 1 else (lambda ts: [ts[i] for i in idx])  # noqa: E731
         ops.restore_adam_(pick(params), pick(grads), pick(backups), pick([s["exp_avg"] for s in states]),
                           pick([s["exp_avg_sq"] for s in states]), group["lr"], beta1, beta2,
                           group["weight_decay"], group["eps"], decoupled, group["maximize"], step, impl=impl)
 
 
-def restore_and_update(kind: str, base, group: dict, params: List[Tensor], grads: List[Tensor],
-                       backups: List[Tensor], impl: str) -> None:
-    """w <- backup, then the base optimizer's step for ``params`` (all of one device and dtype)."""
-    (_sgd if kind == "sgd" else _adam)(base, group, params, grads, backups, impl)
+def restore_and_update(kind: str, base, bucket, grads: List[Tensor]) -> None:
+    """w <- backup, then the base optimizer's step for the parameters of ``bucket`` (one device and dtype)."""
+    if kind == "sgd":
+        _sgd(base, bucket.group, bucket.params, grads, bucket.backups, bucket.impl)
+    else:
+        _adam(base, bucket.group, bucket, grads, bucket.impl)

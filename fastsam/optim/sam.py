@@ -176,12 +176,12 @@ class SAM(torch.optim.Optimizer):
                 _fused_update.group_supported(kind, b.group) for b in perturbed) and all(
                 b.impl != "torch" for b in perturbed):
             for b in perturbed:
-                _fused_update.restore_and_update(kind, self.base_optimizer, b.group, b.params, b.grads(),
-                                                 b.backups, b.impl)
+                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads())
         else:
             # Every perturbed parameter is restored, also one that got no grad in this pass.
             for b in perturbed:
                 ops.restore_(b.params, b.backups, impl=b.impl)
+                b.adam_steps = None  # the base's own step moves the counters of some parameters
             self.base_optimizer.step()
         # An LR scheduler on SAM counts calls of SAM.step; in an explicit loop second_step is that step.
         self._opt_called = True
