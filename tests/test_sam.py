@@ -333,3 +333,21 @@ def test_adam_step_counts_after_a_pass_without_some_grads(device, impl):
         head_state = opt.base_optimizer.state[model[3].weight]
         assert head_state["step"].item() == 4 and opt.base_optimizer.state[model[0].weight]["step"].item() == 5
     assert_models_close(models[impl], models["torch"])
+
+
+@pytest.mark.parametrize("device,impl", [p for p in CPU_IMPLS if p.values[1] != "torch"])
+def test_sgd_momentum_for_a_parameter_that_joins_later(device, impl):
+    """The head gets no grad in the first two steps: its momentum buffer starts later than the others'."""
+    data = batches(small_mlp(), 4)
+    models = {}
+    for which in (impl, "torch"):
+        model = models[which] = small_mlp()
+        opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, impl=which)
+        for i, batch in enumerate(data):
+            def loss():
+                return model[:3](batch[0]).square().mean() if i < 2 else loss_at(model, batch)
+            loss().backward()
+            opt.first_step(zero_grad=True)
+            loss().backward()
+            opt.second_step(zero_grad=True)
+    assert_models_close(models[impl], models["torch"])

@@ -36,30 +36,34 @@ def group_supported(kind: str, group: dict) -> bool:
     return True
 
 
-def _sgd(base, group, params, grads, backups, impl) -> None:
+def _take(ts: List[Tensor], idx: List[int]) -> List[Tensor]:
+    return [ts[i] for i in idx]
+
+
+def _sgd(base, bucket, grads) -> None:
+    group, params, backups, impl = bucket.group, bucket.params, bucket.backups, bucket.impl
     momentum = group["momentum"]
     args = (group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
     if momentum == 0:
         ops.restore_sgd_(params, grads, backups, [], *args, False, impl=impl)
         return
     states = [base.state[p] for p in params]
-    if all(s.get("momentum_buffer") is not None for s in states):
-        bufs = [s["momentum_buffer"] for s in states]
+    new = [i for i, s in enumerate(states) if s.get("momentum_buffer") is None]
+    for i in new:
+        states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    bufs = [s["momentum_buffer"] for s in states]
+    if not new:
         ops.restore_sgd_(params, grads, backups, bufs, *args, False, impl=impl)
         return
     # First step of some parameters: torch sets their buffer to d_p; the kernel does that in place.
-    new = [i for i, s in enumerate(states) if s.get("momentum_buffer") is None]
-    old = [i for i, s in enumerate(states) if s.get("momentum_buffer") is not None]
-    for i in new:
-        states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    old = sorted(set(range(len(params))) - set(new))
     for idx, init in ((old, False), (new, True)):
-        pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
-        ops.restore_sgd_(pick(params), pick(grads), pick(backups), [states[i]["momentum_buffer"] for i in idx],
-                         *args, init, impl=impl)
+        ops.restore_sgd_(_take(params, idx), _take(grads, idx), _take(backups, idx), _take(bufs, idx), *args, init,
+                         impl=impl)
 
 
-def _adam(base, group, bucket, grads, impl) -> None:
-    params, backups = bucket.params, bucket.backups
+def _adam(base, bucket, grads) -> None:
+    group, params, backups, impl = bucket.group, bucket.params, bucket.backups, bucket.impl
     states = [base.state[p] for p in params]
     for p, s in zip(params, states):
         if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
@@ -79,16 +83,12 @@ def _adam(base, group, bucket, grads, impl) -> None:
     bucket.adam_steps = cached = [(step + 1, idx) for step, idx in cached]
     beta1, beta2 = group["betas"]
     decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
+    lists = (params, grads, backups, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
     for step, idx in cached:
-        pick = (lambda ts: ts) if len(cached) == 1 else (lambda ts: [ts[i] for i in idx])  # noqa: E731
-        ops.restore_adam_(pick(params), pick(grads), pick(backups), pick([s["exp_avg"] for s in states]),
-                          pick([s["exp_avg_sq"] for s in states]), group["lr"], beta1, beta2,
-                          group["weight_decay"], group["eps"], decoupled, group["maximize"], step, impl=impl)
+        ops.restore_adam_(*(lists if len(cached) == 1 else (_take(ts, idx) for ts in lists)), group["lr"], beta1,
+                          beta2, group["weight_decay"], group["eps"], decoupled, group["maximize"], step, impl=impl)
 
 
 def restore_and_update(kind: str, base, bucket, grads: List[Tensor]) -> None:
     """w <- backup, then the base optimizer's step for the parameters of ``bucket`` (one device and dtype)."""
-    if kind == "sgd":
-        _sgd(base, bucket.group, bucket.params, grads, bucket.backups, bucket.impl)
-    else:
-        _adam(base, bucket.group, bucket, grads, bucket.impl)
+    (_sgd if kind == "sgd" else _adam)(base, bucket, grads)
