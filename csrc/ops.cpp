@@ -14,18 +14,24 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastsam, m) {
-  m.def("norm_sq_(Tensor(a!) acc, Tensor[] grads, Tensor[] params, Tensor[] row_scales, int t_mode, float eta) -> ()");
+  m.def(
+      "norm_sq_(Tensor(a!) acc, Tensor[] grads, Tensor[] params, Tensor[] row_scales, int t_mode, float eta, "
+      "Tensor[] ema, float sigma) -> ()");
   m.def("row_norm_(Tensor(a!)[] out, Tensor[] params, float eta) -> ()");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor[] row_scales, Tensor norm_sq, "
-      "float rho, float eps, int t_mode, float eta, bool sign) -> ()");
+      "float rho, float eps, int t_mode, float eta, bool sign, Tensor(c!)[] ema, float sigma, float lmbda) -> ()");
+  m.def(
+      "reflect_(Tensor(a!)[] params, Tensor[] backups, Tensor[] dirs, Tensor norm_sq, float rho, float eps, "
+      "Tensor[] grads, Tensor(b!)[] grad_copies) -> ()");
+  m.def("dot_norm_sq_(Tensor(a!) acc, Tensor[] a, Tensor[] b) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def(
       "restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] momentum_buffers, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
-      "bool init_momentum) -> ()");
+      "bool init_momentum, Tensor[] grads_b, Tensor[] grads_c, Tensor? coef) -> ()");
   m.def(
       "restore_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float weight_decay, float eps, "
-      "bool decoupled, bool maximize, float step) -> ()");
+      "bool decoupled, bool maximize, float step, Tensor[] grads_b, Tensor[] grads_c, Tensor? coef) -> ()");
 }

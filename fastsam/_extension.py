@@ -19,6 +19,9 @@ def extension_error() -> str | None:
         return str(exc)
     from fastsam.ops import _fake
 
+    missing = [name for name in _fake.OPS if not hasattr(torch.ops.fastsam, name)]
+    if missing:  # a build of older sources (an editable install that was not rebuilt)
+        return f"fastsam._C is out of date: it lacks {', '.join(missing)}; rebuild it (make install)"
     _fake.register()
     return None
 

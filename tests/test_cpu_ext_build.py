@@ -11,7 +11,7 @@ from fastsam import _extension
 from fastsam.ops import reference as R
 
 pytestmark = pytest.mark.skipif(not _extension.impl_works_on("cpu", "cpu"), reason="fastsam._C is not built")
-OPS = ["norm_sq_", "row_norm_", "perturb_", "restore_", "restore_sgd_", "restore_adam_"]
+OPS = ["norm_sq_", "row_norm_", "perturb_", "reflect_", "dot_norm_sq_", "restore_", "restore_sgd_", "restore_adam_"]
 
 
 def F():
@@ -23,12 +23,17 @@ def test_cpu_kernel_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsam::{op}", "CPU")
 
 
-def _perturb(w=None, g=None, b=None, rows=(), norm=None, mode=0):
+def _perturb(w=None, g=None, b=None, rows=(), norm=None, mode=0, ema=()):
     w = w if w is not None else [torch.randn(4, 5)]
     g = g if g is not None else [torch.randn(4, 5)]
     b = b if b is not None else [torch.empty(4, 5)]
     norm = norm if norm is not None else torch.ones(1)
-    F().perturb_(w, g, b, list(rows), norm, 0.1, 1e-12, mode, 0.0, False)
+    F().perturb_(w, g, b, list(rows), norm, 0.1, 1e-12, mode, 0.0, False, list(ema), 0.5, 0.9)
+
+
+def _sgd(grads_b, coef):
+    one = [torch.ones(3)]
+    F().restore_sgd_(one, one, one, [], 0.1, 0.0, 0.0, 0.0, False, False, False, grads_b, [], coef)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -43,10 +48,16 @@ def _perturb(w=None, g=None, b=None, rows=(), norm=None, mode=0):
     (lambda: _perturb(norm=torch.ones(2)), "norm_sq must be a float32 tensor with one element"),
     (lambda: _perturb(mode=3), "mode must be 0"),
     (lambda: _perturb(mode=2, rows=[torch.ones(5)]), "row_scales\\[0\\] must be a contiguous float32 tensor with 4"),
-    (lambda: F().norm_sq_(torch.zeros(1, dtype=torch.bfloat16), [torch.ones(3)], [torch.ones(3)], [], 0, 0.0),
-     "acc must be a float32"),
+    (lambda: F().norm_sq_(torch.zeros(1, dtype=torch.bfloat16), [torch.ones(3)], [torch.ones(3)], [], 0, 0.0, [],
+                          0.0), "acc must be a float32"),
     (lambda: F().restore_sgd_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], [], 0.1, 0.0, 0.9, 0.0, False,
-                              False, False), "momentum_buffers has 0 tensors"),
+                              False, False, [], [], None), "momentum_buffers has 0 tensors"),
+    (lambda: _perturb(ema=[torch.randn(4, 6)]), "ema\\[0\\] has 24 elements"),
+    (lambda: _sgd(grads_b=[torch.ones(3)], coef=torch.ones(2)), "coef"),
+    (lambda: _sgd(grads_b=[torch.ones(3)] * 2, coef=torch.ones(3)), "grads_b"),
+    (lambda: F().reflect_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], torch.ones(1), 0.1, 0.0,
+                          [torch.ones(3)], []), "grad_copies"),
+    (lambda: F().dot_norm_sq_(torch.zeros(1), [torch.ones(3)], [torch.ones(3)]), "acc"),
 ])
 def test_bad_inputs_are_rejected(call, match):
     with pytest.raises(RuntimeError, match=match):
@@ -63,8 +74,9 @@ def test_channels_last_and_zero_dim():
     ws, es = [w.clone(), torch.tensor(1.5)], [w.clone(), torch.tensor(1.5)]
     gs, rs = [g, torch.tensor(2.0)], [expected_rows[0], torch.tensor([3.0])]
     bs = [torch.empty_like(t) for t in ws]
-    F().perturb_(ws, gs, bs, rs, torch.tensor([4.0]), 0.1, 0.0, 2, 0.0, False)
-    R.perturb_(es, gs, [torch.empty_like(t) for t in es], rs, torch.tensor([4.0]), 0.1, 0.0, 2, 0.0, False)
+    F().perturb_(ws, gs, bs, rs, torch.tensor([4.0]), 0.1, 0.0, 2, 0.0, False, [], 0.0, 0.0)
+    R.perturb_(es, gs, [torch.empty_like(t) for t in es], rs, torch.tensor([4.0]), 0.1, 0.0, 2, 0.0, False, [], 0.0,
+               0.0)
     assert torch.equal(ws[0], es[0]) and torch.equal(bs[0], w)
     torch.testing.assert_close(ws[1], es[1])
 
@@ -77,10 +89,11 @@ def test_reductions_do_not_depend_on_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            acc, rows = torch.zeros(1), [torch.empty(p.shape[0]) for p in params]
-            F().norm_sq_(acc, grads, params, [], 1, 0.01)
+            acc, rows, dots = torch.zeros(1), [torch.empty(p.shape[0]) for p in params], torch.zeros(2)
+            F().norm_sq_(acc, grads, params, [], 1, 0.01, params, 0.5)
             F().row_norm_(rows, params, 0.01)
-            results.append(torch.cat([acc] + rows))
+            F().dot_norm_sq_(dots, grads, params)
+            results.append(torch.cat([acc, dots] + rows))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(r, results[0]) for r in results)
@@ -97,10 +110,10 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     tol = dict(rtol=1e-5, atol=1e-6) if dt == torch.float32 else dict(rtol=2**-7, atol=1e-3)
     w1, w2, m1, m2 = [t.clone() for t in P], [t.clone() for t in P], [t.clone() for t in M], [t.clone() for t in M]
     O.restore_sgd_(w1, G, B, m1, 0.1, 1e-2, 0.9, 0.1, False, False, False, impl="cpu")
-    R.restore_sgd_(w2, G, B, m2, 0.1, 1e-2, 0.9, 0.1, False, False, False)
+    R.restore_sgd_(w2, G, B, m2, 0.1, 1e-2, 0.9, 0.1, False, False, False, [], [], None)
     torch.testing.assert_close([t.float() for t in w1 + m1], [t.float() for t in w2 + m2], **tol)
     acc, exp = torch.zeros(1), torch.zeros(1)
-    O.norm_sq_(acc, G, P, [], 1, 0.01, impl="cpu"); R.norm_sq_(exp, G, P, [], 1, 0.01)
+    O.norm_sq_(acc, G, P, [], 1, 0.01, impl="cpu"); R.norm_sq_(exp, G, P, [], 1, 0.01, [], 0.0)
     torch.testing.assert_close(acc, exp, rtol=1e-5, atol=1e-6)
 """
     env = dict(os.environ, FASTSAM_CPU_ISA="base")

@@ -17,17 +17,20 @@ def _sample_args(name):
     w, g, b, m, v = (torch.randn(2, 3, 4) for _ in range(5))
     acc, rows = torch.zeros(1), [torch.rand(2) + 0.5]
     return {
-        "norm_sq_": (acc, [g], [w], rows, 2, 0.01),
+        "norm_sq_": (acc, [g], [w], rows, 2, 0.01, [m], 0.5),
         "row_norm_": (rows, [w], 0.01),
-        "perturb_": ([w], [g], [b], rows, torch.ones(1), 0.05, 1e-12, 2, 0.01, False),
+        "perturb_": ([w], [g], [b], rows, torch.ones(1), 0.05, 1e-12, 2, 0.01, False, [m], 1.0, 0.9),
+        "reflect_": ([w], [b], [g], torch.ones(1), 0.05, 1e-12, [v], [m]),
+        "dot_norm_sq_": (torch.zeros(2), [g], [v]),
         "restore_": ([w], [b]),
-        "restore_sgd_": ([w], [g], [b], [m], 0.1, 1e-4, 0.9, 0.0, True, False, False),
-        "restore_adam_": ([w], [g], [b], [m], [v.abs()], 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0),
+        "restore_sgd_": ([w], [g], [b], [m], 0.1, 1e-4, 0.9, 0.0, True, False, False, [v], [], torch.rand(3)),
+        "restore_adam_": ([w], [g], [b], [m], [v.abs()], 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0, [], [], None),
     }[name]
 
 
 @needs_ext
-@pytest.mark.parametrize("name", ["norm_sq_", "row_norm_", "perturb_", "restore_", "restore_sgd_", "restore_adam_"])
+@pytest.mark.parametrize("name", ["norm_sq_", "row_norm_", "perturb_", "reflect_", "dot_norm_sq_", "restore_",
+                                  "restore_sgd_", "restore_adam_"])
 def test_opcheck(name):
     """Schema, fake kernel and dispatch checks of torch.library for every op on the CPU."""
     assert _extension.has_extension(), _extension.extension_error()

@@ -49,16 +49,18 @@ def row_scales_for(params, mode, eta=0.01):
 
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,direction", [(c, "grad") for c in CASES] + [
+    (c, "ema") for c in ("size1", "size1000003", "200tensors", "scalars")])
 @pytest.mark.parametrize("mode", MODES)
-def test_norm_sq(device, impl, dtype, case, mode):
+def test_norm_sq(device, impl, dtype, case, mode, direction):
     skip_row_on_scalars(case, mode)
     params, grads = make(CASES[case], dtype, device, 0), make(CASES[case], dtype, device, 1)
+    ema, sigma = (make(CASES[case], dtype, device, 16), 0.7) if direction == "ema" else ([], 0.0)
     rows = row_scales_for(params, mode)
     acc = torch.full((1,), 0.5, device=device)  # accumulates: the op adds to what is there
     expected = acc.clone()
-    O.norm_sq_(acc, grads, params, rows, mode, 0.01, impl=impl)
-    R.norm_sq_(expected, grads, params, rows, mode, 0.01)
+    O.norm_sq_(acc, grads, params, rows, mode, 0.01, ema, sigma, impl=impl)
+    R.norm_sq_(expected, grads, params, rows, mode, 0.01, ema, sigma)
     torch.testing.assert_close(acc, expected, **TOL[torch.float32])
 
 
@@ -75,26 +77,73 @@ def test_row_norm(device, impl, dtype, case):
         torch.testing.assert_close(a, e, **TOL[torch.float32])
 
 
+# (sigma, lmbda) of the direction transform: none, Friendly SAM's EMA, and a plain copy of the grads.
+DIRECTIONS = {"grad": None, "fsam": (0.7, 0.9), "copy": (0.0, 0.0)}
+
+
+# Every case without a direction transform; the transforms on the cases that differ in kind.
+PERTURB_CASES = [(c, "grad") for c in CASES] + [
+    (c, d) for d in DIRECTIONS if d != "grad" for c in ("size1", "size1000003", "200tensors", "scalars")]
+
+
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,direction", PERTURB_CASES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sign", [False, True], ids=["p2", "pinf"])
-def test_perturb(device, impl, dtype, case, mode, sign):
+def test_perturb(device, impl, dtype, case, mode, sign, direction):
     skip_row_on_scalars(case, mode)
     params, grads = make(CASES[case], dtype, device, 3), make(CASES[case], dtype, device, 4)
     if grads:
         grads[0].view(-1)[0] = 0  # sign(0) = 0: no move
+    ema, sigma, lmbda = [], 0.0, 0.0
+    if DIRECTIONS[direction] is not None:
+        (sigma, lmbda), ema = DIRECTIONS[direction], make(CASES[case], dtype, device, 17)
     rows = row_scales_for(params, mode)
     norm_sq = torch.zeros(1, device=device)
-    R.norm_sq_(norm_sq, grads, params, rows, mode, 0.01)
+    R.norm_sq_(norm_sq, grads, params, rows, mode, 0.01, ema, sigma)
     backups = [torch.full_like(p, 7.0) for p in params]
-    ref_params, ref_backups = clone(params), clone(backups)
-    O.perturb_(params, grads, backups, rows, norm_sq, 0.3, 1e-12, mode, 0.01, sign, impl=impl)
-    R.perturb_(ref_params, grads, ref_backups, rows, norm_sq, 0.3, 1e-12, mode, 0.01, sign)
+    ref_params, ref_backups, ref_ema = clone(params), clone(backups), clone(ema)
+    O.perturb_(params, grads, backups, rows, norm_sq, 0.3, 1e-12, mode, 0.01, sign, ema, sigma, lmbda, impl=impl)
+    R.perturb_(ref_params, grads, ref_backups, rows, norm_sq, 0.3, 1e-12, mode, 0.01, sign, ref_ema, sigma, lmbda)
     for w, rw, b, rb in zip(params, ref_params, backups, ref_backups):
         assert torch.equal(b, rb), "the backup must be an exact copy of w"
         assert_close(w, rw)
+    for m, rm, g in zip(ema, ref_ema, grads):
+        assert_close(m, rm)
+        if lmbda == 0:
+            assert torch.equal(m, g), "with lmbda=0 the EMA is an exact copy of the grad"
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty", "scalars"])
+@pytest.mark.parametrize("copy", [False, True], ids=["nocopy", "copy"])
+def test_reflect(device, impl, dtype, case, copy):
+    shapes = CASES[case]
+    params, backups, dirs, grads = (make(shapes, dtype, device, s) for s in (18, 19, 20, 21))
+    norm_sq = torch.zeros(1, device=device)
+    R.norm_sq_(norm_sq, dirs, params, [], O.MODE_IDENTITY, 0.0, [], 0.0)
+    copies = [torch.full_like(p, 7.0) for p in params] if copy else []
+    ref_params = clone(params)
+    O.reflect_(params, backups, dirs, norm_sq, 0.3, 1e-12, grads if copy else [], copies, impl=impl)
+    R.reflect_(ref_params, backups, dirs, norm_sq, 0.3, 1e-12, [], [])
+    for w, rw in zip(params, ref_params):
+        assert_close(w, rw)
+    for c, g in zip(copies, grads):
+        assert torch.equal(c, g), "the grad copy must be exact"
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "size3", "size1000003", "200tensors", "empty", "scalars"])
+def test_dot_norm_sq(device, impl, dtype, case):
+    a, b = make(CASES[case], dtype, device, 22), make(CASES[case], dtype, device, 23)
+    acc = torch.tensor([0.5, 0.25], device=device)  # accumulates: the op adds to what is there
+    expected = acc.clone()
+    O.dot_norm_sq_(acc, a, b, impl=impl)
+    R.dot_norm_sq_(expected, a, b)
+    torch.testing.assert_close(acc, expected, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
@@ -130,7 +179,43 @@ def test_restore_sgd(device, impl, dtype, case, config):
     bufs = make(shapes, dtype, device, 10) if kw["momentum"] else []
     ref_params, ref_bufs = clone(params), clone(bufs)
     O.restore_sgd_(params, grads, backups, bufs, impl=impl, **kw)
-    R.restore_sgd_(ref_params, grads, backups, ref_bufs, **kw)
+    R.restore_sgd_(ref_params, grads, backups, ref_bufs, grads_b=[], grads_c=[], coef=None, **kw)
+    for a, e in zip(params + bufs, ref_params + ref_bufs):
+        assert_close(a, e)
+
+
+# The grad of a fused update as a combination of up to three grad lists (CR-SAM, orthogonal SAM), and
+# an update without a restore (a param group that was not perturbed).
+COMBINATIONS = {
+    "three_terms": dict(terms=2, coef=(1.2, -0.35, 0.5), restore=True),
+    "two_terms": dict(terms=1, coef=(1.0, -0.8, 0.0), restore=True),
+    "no_restore": dict(terms=0, coef=None, restore=False),
+    "no_restore_three_terms": dict(terms=2, coef=(0.3, 1.1, -0.2), restore=False),
+}
+
+
+def combination(shapes, dtype, device, name):
+    c = COMBINATIONS[name]
+    extra = [make(shapes, dtype, device, 30 + i) for i in range(c["terms"])] + [[], []]
+    coef = None if c["coef"] is None else torch.tensor(c["coef"], device=device)
+    return dict(grads_b=extra[0], grads_c=extra[1], coef=coef), c["restore"]
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "size1000003", "200tensors", "empty", "scalars"])
+@pytest.mark.parametrize("config", ["momentum_init", "nesterov_maximize"])
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_restore_sgd_combination(device, impl, dtype, case, config, combo):
+    kw = dict(SGD_CONFIGS[config])
+    kw.setdefault("init_momentum", False)
+    shapes = CASES[case]
+    params, grads, backups, bufs = (make(shapes, dtype, device, s) for s in (7, 8, 9, 10))
+    more, restore = combination(shapes, dtype, device, combo)
+    backups = backups if restore else []
+    ref_params, ref_bufs = clone(params), clone(bufs)
+    O.restore_sgd_(params, grads, backups, bufs, impl=impl, **more, **kw)
+    R.restore_sgd_(ref_params, grads, backups, ref_bufs, **more, **kw)
     for a, e in zip(params + bufs, ref_params + ref_bufs):
         assert_close(a, e)
 
@@ -156,7 +241,26 @@ def test_restore_adam(device, impl, dtype, case, config):
     exp_avg_sqs = make(shapes, dtype, device, 15, positive=True)
     refs = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
     O.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, impl=impl, **kw)
-    R.restore_adam_(refs[0], grads, backups, refs[1], refs[2], **kw)
+    R.restore_adam_(refs[0], grads, backups, refs[1], refs[2], grads_b=[], grads_c=[], coef=None, **kw)
+    for a, e in zip(params + exp_avgs + exp_avg_sqs, refs[0] + refs[1] + refs[2]):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["size1", "size1000003", "200tensors", "empty", "scalars"])
+@pytest.mark.parametrize("config", ["adam_wd_maximize", "adamw"])
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_restore_adam_combination(device, impl, dtype, case, config, combo):
+    kw = ADAM_CONFIGS[config]
+    shapes = CASES[case]
+    params, grads, backups, exp_avgs = (make(shapes, dtype, device, s) for s in (11, 12, 13, 14))
+    exp_avg_sqs = make(shapes, dtype, device, 15, positive=True)
+    more, restore = combination(shapes, dtype, device, combo)
+    backups = backups if restore else []
+    refs = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    O.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, impl=impl, **more, **kw)
+    R.restore_adam_(refs[0], grads, backups, refs[1], refs[2], **more, **kw)
     for a, e in zip(params + exp_avgs + exp_avg_sqs, refs[0] + refs[1] + refs[2]):
         assert_close(a, e)
 

@@ -7,10 +7,12 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -138,10 +140,18 @@ class Check {
     }
   }
 
-  void f32_scalar(const at::Tensor& t, const char* name) const {
+  // An optional list: empty (the op goes without it) or one tensor like each lead tensor.
+  void like_or_empty(at::TensorList ts, const char* name) const {
+    if (!ts.empty()) like(ts, name);
+  }
+
+  // n fp32 values that the host reads or accumulates into through data_ptr().
+  void f32_values(const at::Tensor& t, const char* name, int64_t n) const {
     on_cpu(t, name, 0);
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, op_, ": ", name,
-                " must be a float32 tensor with one element, got ", t.scalar_type(), " of shape ", t.sizes());
+    const std::string count = n == 1 ? "one element" : std::to_string(n) + " elements";
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n && t.is_contiguous(), op_, ": ", name,
+                " must be a float32 tensor with ", count, " (contiguous), got ", t.scalar_type(), " of shape ",
+                t.sizes(), " and strides ", t.strides());
   }
 
   void mode(int64_t mode) const {
@@ -295,29 +305,44 @@ void run_chunks(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
-// Sum of f(k) for k in [b, e): 32 fp32 lanes sum blocks of 256 terms (8 per lane), and the blocks
-// are summed in double. Many independent lanes keep the adds pipelined (one vector accumulator
-// makes the loop latency-bound), and converting to double once per block, not per term, keeps the
-// loop cheap enough to run at memory speed.
-template <class F>
-inline double sum_range(int64_t b, int64_t e, const F& f) {
+// The sums of the terms f(k), for each f of fs, for k in [b, e), in one pass: 32 fp32 lanes per sum
+// add up blocks of 256 terms (8 per lane), and the blocks are summed in double. Many independent
+// lanes keep the adds pipelined (one vector accumulator makes the loop latency-bound), and
+// converting to double once per block, not per term, keeps the loop cheap enough to run at memory
+// speed. One functor per sum, not one returning an array: GCC does not vectorize a loop that holds
+// an aggregate, and it merges the loads that the functors share.
+template <class... F>
+inline std::array<double, sizeof...(F)> sum_ranges(int64_t b, int64_t e, const F&... fs) {
+  constexpr size_t N = sizeof...(F);
   constexpr int kLanes = 32, kBlock = 8 * kLanes;
-  double total[kLanes] = {};
+  double total[N][kLanes] = {};
   int64_t k = b;
   for (; k + kBlock <= e; k += kBlock) {
-    float lane[kLanes] = {};
+    float lane[N][kLanes] = {};
     for (int r = 0; r < kBlock; r += kLanes) {
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lane[l] += f(k + r + l);
+      for (int l = 0; l < kLanes; ++l) {
+        size_t s = 0;
+        ((lane[s++][l] += fs(k + r + l)), ...);
+      }
     }
+    for (size_t s = 0; s < N; ++s) {
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) total[l] += double(lane[l]);
+      for (int l = 0; l < kLanes; ++l) total[s][l] += double(lane[s][l]);
+    }
   }
-  double s = 0;
-  for (; k < e; ++k) s += double(f(k));
-  for (const double x : total) s += x;
-  return s;
+  std::array<double, N> out{};
+  for (; k < e; ++k) {
+    size_t s = 0;
+    ((out[s++] += double(fs(k))), ...);
+  }
+  for (size_t s = 0; s < N; ++s)
+    for (const double x : total[s]) out[s] += x;
+  return out;
 }
+
+template <class F>
+inline double sum_range(int64_t b, int64_t e, const F& f) { return sum_ranges(b, e, f)[0]; }
 
 // ----------------------------------------------------------------------------------------------
 // The normalization operator T of (A)SAM, element-wise in fp32 (see reference.py). Inside a chunk,

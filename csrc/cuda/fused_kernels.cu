@@ -54,21 +54,57 @@ void dispatch_bool(bool b, F&& f) {
   f(std::false_type{});
 }
 
-// Sum over aligned groups of g threads (g a power of two <= kBlock, the same in the whole block; every
-// thread of the block must call it). The result is valid in each group's first thread. The order of the
-// additions is fixed, so the result is deterministic.
-__device__ __forceinline__ float group_sum(float v, int g) {
-  __shared__ float warp_sums[kBlock / 32];
-  for (int off = (g < 32 ? g : 32) / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+template <class F>
+void dispatch_ema(EmaKind kind, F&& f) {
+  switch (kind) {
+    case EmaKind::kNone: return f(std::integral_constant<EmaKind, EmaKind::kNone>{});
+    case EmaKind::kCopy: return f(std::integral_constant<EmaKind, EmaKind::kCopy>{});
+    case EmaKind::kFull: return f(std::integral_constant<EmaKind, EmaKind::kFull>{});
+  }
+}
+
+// The valid GradArgs::terms: g alone, or coef with any subset of grads_b, grads_c.
+template <class F>
+void dispatch_terms(unsigned terms, F&& f) {
+  switch (terms) {
+    case 0: return f(std::integral_constant<unsigned, 0>{});
+    case kTermCoef: return f(std::integral_constant<unsigned, kTermCoef>{});
+    case kTermCoef | kTermB: return f(std::integral_constant<unsigned, kTermCoef | kTermB>{});
+    case kTermCoef | kTermC: return f(std::integral_constant<unsigned, kTermCoef | kTermC>{});
+    case kTermCoef | kTermB | kTermC: return f(std::integral_constant<unsigned, kTermCoef | kTermB | kTermC>{});
+  }
+}
+
+// Sums of K values over aligned groups of g threads (g a power of two <= kBlock, the same in the whole
+// block; every thread of the block must call it, once per kernel: the shared buffer is not fenced for
+// reuse). The results are valid in each group's first thread. The order of the additions is fixed, so the
+// results are deterministic.
+template <int K>
+__device__ __forceinline__ void group_sum(float (&v)[K], int g) {
+  __shared__ float warp_sums[K][kBlock / 32];
+  for (int off = (g < 32 ? g : 32) / 2; off > 0; off >>= 1) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  }
   if (g > 32) {
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) warp_sums[k][threadIdx.x / 32] = v[k];
+    }
     __syncthreads();
     if (threadIdx.x % g == 0) {
-      v = 0.f;
-      for (int w = 0; w < g / 32; ++w) v += warp_sums[threadIdx.x / 32 + w];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        v[k] = 0.f;
+        for (int w = 0; w < g / 32; ++w) v[k] += warp_sums[k][threadIdx.x / 32 + w];
+      }
     }
   }
-  return v;
+}
+
+// rho / (||d|| + eps) of the p = 2 SAM step, from the squared norm on the device.
+__device__ __forceinline__ float sam_scale(const float* norm_sq, float rho, float eps) {
+  return __fdiv_rn(rho, __fsqrt_rn(*norm_sq) + eps);
 }
 
 // The normalization operator T of (A)SAM at element i of the block's tensor.
@@ -113,60 +149,119 @@ struct Elementwise {
   }
 };
 
-// Lists {grads, params}. Stage 1 of norm_sq_: each block writes the partial of its chunk.
-template <typename T, int MODE>
-struct NormSqOp {
-  static constexpr unsigned kLoad = MODE == kModeAbs ? 0b11 : 0b01, kStore = 0;
+// Stage 1 of a reduction of K sums: each block writes the sums of its chunk to partials[K * block + k].
+template <int K>
+struct PartialSums : OpBase {
+  static constexpr int kSums = K;
+  float* partials;  // this launch's block 0 writes partials[0 .. K)
+  float sum[K] = {};
+
+  __device__ void finish() {
+    group_sum(sum, kBlock);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) partials[K * blockIdx.x + k] = sum[k];
+    }
+  }
+};
+
+// Stage 2: one block adds the partials in a fixed order, so the result is deterministic.
+template <int K>
+__global__ void __launch_bounds__(kBlock) sum_partials_kernel(const float* partials, int64_t blocks, float* acc) {
+  float s[K] = {};
+  for (int64_t i = threadIdx.x; i < blocks; i += kBlock) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) s[k] += partials[K * i + k];
+  }
+  group_sum(s, kBlock);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] += s[k];
+  }
+}
+
+// Lists {grads, params, ema}: stage 1 of norm_sq_. SUB: d = g - sigma m, else d = g and ema is not read.
+template <typename T, int MODE, bool SUB>
+struct NormSqOp : PartialSums<1> {
+  static constexpr unsigned kLoad = 0b001 | (MODE == kModeAbs ? 0b010u : 0u) | (SUB ? 0b100u : 0u), kStore = 0;
   TOp<MODE> t;
-  float* partials;  // this launch's block 0 writes partials[0]
-  float sum = 0.f;
+  float sigma;
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>& m, int slot) {
     t.bind(m, slot);
-    sum = 0.f;
   }
-  __device__ void operator()(T (&x)[2], int64_t i) {
-    float w = 0.f;
+  __device__ void operator()(T (&x)[3], int64_t i) {
+    float w = 0.f, d = to_f(x[0]);
     if constexpr (MODE == kModeAbs) w = to_f(x[1]);
-    const float v = t(w, i) * to_f(x[0]);
-    sum += v * v;
-  }
-  __device__ void finish() {
-    const float s = group_sum(sum, kBlock);
-    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+    if constexpr (SUB) d -= sigma * to_f(x[2]);
+    const float v = t(w, i) * d;
+    sum[0] += v * v;
   }
 };
 
-// Stage 2 of norm_sq_: one block adds the partials in a fixed order, so the result is deterministic.
-__global__ void __launch_bounds__(kBlock) sum_partials_kernel(const float* partials, int64_t n, float* acc) {
-  float s = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += kBlock) s += partials[i];
-  s = group_sum(s, kBlock);
-  if (threadIdx.x == 0) acc[0] += s;
-}
+// Lists {a, b}: stage 1 of dot_norm_sq_.
+template <typename T>
+struct DotNormSqOp : PartialSums<2> {
+  static constexpr unsigned kLoad = 0b11, kStore = 0;
+  __device__ void operator()(T (&x)[2], int64_t) {
+    const float a = to_f(x[0]), b = to_f(x[1]);
+    sum[0] += a * b;
+    sum[1] += b * b;
+  }
+};
 
-// Lists {params, grads, backups}.
-template <typename T, int MODE, bool SIGN>
-struct PerturbOp {
-  static constexpr unsigned kLoad = 0b011, kStore = 0b101;
+// Lists {params, grads, backups, ema}.
+template <typename T, int MODE, bool SIGN, EmaKind EMA>
+struct PerturbOp : OpBase {
+  static constexpr unsigned kEma = 0b1000;
+  static constexpr unsigned kLoad = 0b0011 | (EMA == EmaKind::kFull ? kEma : 0u);
+  static constexpr unsigned kStore = 0b0101 | (EMA != EmaKind::kNone ? kEma : 0u);
   TOp<MODE> t;
   const float* norm_sq;
   float rho, eps;
+  EmaArgs ema;
   float scale = 0.f;
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>& m, int slot) {
     t.bind(m, slot);
-    scale = SIGN ? rho : __fdiv_rn(rho, __fsqrt_rn(*norm_sq) + eps);
+    scale = SIGN ? rho : sam_scale(norm_sq, rho, eps);
   }
-  __device__ void operator()(T (&x)[3], int64_t i) const {
+  __device__ void operator()(T (&x)[4], int64_t i) const {
     x[2] = x[0];
     const float w = to_f(x[0]), g = to_f(x[1]), tw = t(w, i);
-    const float e = SIGN ? scale * tw * float((g > 0.f) - (g < 0.f)) : scale * (tw * tw) * g;
+    float d = g;
+    // m <- g is a copy of the raw element: exact for every dtype, and sigma == 0 keeps d = g even where m is
+    // not finite.
+    if constexpr (EMA == EmaKind::kFull) {
+      const float m = to_f(x[3]);
+      if (ema.sub) d = g - ema.sigma * m;
+      x[3] = ema.copy ? x[1] : from_f<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
+    } else if constexpr (EMA == EmaKind::kCopy) {
+      x[3] = x[1];
+    }
+    const float e = SIGN ? scale * tw * float((d > 0.f) - (d < 0.f)) : scale * (tw * tw) * d;
     x[0] = from_f<T>(w + e);
   }
-  __device__ void finish() {}
+};
+
+// Lists {params, backups, dirs, grads, grad_copies}; COPY: grad_copies <- grads, raw, so bit-exact.
+template <typename T, bool COPY>
+struct ReflectOp : OpBase {
+  static constexpr unsigned kLoad = 0b00110 | (COPY ? 0b01000u : 0u), kStore = 0b00001 | (COPY ? 0b10000u : 0u);
+  const float* norm_sq;
+  float rho, eps;
+  float scale = 0.f;
+
+  template <int L>
+  __device__ void bind(const TensorListMeta<L>&, int) {
+    scale = sam_scale(norm_sq, rho, eps);
+  }
+  __device__ void operator()(T (&x)[5], int64_t) const {
+    x[0] = from_f<T>(to_f(x[1]) - scale * to_f(x[2]));
+    if constexpr (COPY) x[4] = x[3];
+  }
 };
 
 // Lists {params, backups}: a raw copy, bit-exact for every dtype (NaN payloads included).
@@ -176,44 +271,76 @@ struct RestoreOp : OpBase {
   __device__ void operator()(T (&x)[2], int64_t) const { x[0] = x[1]; }
 };
 
-// Lists {params, grads, backups, momentum_buffers}.
-template <typename T, bool MOMENTUM>
-struct SgdOp : OpBase {
-  static constexpr unsigned kLoad = MOMENTUM ? 0b1110 : 0b0110, kStore = MOMENTUM ? 0b1001 : 0b0001;
+// The lists {params, grads, backups, grads_b, grads_c} the fused updates start with, and their grad
+// (reference._grad_combination) in the reference's order of operations. w is read from backups: without a
+// restore, the host passes the params there.
+template <unsigned TERMS>
+struct UpdateBase : OpBase {
+  static constexpr unsigned kLoad = 0b00110 | (TERMS & kTermB ? 0b01000u : 0u) | (TERMS & kTermC ? 0b10000u : 0u);
+  static constexpr unsigned kStore = 0b00001;
+  const float* coef;
+  float c[3] = {};
+
+  template <int L>
+  __device__ void bind(const TensorListMeta<L>&, int) {
+    if constexpr (TERMS != 0) {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) c[k] = __ldg(coef + k);
+    }
+  }
+  template <typename T, int L>
+  __device__ float grad(const T (&x)[L]) const {
+    float g = to_f(x[1]);
+    if constexpr (TERMS != 0) {
+      g *= c[0];
+      if constexpr ((TERMS & kTermB) != 0) g += to_f(x[3]) * c[1];
+      if constexpr ((TERMS & kTermC) != 0) g += to_f(x[4]) * c[2];
+    }
+    return g;
+  }
+};
+
+// Lists {params, grads, backups, grads_b, grads_c, momentum_buffers}.
+template <typename T, unsigned TERMS, bool MOMENTUM>
+struct SgdOp : UpdateBase<TERMS> {
+  using Base = UpdateBase<TERMS>;
+  static constexpr unsigned kBuf = MOMENTUM ? 0b100000 : 0;
+  static constexpr unsigned kLoad = Base::kLoad | kBuf, kStore = Base::kStore | kBuf;
   SgdArgs a;
-  __device__ void operator()(T (&x)[4], int64_t) const {
+  __device__ void operator()(T (&x)[6], int64_t) const {
     const float w = to_f(x[2]);
-    float d = to_f(x[1]);
+    float d = this->grad(x);
     if (a.maximize) d = -d;
     if (a.weight_decay != 0.f) d += a.weight_decay * w;
     if constexpr (MOMENTUM) {
       // The update uses the fp32 buffer value, before its rounding to the buffer dtype.
-      const float buf = a.init_momentum ? d : to_f(x[3]) * a.momentum + a.one_minus_dampening * d;
-      x[3] = from_f<T>(buf);
+      const float buf = a.init_momentum ? d : to_f(x[5]) * a.momentum + a.one_minus_dampening * d;
+      x[5] = from_f<T>(buf);
       d = a.nesterov ? d + a.momentum * buf : buf;
     }
     x[0] = from_f<T>(w - a.lr * d);
   }
 };
 
-// Lists {params, grads, backups, exp_avgs, exp_avg_sqs}.
-template <typename T>
-struct AdamOp : OpBase {
-  static constexpr unsigned kLoad = 0b11110, kStore = 0b11001;
+// Lists {params, grads, backups, grads_b, grads_c, exp_avgs, exp_avg_sqs}.
+template <typename T, unsigned TERMS>
+struct AdamOp : UpdateBase<TERMS> {
+  using Base = UpdateBase<TERMS>;
+  static constexpr unsigned kLoad = Base::kLoad | 0b1100000, kStore = Base::kStore | 0b1100000;
   AdamArgs a;
-  __device__ void operator()(T (&x)[5], int64_t) const {
-    float w = to_f(x[2]), g = to_f(x[1]);
+  __device__ void operator()(T (&x)[7], int64_t) const {
+    float w = to_f(x[2]), g = this->grad(x);
     if (a.maximize) g = -g;
     if (a.weight_decay != 0.f) {
       if (a.decoupled) w *= a.decay_factor;
       else g += a.weight_decay * w;
     }
     // torch.lerp's two-sided formula, exact at both ends.
-    const float m0 = to_f(x[3]), diff = g - m0;
+    const float m0 = to_f(x[5]), diff = g - m0;
     const float m = fabsf(a.lerp_weight) < 0.5f ? m0 + a.lerp_weight * diff : g - diff * (1.f - a.lerp_weight);
-    const float v = to_f(x[4]) * a.beta2 + a.one_minus_beta2 * g * g;
-    x[3] = from_f<T>(m);
-    x[4] = from_f<T>(v);
+    const float v = to_f(x[6]) * a.beta2 + a.one_minus_beta2 * g * g;
+    x[5] = from_f<T>(m);
+    x[6] = from_f<T>(v);
     const float denom = __fdiv_rn(__fsqrt_rn(v), a.bias_correction2_sqrt) + a.eps;
     x[0] = from_f<T>(w + __fdiv_rn(a.neg_step_size * m, denom));
   }
@@ -236,16 +363,16 @@ struct RowNormBody {
     const int g = row_group(inner);
     const int64_t row = int64_t(m.block_unit[blockIdx.x]) * (kBlock / g) + threadIdx.x / g;
     const bool valid = row < m.n[slot];
-    float s = 0.f;
+    float s[1] = {0.f};
     if (valid) {
       const T* w = static_cast<const T*>(m.ptr[0][slot]) + row * inner;
       for (int64_t k = threadIdx.x % g; k < inner; k += g) {
         const float x = to_f(w[k]);
-        s += x * x;
+        s[0] += x * x;
       }
     }
-    s = group_sum(s, g);  // every thread takes part: the shuffles need full warps
-    if (valid && threadIdx.x % g == 0) static_cast<float*>(m.ptr[1][slot])[row] = __fsqrt_rn(s) + eta;
+    group_sum(s, g);  // every thread takes part: the shuffles need full warps
+    if (valid && threadIdx.x % g == 0) static_cast<float*>(m.ptr[1][slot])[row] = __fsqrt_rn(s[0]) + eta;
   }
 };
 
@@ -256,29 +383,46 @@ void launch_apply(const TensorArgs* t, int n, cudaStream_t stream, Units units, 
   });
 }
 
+int64_t chunk_units(const TensorArgs& a) { return chunks_of(a.n); }
+
 // Element-wise ops: one unit per chunk.
 template <int L, typename T, class Op>
 void launch_elementwise(const TensorArgs* t, int n, cudaStream_t stream, const Op& op) {
-  launch_apply<L>(t, n, stream, [](const TensorArgs& a) { return chunks_of(a.n); },
-                  [&](int64_t) { return Elementwise<T, Op>{op}; });
+  launch_apply<L>(t, n, stream, chunk_units, [&](int64_t) { return Elementwise<T, Op>{op}; });
+}
+
+// Two-stage reductions; make_op(p) is the stage-1 op of a launch whose block 0 writes its sums at p.
+template <int L, typename T, class MakeOp>
+void launch_reduction(const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream,
+                      MakeOp make_op) {
+  using Op = decltype(make_op(partials));
+  const int64_t blocks = reduction_blocks(t, n);
+  if (blocks == 0) return;
+  launch_apply<L>(t, n, stream, chunk_units,
+                  [&](int64_t first) { return Elementwise<T, Op>{make_op(partials + Op::kSums * first)}; });
+  sum_partials_kernel<Op::kSums><<<1, kBlock, 0, stream>>>(partials, blocks, acc);
 }
 
 }  // namespace
 
-void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, float* partials, float* acc,
-                    cudaStream_t stream) {
-  const int64_t num_partials = norm_sq_partials(t, n);
-  if (num_partials == 0) return;
+void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
+                    float* partials, float* acc, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
-      constexpr int M = decltype(md)::value;
-      launch_apply<2>(t, n, stream, [](const TensorArgs& a) { return chunks_of(a.n); }, [&](int64_t first) {
-        return Elementwise<T, NormSqOp<T, M>>{{TOp<M>{eta}, partials + first}};
+      dispatch_bool(sub, [&](auto sb) {
+        using Op = NormSqOp<T, decltype(md)::value, decltype(sb)::value>;
+        launch_reduction<3, T>(t, n, partials, acc, stream, [&](float* p) { return Op{{{}, p}, {eta}, sigma}; });
       });
     });
   });
-  sum_partials_kernel<<<1, kBlock, 0, stream>>>(partials, num_partials, acc);
+}
+
+void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_reduction<2, T>(t, n, partials, acc, stream, [](float* p) { return DotNormSqOp<T>{{{}, p}}; });
+  });
 }
 
 void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream_t stream) {
@@ -295,14 +439,26 @@ void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream
 }
 
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
-                    float eta, bool sign, cudaStream_t stream) {
+                    float eta, bool sign, const EmaArgs& ema, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sign, [&](auto sg) {
-        using Op = PerturbOp<T, decltype(md)::value, decltype(sg)::value>;
-        launch_elementwise<3, T>(t, n, stream, Op{{eta}, norm_sq, rho, eps});
+        dispatch_ema(ema.kind, [&](auto ek) {
+          using Op = PerturbOp<T, decltype(md)::value, decltype(sg)::value, decltype(ek)::value>;
+          launch_elementwise<4, T>(t, n, stream, Op{{}, {eta}, norm_sq, rho, eps, ema});
+        });
       });
+    });
+  });
+}
+
+void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
+                    cudaStream_t stream) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bool(copy, [&](auto cp) {
+      launch_elementwise<5, T>(t, n, stream, ReflectOp<T, decltype(cp)::value>{{}, norm_sq, rho, eps});
     });
   });
 }
@@ -314,19 +470,26 @@ void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream) {
   });
 }
 
-void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const SgdArgs& a, cudaStream_t stream) {
+void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
+                        cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_bool(a.use_momentum, [&](auto mom) {
-      launch_elementwise<4, T>(t, n, stream, SgdOp<T, decltype(mom)::value>{{}, a});
+    dispatch_terms(g.terms, [&](auto terms) {
+      dispatch_bool(a.use_momentum, [&](auto mom) {
+        using Op = SgdOp<T, decltype(terms)::value, decltype(mom)::value>;
+        launch_elementwise<6, T>(t, n, stream, Op{{{}, g.coef}, a});
+      });
     });
   });
 }
 
-void launch_restore_adam(DType dt, const TensorArgs* t, int n, const AdamArgs& a, cudaStream_t stream) {
+void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
+                         cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_elementwise<5, T>(t, n, stream, AdamOp<T>{{}, a});
+    dispatch_terms(g.terms, [&](auto terms) {
+      launch_elementwise<7, T>(t, n, stream, AdamOp<T, decltype(terms)::value>{{{}, g.coef}, a});
+    });
   });
 }
 

@@ -14,11 +14,12 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 constexpr int kModeIdentity = 0, kModeAbs = 1, kModeRow = 2;  // fastsam/ops/reference.py MODE_*
 
-// Elements per CUDA block in the element-wise ops; also the unit of the norm_sq_ partial sums.
+// Elements per CUDA block in the element-wise ops; also the unit of the partial sums of the reductions.
 constexpr int64_t kChunk = 65536;
-constexpr int kMaxLists = 5;
+constexpr int kMaxLists = 7;
 
-// One tensor of an op, seen across the op's lists (the list order is given at each launcher).
+// One tensor of an op, seen across the op's lists (the list order is given at each launcher). A list the
+// call does not use holds null pointers.
 struct TensorArgs {
   void* ptr[kMaxLists];     // ptr[l]: the tensor's data in list l, all of the param dtype except where noted
   int64_t n;                // elements; rows for row_norm_
@@ -28,12 +29,34 @@ struct TensorArgs {
 
 inline int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-// Size of the fp32 scratch buffer launch_norm_sq needs: one partial per chunk.
-inline int64_t norm_sq_partials(const TensorArgs* t, int n) {
+// Blocks of the first stage of a reduction: each writes its partial sums to the fp32 scratch buffer, whose
+// size is this count times the sums per block (1 for launch_norm_sq, 2 for launch_dot_norm_sq).
+inline int64_t reduction_blocks(const TensorArgs* t, int n) {
   int64_t total = 0;
   for (int j = 0; j < n; ++j) total += chunks_of(t[j].n);
   return total;
 }
+
+// The EMA list of perturb_. The kind decides which memory the kernel touches, so it is a compile-time
+// switch; sigma == 0 and lmbda == 0 within kFull are uniform selects, free in a bandwidth-bound loop.
+enum class EmaKind : int {
+  kNone = 0,  // no ema list: d = g
+  kCopy = 1,  // sigma == 0 and lmbda == 0: m <- g, d = g; m is only written
+  kFull = 2,  // m is read: d = g - sigma m unless sigma == 0, then m <- lmbda m + (1 - lmbda) g unless lmbda == 0
+};
+struct EmaArgs {
+  EmaKind kind;
+  bool sub;   // sigma != 0 in double, as the reference decides it
+  bool copy;  // lmbda == 0 in double
+  float sigma, lmbda, one_minus_lmbda;
+};
+
+// The grad the fused updates use: g, or coef[0] g + coef[1] g_b + coef[2] g_c with coef on the device.
+constexpr unsigned kTermCoef = 1, kTermB = 2, kTermC = 4;
+struct GradArgs {
+  unsigned terms;     // 0 (g alone) or kTermCoef plus kTermB / kTermC for the grads_b / grads_c lists given
+  const float* coef;  // fp32 [3], read by the kernels when terms != 0
+};
 
 struct SgdArgs {
   float lr, weight_decay, momentum, one_minus_dampening;
@@ -49,20 +72,29 @@ struct AdamArgs {
   bool decoupled, maximize;
 };
 
-// Lists {grads, params}; acc[0] += sum (T g)^2. `partials`: norm_sq_partials(t, n) floats of scratch.
-void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, float* partials, float* acc,
-                    cudaStream_t stream);
+// Lists {grads, params, ema}; acc[0] += sum (T d)^2 with d = g - sigma ema when `sub`, else g (ema unused).
+// `partials`: reduction_blocks(t, n) floats of scratch.
+void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
+                    float* partials, float* acc, cudaStream_t stream);
+// Lists {a, b}; acc[0] += sum a b, acc[1] += sum b^2. `partials`: 2 * reduction_blocks(t, n) floats.
+void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream);
 // Lists {params, out (fp32)}; t[j].n = rows, t[j].inner = elements per row. out[r] = ||w[r]|| + eta.
 void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream_t stream);
-// Lists {params, grads, backups}. `norm_sq` is a device pointer, read only when !sign.
+// Lists {params, grads, backups, ema}. `norm_sq` is a device pointer, read only when !sign.
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
-                    float eta, bool sign, cudaStream_t stream);
+                    float eta, bool sign, const EmaArgs& ema, cudaStream_t stream);
+// Lists {params, backups, dirs, grads, grad_copies}; the last two are used when `copy`. `norm_sq`: device.
+void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
+                    cudaStream_t stream);
 // Lists {params, backups}.
 void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream);
-// Lists {params, grads, backups, momentum_buffers}; the last is unused when momentum == 0.
-void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const SgdArgs& a, cudaStream_t stream);
-// Lists {params, grads, backups, exp_avgs, exp_avg_sqs}.
-void launch_restore_adam(DType dt, const TensorArgs* t, int n, const AdamArgs& a, cudaStream_t stream);
+// Lists {params, grads, backups, grads_b, grads_c, momentum_buffers}; lists that `g` and `a` leave out are
+// unused. Without a restore, backups holds the params themselves.
+void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
+                        cudaStream_t stream);
+// Lists {params, grads, backups, grads_b, grads_c, exp_avgs, exp_avg_sqs}; as launch_restore_sgd.
+void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
+                         cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsam

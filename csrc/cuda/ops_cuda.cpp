@@ -3,13 +3,14 @@
 // Nothing here synchronizes with the device or reads device memory, so a step stays asynchronous and
 // CUDA-graph capturable.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <initializer_list>
+#include <optional>
 #include <ostream>
 #include <vector>
 
@@ -44,25 +45,31 @@ void check_mode(const char* op, int64_t mode) {
               ": mode must be 0 (identity), 1 (abs) or 2 (row), got ", mode);
 }
 
+struct NamedList {
+  const char* name;
+  TensorList list;
+};
+
 // True when the call has no tensors: a no-op, once the lists are known to agree in length.
-bool no_tensors(const char* op, TensorList params, std::initializer_list<TensorList> others) {
-  for (const TensorList& l : others)
-    TORCH_CHECK(l.size() == params.size(), op, ": tensor lists differ in length (", l.size(), " vs ",
-                params.size(), " params)");
-  return params.empty();
+bool no_tensors(const char* op, NamedList first, std::initializer_list<NamedList> others) {
+  for (const NamedList& l : others)
+    TORCH_CHECK(l.list.size() == first.list.size(), op, ": ", l.name, " has ", l.list.size(), " tensors, expected ",
+                first.list.size(), " (one per tensor of ", first.name, ")");
+  return first.list.empty();
 }
 
-// Validates the tensors of a call against params: every tensor on params[0]'s device and contiguous;
-// lists parallel to params of the param dtype and shapes, fp32 for per-row and scalar tensors.
+// Validates the tensors of a call against the first list (params, or `a` for dot_norm_sq_): every tensor on
+// its first tensor's device and contiguous; lists parallel to it of its dtype and shapes, fp32 for per-row
+// and small fp32 tensors.
 class Checker {
  public:
-  Checker(const char* op, TensorList params) : op_(op), params_(params) {
-    TORCH_CHECK(params[0].defined() && params[0].is_cuda(), op, ": params[0] must be a CUDA tensor");
+  Checker(const char* op, TensorList params, const char* name = "params") : op_(op), name_(name), params_(params) {
+    TORCH_CHECK(params[0].defined() && params[0].is_cuda(), op, ": ", name, "[0] must be a CUDA tensor");
     device_ = params[0].device();
     dtype_ = params[0].scalar_type();
-    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16 || dtype_ == at::kHalf, op,
-                ": params must be float32, bfloat16 or float16, got ", dtype_);
-    like(params, "params");
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16 || dtype_ == at::kHalf, op, ": ", name,
+                " must be float32, bfloat16 or float16, got ", dtype_);
+    like(params, name);
   }
 
   fc::DType dtype() const {
@@ -75,8 +82,17 @@ class Checker {
     for (size_t j = 0; j < l.size(); ++j) {
       tensor(l[j], {what, int64_t(j)}, dtype_);
       TORCH_CHECK(l[j].sizes() == params_[j].sizes(), op_, ": ", Label{what, int64_t(j)}, " has shape ",
-                  l[j].sizes(), ", params[", j, "] has shape ", params_[j].sizes());
+                  l[j].sizes(), ", ", Label{name_, int64_t(j)}, " has shape ", params_[j].sizes());
     }
+  }
+
+  // A list that may be left empty; returns whether it is given.
+  bool optional_like(TensorList l, const char* what) const {
+    if (l.empty()) return false;
+    TORCH_CHECK(l.size() == params_.size(), op_, ": ", what, " has ", l.size(), " tensors, expected none or ",
+                params_.size());
+    like(l, what);
+    return true;
   }
 
   void per_row(TensorList l, const char* what) const {
@@ -84,13 +100,15 @@ class Checker {
     for (size_t j = 0; j < l.size(); ++j) {
       tensor(l[j], {what, int64_t(j)}, at::kFloat);
       TORCH_CHECK(l[j].numel() == rows_of(params_[j]), op_, ": ", Label{what, int64_t(j)}, " has ", l[j].numel(),
-                  " elements, expected one per row of params[", j, "] (", rows_of(params_[j]), ")");
+                  " elements, expected one per row of ", Label{name_, int64_t(j)}, " (", rows_of(params_[j]), ")");
     }
   }
 
-  void scalar(const Tensor& t, const char* what) const {
+  // An fp32 tensor of `numel` elements read or written by the kernels (acc, norm_sq, coef).
+  void fp32(const Tensor& t, const char* what, int64_t numel) const {
     tensor(t, {what, -1}, at::kFloat);
-    TORCH_CHECK(t.numel() == 1, op_, ": ", what, " must have one element, got shape ", t.sizes());
+    TORCH_CHECK(t.numel() == numel, op_, ": ", what, " must have ", numel, " element", numel == 1 ? "" : "s",
+                ", got shape ", t.sizes());
   }
 
  private:
@@ -106,13 +124,14 @@ class Checker {
   }
 
   const char* op_;
+  const char* name_;
   TensorList params_;
   at::Device device_{at::kCUDA};
   at::ScalarType dtype_;
 };
 
-// TensorArgs of the tensors that have elements; lists[l][j] is tensor j of list l, n and inner come
-// from lists[0][j].
+// TensorArgs of the tensors that have elements; lists[l][j] is tensor j of list l (null pointers for an
+// empty list: one the call leaves out), n and inner come from lists[0][j].
 std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, TensorList row_scales = {}) {
   TORCH_INTERNAL_ASSERT(lists.size() <= size_t(fc::kMaxLists));
   const TensorList first = *lists.begin();
@@ -122,7 +141,7 @@ std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, Tens
     if (first[j].numel() == 0) continue;
     fc::TensorArgs a{};
     int l = 0;
-    for (const TensorList& list : lists) a.ptr[l++] = list[j].data_ptr();
+    for (const TensorList& list : lists) a.ptr[l++] = list.empty() ? nullptr : list[j].data_ptr();
     a.n = first[j].numel();
     a.inner = inner_of(first[j]);
     a.row_scale = row_scales.empty() ? nullptr : row_scales[j].data_ptr<float>();
@@ -131,30 +150,44 @@ std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, Tens
   return out;
 }
 
-cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Scratch of the first stage of a reduction: from the caching allocator, reused in stream order once the
+// call's kernels ran.
+Tensor reduction_scratch(const std::vector<fc::TensorArgs>& args, int64_t sums_per_block, const Tensor& acc) {
+  return at::empty({fc::reduction_blocks(args.data(), int(args.size())) * sums_per_block}, acc.options());
+}
+
+// The grad of the fused updates: g, or the combination with coef (left on the device).
+fc::GradArgs grad_terms(const Checker& c, TensorList grads_b, TensorList grads_c, const std::optional<Tensor>& coef) {
+  if (!coef.has_value()) return {0, nullptr};
+  c.fp32(*coef, "coef", 3);
+  unsigned terms = fc::kTermCoef;
+  if (c.optional_like(grads_b, "grads_b")) terms |= fc::kTermB;
+  if (c.optional_like(grads_c, "grads_c")) terms |= fc::kTermC;
+  return {terms, coef->data_ptr<float>()};
+}
 
 void norm_sq_cuda(const Tensor& acc, TensorList grads, TensorList params, TensorList row_scales, int64_t mode,
-                  double eta) {
+                  double eta, TensorList ema, double sigma) {
   check_mode("norm_sq_", mode);
-  if (no_tensors("norm_sq_", params, {grads})) return;
+  if (no_tensors("norm_sq_", {"params", params}, {{"grads", grads}})) return;
   const Checker c("norm_sq_", params);
   c.like(grads, "grads");
-  c.scalar(acc, "acc");
+  c.fp32(acc, "acc", 1);
   const bool row = mode == fc::kModeRow;
   if (row) c.per_row(row_scales, "row_scales");
+  const bool sub = c.optional_like(ema, "ema") && sigma != 0;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({grads, params}, row ? row_scales : TensorList());
-  const int64_t num_partials = fc::norm_sq_partials(args.data(), int(args.size()));
-  if (num_partials == 0) return;
-  // Stage-1 scratch: from the caching allocator, reused in stream order once the call's kernels ran.
-  const Tensor partials = at::empty({num_partials}, acc.options());
-  fc::launch_norm_sq(c.dtype(), args.data(), int(args.size()), int(mode), float(eta), partials.data_ptr<float>(),
-                     acc.data_ptr<float>(), current_stream());
+  const auto args = gather({grads, params, sub ? ema : TensorList()}, row ? row_scales : TensorList());
+  const Tensor partials = reduction_scratch(args, 1, acc);
+  fc::launch_norm_sq(c.dtype(), args.data(), int(args.size()), int(mode), float(eta), sub, float(sigma),
+                     partials.data_ptr<float>(), acc.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void row_norm_cuda(TensorList out, TensorList params, double eta) {
-  if (no_tensors("row_norm_", params, {out})) return;
+  if (no_tensors("row_norm_", {"params", params}, {{"out", out}})) return;
   const Checker c("row_norm_", params);
   c.per_row(out, "out");
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -174,24 +207,57 @@ void row_norm_cuda(TensorList out, TensorList params, double eta) {
 }
 
 void perturb_cuda(TensorList params, TensorList grads, TensorList backups, TensorList row_scales,
-                  const Tensor& norm_sq, double rho, double eps, int64_t mode, double eta, bool sign) {
+                  const Tensor& norm_sq, double rho, double eps, int64_t mode, double eta, bool sign,
+                  TensorList ema, double sigma, double lmbda) {
   check_mode("perturb_", mode);
-  if (no_tensors("perturb_", params, {grads, backups})) return;
+  if (no_tensors("perturb_", {"params", params}, {{"grads", grads}, {"backups", backups}})) return;
   const Checker c("perturb_", params);
   c.like(grads, "grads");
   c.like(backups, "backups");
   const bool row = mode == fc::kModeRow;
   if (row) c.per_row(row_scales, "row_scales");
-  if (!sign) c.scalar(norm_sq, "norm_sq");
+  if (!sign) c.fp32(norm_sq, "norm_sq", 1);
+  fc::EmaArgs e{fc::EmaKind::kNone, sigma != 0, lmbda == 0, float(sigma), float(lmbda), float(1 - lmbda)};
+  if (c.optional_like(ema, "ema")) e.kind = e.sub || !e.copy ? fc::EmaKind::kFull : fc::EmaKind::kCopy;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups}, row ? row_scales : TensorList());
+  const auto args = gather({params, grads, backups, ema}, row ? row_scales : TensorList());
   fc::launch_perturb(c.dtype(), args.data(), int(args.size()), sign ? nullptr : norm_sq.data_ptr<float>(),
-                     float(rho), float(eps), int(mode), float(eta), sign, current_stream());
+                     float(rho), float(eps), int(mode), float(eta), sign, e, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void reflect_cuda(TensorList params, TensorList backups, TensorList dirs, const Tensor& norm_sq, double rho,
+                  double eps, TensorList grads, TensorList grad_copies) {
+  if (no_tensors("reflect_", {"params", params}, {{"backups", backups}, {"dirs", dirs}})) return;
+  const Checker c("reflect_", params);
+  c.like(backups, "backups");
+  c.like(dirs, "dirs");
+  c.fp32(norm_sq, "norm_sq", 1);
+  const bool copy = c.optional_like(grads, "grads"), copies = c.optional_like(grad_copies, "grad_copies");
+  TORCH_CHECK(copy == copies, "reflect_: grads and grad_copies must both be given or both be empty, got ",
+              grads.size(), " and ", grad_copies.size(), " tensors");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto args = gather({params, backups, dirs, grads, grad_copies});
+  fc::launch_reflect(c.dtype(), args.data(), int(args.size()), norm_sq.data_ptr<float>(), float(rho), float(eps),
+                     copy, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void dot_norm_sq_cuda(const Tensor& acc, TensorList a, TensorList b) {
+  if (no_tensors("dot_norm_sq_", {"a", a}, {{"b", b}})) return;
+  const Checker c("dot_norm_sq_", a, "a");
+  c.like(b, "b");
+  c.fp32(acc, "acc", 2);
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  const auto args = gather({a, b});
+  const Tensor partials = reduction_scratch(args, 2, acc);
+  fc::launch_dot_norm_sq(c.dtype(), args.data(), int(args.size()), partials.data_ptr<float>(),
+                         acc.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void restore_cuda(TensorList params, TensorList backups) {
-  if (no_tensors("restore_", params, {backups})) return;
+  if (no_tensors("restore_", {"params", params}, {{"backups", backups}})) return;
   const Checker c("restore_", params);
   c.like(backups, "backups");
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -200,34 +266,47 @@ void restore_cuda(TensorList params, TensorList backups) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Without backups there is nothing to restore: the params stand in for them, so the kernels read w from the
+// same list either way, at no extra memory traffic.
+TensorList backups_or(TensorList backups, TensorList params) { return backups.empty() ? params : backups; }
+
 void restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups, TensorList momentum_buffers,
                       double lr, double weight_decay, double momentum, double dampening, bool nesterov,
-                      bool maximize, bool init_momentum) {
-  if (no_tensors("restore_sgd_", params, {grads, backups})) return;
+                      bool maximize, bool init_momentum, TensorList grads_b, TensorList grads_c,
+                      const std::optional<Tensor>& coef) {
+  if (no_tensors("restore_sgd_", {"params", params}, {{"grads", grads}})) return;
   const Checker c("restore_sgd_", params);
   c.like(grads, "grads");
-  c.like(backups, "backups");
+  c.optional_like(backups, "backups");
   const bool use_momentum = momentum != 0;
   if (use_momentum) c.like(momentum_buffers, "momentum_buffers");  // ignored otherwise, as in the reference
+  const fc::GradArgs g = grad_terms(c, grads_b, grads_c, coef);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = use_momentum ? gather({params, grads, backups, momentum_buffers}) : gather({params, grads, backups});
+  const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
+                            g.terms & fc::kTermC ? grads_c : TensorList(),
+                            use_momentum ? momentum_buffers : TensorList()});
   const fc::SgdArgs a{float(lr),     float(weight_decay), float(momentum), float(1 - dampening),
                       use_momentum, nesterov,            maximize,        init_momentum};
-  fc::launch_restore_sgd(c.dtype(), args.data(), int(args.size()), a, current_stream());
+  fc::launch_restore_sgd(c.dtype(), args.data(), int(args.size()), g, a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, TensorList exp_avgs,
                        TensorList exp_avg_sqs, double lr, double beta1, double beta2, double weight_decay,
-                       double eps, bool decoupled, bool maximize, double step) {
-  if (no_tensors("restore_adam_", params, {grads, backups, exp_avgs, exp_avg_sqs})) return;
+                       double eps, bool decoupled, bool maximize, double step, TensorList grads_b,
+                       TensorList grads_c, const std::optional<Tensor>& coef) {
+  if (no_tensors("restore_adam_", {"params", params},
+                 {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}))
+    return;
   const Checker c("restore_adam_", params);
   c.like(grads, "grads");
-  c.like(backups, "backups");
+  c.optional_like(backups, "backups");
   c.like(exp_avgs, "exp_avgs");
   c.like(exp_avg_sqs, "exp_avg_sqs");
+  const fc::GradArgs g = grad_terms(c, grads_b, grads_c, coef);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups, exp_avgs, exp_avg_sqs});
+  const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
+                            g.terms & fc::kTermC ? grads_c : TensorList(), exp_avgs, exp_avg_sqs});
   // Bias corrections in double once per call, as the reference computes them in Python.
   const double bias_correction1 = 1 - std::pow(beta1, step);
   const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
@@ -236,7 +315,7 @@ void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, 
                        float(1 - lr * weight_decay), float(eps),
                        float(-(lr / bias_correction1)), float(bias_correction2_sqrt),
                        decoupled, maximize};
-  fc::launch_restore_adam(c.dtype(), args.data(), int(args.size()), a, current_stream());
+  fc::launch_restore_adam(c.dtype(), args.data(), int(args.size()), g, a, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -246,6 +325,8 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("norm_sq_", &norm_sq_cuda);
   m.impl("row_norm_", &row_norm_cuda);
   m.impl("perturb_", &perturb_cuda);
+  m.impl("reflect_", &reflect_cuda);
+  m.impl("dot_norm_sq_", &dot_norm_sq_cuda);
   m.impl("restore_", &restore_cuda);
   m.impl("restore_sgd_", &restore_sgd_cuda);
   m.impl("restore_adam_", &restore_adam_cuda);

@@ -6,7 +6,7 @@ Each entry picks an implementation (``impl``: "auto", "cuda", "triton", "cpu" or
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from torch import Tensor
 
@@ -15,7 +15,7 @@ from fastsam.ops.reference import MODE_ABS, MODE_IDENTITY, MODE_ROW
 
 __all__ = [
     "MODE_IDENTITY", "MODE_ABS", "MODE_ROW", "check_impl", "resolve_impl",
-    "norm_sq_", "row_norm_", "perturb_", "restore_", "restore_sgd_", "restore_adam_",
+    "norm_sq_", "row_norm_", "perturb_", "reflect_", "dot_norm_sq_", "restore_", "restore_sgd_", "restore_adam_",
 ]
 
 
@@ -26,9 +26,11 @@ def _run(name: str, impl: str, first: List[Tensor], *args) -> None:
 
 
 def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales: List[Tensor],
-             mode: int, eta: float, *, impl: str = "auto") -> None:
-    """``acc += sum_j ||T_j g_j||^2`` (fp32 ``acc`` of shape [1]); see reference.norm_sq_."""
-    _run("norm_sq_", impl, grads, acc, grads, params, row_scales, mode, eta)
+             mode: int, eta: float, ema: Optional[List[Tensor]] = None, sigma: float = 0.0,
+             *, impl: str = "auto") -> None:
+    """``acc += sum_j ||T_j d_j||^2`` (fp32 ``acc`` of shape [1]), ``d = g - sigma * ema`` (``g`` without
+    ``ema``); see reference.norm_sq_."""
+    _run("norm_sq_", impl, grads, acc, grads, params, row_scales, mode, eta, ema or [], sigma)
 
 
 def row_norm_(out: List[Tensor], params: List[Tensor], eta: float, *, impl: str = "auto") -> None:
@@ -38,9 +40,25 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float, *, impl: str 
 
 def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], row_scales: List[Tensor],
              norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool,
+             ema: Optional[List[Tensor]] = None, sigma: float = 0.0, lmbda: float = 0.0,
              *, impl: str = "auto") -> None:
-    """Back up w and move it to ``w + e``; see reference.perturb_."""
-    _run("perturb_", impl, params, params, grads, backups, row_scales, norm_sq, rho, eps, mode, eta, sign)
+    """Back up w and move it to ``w + e`` along ``d = g - sigma * ema``; update the EMA
+    ``ema <- lmbda * ema + (1 - lmbda) * g`` (with ``lmbda=0``: a copy of g); see reference.perturb_."""
+    _run("perturb_", impl, params, params, grads, backups, row_scales, norm_sq, rho, eps, mode, eta, sign,
+         ema or [], sigma, lmbda)
+
+
+def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], norm_sq: Tensor, rho: float,
+             eps: float, grads: Optional[List[Tensor]] = None, grad_copies: Optional[List[Tensor]] = None,
+             *, impl: str = "auto") -> None:
+    """``w <- backup - rho / (sqrt(norm_sq) + eps) * dir`` (CR-SAM's ``w - e``), and copy ``grads`` into
+    ``grad_copies`` in the same pass; see reference.reflect_."""
+    _run("reflect_", impl, params, params, backups, dirs, norm_sq, rho, eps, grads or [], grad_copies or [])
+
+
+def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor], *, impl: str = "auto") -> None:
+    """``acc[0] += sum <a_j, b_j>``, ``acc[1] += sum ||b_j||^2`` (fp32 ``acc`` of shape [2])."""
+    _run("dot_norm_sq_", impl, a, acc, a, b)
 
 
 def restore_(params: List[Tensor], backups: List[Tensor], *, impl: str = "auto") -> None:
@@ -51,15 +69,20 @@ def restore_(params: List[Tensor], backups: List[Tensor], *, impl: str = "auto")
 def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                  momentum_buffers: List[Tensor], lr: float, weight_decay: float, momentum: float,
                  dampening: float, nesterov: bool, maximize: bool, init_momentum: bool,
-                 *, impl: str = "auto") -> None:
-    """Restore w, then one torch.optim.SGD step; see reference.restore_sgd_."""
+                 grads_b: Optional[List[Tensor]] = None, grads_c: Optional[List[Tensor]] = None,
+                 coef: Optional[Tensor] = None, *, impl: str = "auto") -> None:
+    """Restore w (unless ``backups`` is empty), then one torch.optim.SGD step with the grad
+    ``coef[0] g + coef[1] g_b + coef[2] g_c`` (``g`` without ``coef``); see reference.restore_sgd_."""
     _run("restore_sgd_", impl, params, params, grads, backups, momentum_buffers, lr, weight_decay,
-         momentum, dampening, nesterov, maximize, init_momentum)
+         momentum, dampening, nesterov, maximize, init_momentum, grads_b or [], grads_c or [], coef)
 
 
 def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], exp_avgs: List[Tensor],
                   exp_avg_sqs: List[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float,
-                  eps: float, decoupled: bool, maximize: bool, step: float, *, impl: str = "auto") -> None:
-    """Restore w, then one torch.optim.Adam / AdamW step; see reference.restore_adam_."""
+                  eps: float, decoupled: bool, maximize: bool, step: float,
+                  grads_b: Optional[List[Tensor]] = None, grads_c: Optional[List[Tensor]] = None,
+                  coef: Optional[Tensor] = None, *, impl: str = "auto") -> None:
+    """Restore w (unless ``backups`` is empty), then one torch.optim.Adam / AdamW step with the grad
+    ``coef[0] g + coef[1] g_b + coef[2] g_c``; see reference.restore_adam_."""
     _run("restore_adam_", impl, params, params, grads, backups, exp_avgs, exp_avg_sqs, lr, beta1, beta2,
-         weight_decay, eps, decoupled, maximize, step)
+         weight_decay, eps, decoupled, maximize, step, grads_b or [], grads_c or [], coef)

@@ -4,7 +4,7 @@ Every op mutates its arguments in place and returns nothing, so the fakes only d
 """
 import torch
 
-_OPS = ("norm_sq_", "row_norm_", "perturb_", "restore_", "restore_sgd_", "restore_adam_")
+OPS = ("norm_sq_", "row_norm_", "perturb_", "reflect_", "dot_norm_sq_", "restore_", "restore_sgd_", "restore_adam_")
 
 
 def _nothing(*args, **kwargs):
@@ -12,5 +12,5 @@ def _nothing(*args, **kwargs):
 
 
 def register() -> None:
-    for name in _OPS:
+    for name in OPS:
         torch.library.register_fake(f"fastsam::{name}")(_nothing)

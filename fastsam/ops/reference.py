@@ -18,6 +18,15 @@ Contract shared by every implementation (reference, cpu, cuda, triton):
       filter, precomputed by :func:`row_norm_` as ``||w[r]||_2 + eta`` (ASAM filter-wise).
 
   ``row_scales`` is an empty list unless ``mode == MODE_ROW``.
+* The direction of the SAM perturbation is the grad ``g``, or, when an ``ema`` list is given (Friendly
+  SAM), ``d = g - sigma * m`` with ``m`` the EMA of past grads; ``sigma == 0`` means ``d = g`` exactly.
+  :func:`perturb_` then updates ``m <- lmbda * m + (1 - lmbda) * g`` after reading it; ``lmbda == 0``
+  means ``m <- g`` exactly, which makes ``ema`` a copy of the grads (CR-SAM and orthogonal SAM keep
+  the first-pass grad this way, in the same pass over memory).
+* The fused updates take the grad as a combination ``coef[0] g + coef[1] g_b + coef[2] g_c`` when
+  ``coef`` (fp32, shape ``[3]``, on the device: no host sync) is given; an empty ``grads_b`` or
+  ``grads_c`` list drops its term. An empty ``backups`` list means there is nothing to restore (a
+  param group that was not perturbed): the update starts from the current ``w``.
 """
 from __future__ import annotations
 
@@ -48,6 +57,27 @@ def _row(row_scales: List[Tensor], j: int, mode: int) -> Tensor | None:
     return row_scales[j] if mode == MODE_ROW else None
 
 
+def _direction(g32: Tensor, ema: List[Tensor], j: int, sigma: float) -> Tensor:
+    """``g - sigma * m_j`` in fp32 (``g`` itself without an EMA or with ``sigma == 0``)."""
+    if not ema or sigma == 0:
+        return g32
+    return g32 - sigma * ema[j].float()
+
+
+def _grad_combination(grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
+                      coef: Tensor | None, j: int) -> Tensor:
+    """The grad a fused update uses for tensor j, in fp32 (a new tensor: callers may modify it)."""
+    g32 = grads[j].float().clone()
+    if coef is None:
+        return g32
+    g32.mul_(coef[0])
+    if grads_b:
+        g32.add_(grads_b[j].float() * coef[1])
+    if grads_c:
+        g32.add_(grads_c[j].float() * coef[2])
+    return g32
+
+
 @torch.no_grad()
 def norm_sq_(
     acc: Tensor,
@@ -56,17 +86,20 @@ def norm_sq_(
     row_scales: List[Tensor],
     mode: int,
     eta: float,
+    ema: List[Tensor],
+    sigma: float,
 ) -> None:
-    """``acc += sum_j ||T_j g_j||_2^2``.
+    """``acc += sum_j ||T_j d_j||_2^2`` with the direction ``d = g - sigma * ema`` (``g`` without ``ema``).
 
-    acc: fp32, shape ``[1]``, on the device of the tensors. grads/params: matching shapes.
+    acc: fp32, shape ``[1]``, on the device of the tensors. grads/params/ema: matching shapes.
     """
     total = torch.zeros((), dtype=torch.float32, device=acc.device)
     for j, g in enumerate(grads):
+        d = _direction(g.float(), ema, j, sigma)
         if mode == MODE_IDENTITY:
-            tg2 = g.float().square()
+            tg2 = d.square()
         else:
-            tg2 = _t_operator(params[j].float(), _row(row_scales, j, mode), mode, eta).mul_(g).square_()
+            tg2 = _t_operator(params[j].float(), _row(row_scales, j, mode), mode, eta).mul_(d).square_()
         total += tg2.sum()  # torch's cascade sum: accurate in fp32 (a norm, then squared, is not)
     acc.add_(total)
 
@@ -93,22 +126,32 @@ def perturb_(
     mode: int,
     eta: float,
     sign: bool,
+    ema: List[Tensor],
+    sigma: float,
+    lmbda: float,
 ) -> None:
-    """Back up ``w`` and move it to the SAM point ``w + e``.
+    """Back up ``w`` and move it to the SAM point ``w + e``; update the EMA of the grads.
 
-    ``backups[j] <- w_j`` (exact copy), then, with T evaluated at the old w:
+    ``backups[j] <- w_j`` (exact copy), then, with T evaluated at the old w and the direction
+    ``d = g - sigma * m`` (``g`` when ``ema`` is empty or ``sigma == 0``):
 
-    * ``sign=False`` (p = 2): ``e = rho / (sqrt(norm_sq) + eps) * T^2 g``
-    * ``sign=True``  (p = inf): ``e = rho * T * sign(g)``  (``norm_sq`` is not read)
+    * ``sign=False`` (p = 2): ``e = rho / (sqrt(norm_sq) + eps) * T^2 d``
+    * ``sign=True``  (p = inf): ``e = rho * T * sign(d)``  (``norm_sq`` is not read)
 
-    norm_sq: fp32 shape ``[1]``, the global ``sum ||T g||^2`` from :func:`norm_sq_`.
+    and, when ``ema`` is given, ``m <- lmbda * m + (1 - lmbda) * g`` (``m <- g`` when ``lmbda == 0``).
+
+    norm_sq: fp32 shape ``[1]``, the global ``sum ||T d||^2`` from :func:`norm_sq_`.
+    ema: empty, or tensors like ``params``.
     """
     scale = rho / (norm_sq[0].sqrt() + eps)  # 0-dim, so that 0-dim parameters keep their shape
     for j, (w, g, b) in enumerate(zip(params, grads, backups)):
         b.copy_(w)
         w32 = w.float()  # fp32 params: w itself, updated in place below
         t = _t_operator(w32, _row(row_scales, j, mode), mode, eta)
-        g32 = g.float()
+        g32 = _direction(g.float(), ema, j, sigma)
+        if ema:
+            m = ema[j]
+            m.copy_(g if lmbda == 0 else m.float() * lmbda + g.float() * (1 - lmbda))
         if sign:
             e = torch.sign(g32).mul_(rho)
             w32.add_(e if mode == MODE_IDENTITY else e.mul_(t))
@@ -117,6 +160,43 @@ def perturb_(
         else:
             w32.add_((t * t).mul_(scale).mul_(g32))
         w.copy_(w32)
+
+
+@torch.no_grad()
+def reflect_(
+    params: List[Tensor],
+    backups: List[Tensor],
+    dirs: List[Tensor],
+    norm_sq: Tensor,
+    rho: float,
+    eps: float,
+    grads: List[Tensor],
+    grad_copies: List[Tensor],
+) -> None:
+    """Move to the opposite SAM point, from the backup: ``w <- backup - rho / (sqrt(norm_sq) + eps) * dir``
+    (CR-SAM's ``w - e``), and, when ``grad_copies`` is given, ``grad_copies[j] <- grads[j]`` exactly.
+
+    dirs: the direction the first step used (T = 1). norm_sq: fp32 shape ``[1]``, its squared norm.
+    grads, grad_copies: both empty, or tensors like ``params``.
+    """
+    scale = rho / (norm_sq[0].sqrt() + eps)
+    for j, (w, b, d) in enumerate(zip(params, backups, dirs)):
+        w.copy_(b.float() - scale * d.float())
+        if grad_copies:
+            grad_copies[j].copy_(grads[j])
+
+
+@torch.no_grad()
+def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
+    """``acc[0] += sum_j <a_j, b_j>`` and ``acc[1] += sum_j ||b_j||^2`` (acc: fp32, shape ``[2]``)."""
+    dot = torch.zeros((), dtype=torch.float32, device=acc.device)
+    sq = torch.zeros((), dtype=torch.float32, device=acc.device)
+    for x, y in zip(a, b):
+        y32 = y.float()
+        dot += (x.float() * y32).sum()
+        sq += y32.square().sum()
+    acc[0] += dot
+    acc[1] += sq
 
 
 @torch.no_grad()
@@ -139,16 +219,21 @@ def restore_sgd_(
     nesterov: bool,
     maximize: bool,
     init_momentum: bool,
+    grads_b: List[Tensor],
+    grads_c: List[Tensor],
+    coef: Tensor | None,
 ) -> None:
     """Restore ``w`` from the backup, then one ``torch.optim.SGD`` step with the given grads.
 
     ``momentum_buffers`` is empty when ``momentum == 0``. ``init_momentum=True`` means the buffers
-    hold garbage and are set to ``d_p`` (torch's first step: ``buf = clone(d_p)``).
+    hold garbage and are set to ``d_p`` (torch's first step: ``buf = clone(d_p)``). ``backups`` empty:
+    no restore. ``coef`` given: the grad is ``coef[0] g + coef[1] g_b + coef[2] g_c``.
     """
-    for j, (w, g, b) in enumerate(zip(params, grads, backups)):
-        w.copy_(b)
+    for j, w in enumerate(params):
+        if backups:
+            w.copy_(backups[j])
         w32 = w.float()
-        d_p = g.float()
+        d_p = _grad_combination(grads, grads_b, grads_c, coef, j)
         if maximize:
             d_p = -d_p
         if weight_decay != 0:
@@ -179,17 +264,22 @@ def restore_adam_(
     decoupled: bool,
     maximize: bool,
     step: float,
+    grads_b: List[Tensor],
+    grads_c: List[Tensor],
+    coef: Tensor | None,
 ) -> None:
     """Restore ``w`` from the backup, then one ``torch.optim.Adam`` (``decoupled=False``) or
     ``AdamW`` (``decoupled=True``) step, amsgrad off. ``step`` is the step count after increment
-    (1 at the first step)."""
+    (1 at the first step). ``backups``, ``grads_b``, ``grads_c`` and ``coef``: as for
+    :func:`restore_sgd_`."""
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     step_size = lr / bias_correction1
-    for j, (w, g, b) in enumerate(zip(params, grads, backups)):
-        w.copy_(b)
+    for j, w in enumerate(params):
+        if backups:
+            w.copy_(backups[j])
         w32 = w.float()
-        g32 = g.float()
+        g32 = _grad_combination(grads, grads_b, grads_c, coef, j)
         if maximize:
             g32 = -g32
         if weight_decay != 0:

@@ -2,11 +2,11 @@
 
 Every op is O(1) launches whatever the number of tensors (see _triton_multi_tensor for the tables).
 Math is fp32 with one rounding per store; reductions are fp32 and deterministic (no atomics). Device
-scalars (norm_sq, acc) are read and written by the kernels only: no host synchronisation.
+scalars (norm_sq, acc, coef) are read and written by the kernels only: no host synchronisation.
 Triton is imported here (and in _triton_multi_tensor) only, when impl="triton" is first used.
 """
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -56,37 +56,61 @@ def _t_operator(row, start, offs, mask, w, eta, K_ROW: tl.constexpr, MODE: tl.co
 
 
 @device_fn
-def _norm_sq_block(row, start, offs, mask, eta, DT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
-                   ALIGN: tl.constexpr):
-    g = ld(ptr_of(row, 0, DT, ALIGN), offs, mask)
-    w = g
+def _norm_sq_block(row, start, offs, mask, eta, sigma, DT: tl.constexpr, MODE: tl.constexpr, DIR: tl.constexpr,
+                   BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    d = ld(ptr_of(row, 0, DT, ALIGN), offs, mask)
+    if DIR:
+        d = d - sigma * ld(ptr_of(row, 3, DT, ALIGN), offs, mask)
+    w = d
     if MODE == 1:
         w = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
-    x = _t_operator(row, start, offs, mask, w, eta, 2, MODE, BLOCK, ALIGN) * g
-    return tl.sum(x * x)  # masked lanes read g = 0
+    x = _t_operator(row, start, offs, mask, w, eta, 2, MODE, BLOCK, ALIGN) * d
+    return tl.sum(x * x)  # masked lanes read d = 0
 
 
 @triton.jit
-def _norm_sq_kernel(table, partials, eta, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
-                    PACK_LOG: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr):
+def _norm_sq_kernel(table, partials, eta, sigma, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
+                    PACK_LOG: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr, DIR: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        s = _norm_sq_block(row, start, start + tl.arange(0, BLOCK), None, eta, DT, MODE, BLOCK, ALIGN)
+        s = _norm_sq_block(row, start, start + tl.arange(0, BLOCK), None, eta, sigma, DT, MODE, DIR, BLOCK, ALIGN)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        s = _norm_sq_block(rows, start, offs, mask, eta, DT, MODE, BLOCK, ALIGN)
+        s = _norm_sq_block(rows, start, offs, mask, eta, sigma, DT, MODE, DIR, BLOCK, ALIGN)
     tl.store(partials + tl.program_id(0), s)
+
+
+@device_fn
+def _dot_norm_sq_block(row, offs, mask, DT: tl.constexpr, ALIGN: tl.constexpr):
+    a = ld(ptr_of(row, 0, DT, ALIGN), offs, mask)
+    b = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
+    return tl.sum(a * b), tl.sum(b * b)  # masked lanes read 0
+
+
+@triton.jit
+def _dot_norm_sq_kernel(table, partials, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
+                        PACK_LOG: tl.constexpr, DT: tl.constexpr):
+    row, start, numel = block_of(table, W, BLOCK)
+    if start + BLOCK <= numel:
+        dot, sq = _dot_norm_sq_block(row, start + tl.arange(0, BLOCK), None, DT, ALIGN)
+    else:
+        rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
+        dot, sq = _dot_norm_sq_block(rows, offs, mask, DT, ALIGN)
+    # one run of partials per sum, as _sum_kernel reads them
+    tl.store(partials + tl.program_id(0), dot)
+    tl.store(partials + tl.num_programs(0) + tl.program_id(0), sq)
 
 
 @triton.jit
 def _sum_kernel(table, partials, n, acc, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
-                PACK_LOG: tl.constexpr, R: tl.constexpr):
-    # Stage 2 of norm_sq_: one program, fixed order, so the norm is the same bits at every call.
-    s = tl.zeros([R], tl.float32)
-    for i in range(0, n, R):
-        offs = i + tl.arange(0, R)
-        s += tl.load(partials + offs, mask=offs < n, other=0.0)
-    tl.store(acc, tl.load(acc) + tl.sum(s))
+                PACK_LOG: tl.constexpr, R: tl.constexpr, K: tl.constexpr):
+    # Stage 2 of the reductions: one program, fixed order, so a norm is the same bits at every call.
+    for k in tl.static_range(K):
+        s = tl.zeros([R], tl.float32)
+        for i in range(0, n, R):
+            offs = i + tl.arange(0, R)
+            s += tl.load(partials + k * n + offs, mask=offs < n, other=0.0)
+        tl.store(acc + k, tl.load(acc + k) + tl.sum(s))
 
 
 @triton.jit
@@ -106,38 +130,80 @@ def _row_norm_kernel(table, eta, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl
 
 
 @device_fn
-def _perturb_block(row, start, offs, mask, norm_sq, rho, eps, eta, DT: tl.constexpr, MODE: tl.constexpr,
-                   SIGN: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+def _sam_scale(norm_sq, rho, eps):
+    """``rho / (sqrt(norm_sq) + eps)``, correctly rounded at each step as torch computes it."""
+    return tl.div_rn(rho, tl.sqrt_rn(tl.load(norm_sq)) + eps)
+
+
+@device_fn
+def _perturb_block(row, start, offs, mask, norm_sq, rho, eps, eta, sigma, lmbda, one_m_lmbda, DT: tl.constexpr,
+                   MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
+                   BLEND: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     wp = ptr_of(row, 0, DT, ALIGN) + offs
     w_raw = tl.load(wp, mask=mask)
     tl.store(ptr_of(row, 2, DT, ALIGN) + offs, w_raw, mask=mask)
     w = w_raw.to(tl.float32)
-    g = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
+    g_raw = tl.load(ptr_of(row, 1, DT, ALIGN) + offs, mask=mask)
+    g = g_raw.to(tl.float32)
+    d = g
+    if EMA:
+        mp = ptr_of(row, 4, DT, ALIGN) + offs
+        if DIR or BLEND:
+            m = tl.load(mp, mask=mask).to(tl.float32)
+        if DIR:
+            d = g - sigma * m
+        if BLEND:
+            tl.store(mp, (lmbda * m + one_m_lmbda * g).to(DT), mask=mask)
+        else:
+            tl.store(mp, g_raw, mask=mask)  # lmbda = 0: the grad's own bits, not a round trip through fp32
     t = _t_operator(row, start, offs, mask, w, eta, 3, MODE, BLOCK, ALIGN)
     if SIGN:
         # sign(0) = 0 and NaN stays NaN, as torch.sign
-        e = rho * t * tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, g))
+        e = rho * t * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
     else:
-        scale = tl.div_rn(rho, tl.sqrt_rn(tl.load(norm_sq)) + eps)
-        e = scale * (t * t) * g
+        e = _sam_scale(norm_sq, rho, eps) * (t * t) * d
     tl.store(wp, (w + e).to(DT), mask=mask)
 
 
 @triton.jit
-def _perturb_kernel(table, norm_sq, rho, eps, eta, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
-                    PACK_LOG: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr, SIGN: tl.constexpr):
+def _perturb_kernel(table, norm_sq, rho, eps, eta, sigma, lmbda, one_m_lmbda, BLOCK: tl.constexpr,
+                    ALIGN: tl.constexpr, W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr,
+                    MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
+                    BLEND: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _perturb_block(row, start, start + tl.arange(0, BLOCK), None, norm_sq, rho, eps, eta, DT, MODE, SIGN,
-                       BLOCK, ALIGN)
+        _perturb_block(row, start, start + tl.arange(0, BLOCK), None, norm_sq, rho, eps, eta, sigma, lmbda,
+                       one_m_lmbda, DT, MODE, SIGN, DIR, EMA, BLEND, BLOCK, ALIGN)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _perturb_block(rows, start, offs, mask, norm_sq, rho, eps, eta, DT, MODE, SIGN, BLOCK, ALIGN)
+        _perturb_block(rows, start, offs, mask, norm_sq, rho, eps, eta, sigma, lmbda, one_m_lmbda, DT, MODE, SIGN,
+                       DIR, EMA, BLEND, BLOCK, ALIGN)
 
 
 @device_fn
-def _restore_block(row, offs, mask, DT: tl.constexpr, ALIGN: tl.constexpr):
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, tl.load(ptr_of(row, 1, DT, ALIGN) + offs, mask=mask), mask=mask)
+def _copy(row, offs, mask, K_DST: tl.constexpr, K_SRC: tl.constexpr, DT: tl.constexpr, ALIGN: tl.constexpr):
+    tl.store(ptr_of(row, K_DST, DT, ALIGN) + offs, tl.load(ptr_of(row, K_SRC, DT, ALIGN) + offs, mask=mask),
+             mask=mask)
+
+
+@device_fn
+def _reflect_block(row, offs, mask, norm_sq, rho, eps, DT: tl.constexpr, ALIGN: tl.constexpr, COPY: tl.constexpr):
+    b = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
+    d = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
+    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, (b - _sam_scale(norm_sq, rho, eps) * d).to(DT), mask=mask)
+    if COPY:
+        _copy(row, offs, mask, 4, 3, DT, ALIGN)
+
+
+@triton.jit
+def _reflect_kernel(table, norm_sq, rho, eps, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
+                    PACK_LOG: tl.constexpr, DT: tl.constexpr, COPY: tl.constexpr):
+    row, start, numel = block_of(table, W, BLOCK)
+    if start + BLOCK <= numel:
+        _reflect_block(row, start + tl.arange(0, BLOCK), None, norm_sq, rho, eps, DT, ALIGN, COPY)
+    else:
+        rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
+        _reflect_block(rows, offs, mask, norm_sq, rho, eps, DT, ALIGN, COPY)
 
 
 @triton.jit
@@ -145,24 +211,41 @@ def _restore_kernel(table, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.const
                     DT: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _restore_block(row, start + tl.arange(0, BLOCK), None, DT, ALIGN)
+        _copy(row, start + tl.arange(0, BLOCK), None, 0, 1, DT, ALIGN)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _restore_block(rows, offs, mask, DT, ALIGN)
+        _copy(rows, offs, mask, 0, 1, DT, ALIGN)
+
+
+# The fused updates share their first five lists: params, grads, backups (params themselves when there is
+# nothing to restore), grads_b, grads_c; their optimizer state follows.
+
+@device_fn
+def _update_inputs(row, offs, mask, coef, DT: tl.constexpr, ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
+    """(w the update starts from, its fp32 grad: ``g`` or ``coef[0] g + coef[1] g_b + coef[2] g_c``)."""
+    w = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
+    g = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
+    if COEF:
+        g = tl.load(coef) * g
+        if GB:
+            g += tl.load(coef + 1) * ld(ptr_of(row, 3, DT, ALIGN), offs, mask)
+        if GC:
+            g += tl.load(coef + 2) * ld(ptr_of(row, 4, DT, ALIGN), offs, mask)
+    if MAXIMIZE:
+        g = -g
+    return w, g
 
 
 @device_fn
-def _sgd_block(row, offs, mask, lr, weight_decay, momentum, damp1, DT: tl.constexpr, ALIGN: tl.constexpr,
+def _sgd_block(row, offs, mask, coef, lr, weight_decay, momentum, damp1, DT: tl.constexpr, ALIGN: tl.constexpr,
                MAXIMIZE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               INIT: tl.constexpr):
-    w = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
-    d = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
-    if MAXIMIZE:
-        d = -d
+               INIT: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
+    w, d = _update_inputs(row, offs, mask, coef, DT, ALIGN, MAXIMIZE, COEF, GB, GC)
     if WD:
         d = d + weight_decay * w
     if MOMENTUM:
-        bp = ptr_of(row, 3, DT, ALIGN) + offs
+        bp = ptr_of(row, 5, DT, ALIGN) + offs
         if INIT:
             buf = d
         else:
@@ -176,28 +259,27 @@ def _sgd_block(row, offs, mask, lr, weight_decay, momentum, damp1, DT: tl.conste
 
 
 @triton.jit
-def _sgd_kernel(table, lr, weight_decay, momentum, damp1, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+def _sgd_kernel(table, coef, lr, weight_decay, momentum, damp1, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
                 W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr, MAXIMIZE: tl.constexpr,
-                WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, INIT: tl.constexpr):
+                WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, INIT: tl.constexpr,
+                COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _sgd_block(row, start + tl.arange(0, BLOCK), None, lr, weight_decay, momentum, damp1, DT, ALIGN,
-                   MAXIMIZE, WD, MOMENTUM, NESTEROV, INIT)
+        _sgd_block(row, start + tl.arange(0, BLOCK), None, coef, lr, weight_decay, momentum, damp1, DT, ALIGN,
+                   MAXIMIZE, WD, MOMENTUM, NESTEROV, INIT, COEF, GB, GC)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _sgd_block(rows, offs, mask, lr, weight_decay, momentum, damp1, DT, ALIGN, MAXIMIZE, WD, MOMENTUM,
-                   NESTEROV, INIT)
+        _sgd_block(rows, offs, mask, coef, lr, weight_decay, momentum, damp1, DT, ALIGN, MAXIMIZE, WD, MOMENTUM,
+                   NESTEROV, INIT, COEF, GB, GC)
 
 
 @device_fn
-def _adam_block(row, offs, mask, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
+def _adam_block(row, offs, mask, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
                 DT: tl.constexpr, ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr,
-                DECOUPLED: tl.constexpr, LERP_LO: tl.constexpr):
-    w = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
-    g = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
-    mp, vp = ptr_of(row, 3, DT, ALIGN) + offs, ptr_of(row, 4, DT, ALIGN) + offs
-    if MAXIMIZE:
-        g = -g
+                DECOUPLED: tl.constexpr, LERP_LO: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr,
+                GC: tl.constexpr):
+    w, g = _update_inputs(row, offs, mask, coef, DT, ALIGN, MAXIMIZE, COEF, GB, GC)
+    mp, vp = ptr_of(row, 5, DT, ALIGN) + offs, ptr_of(row, 6, DT, ALIGN) + offs
     if WD:
         if DECOUPLED:
             w = w * decay
@@ -217,26 +299,28 @@ def _adam_block(row, offs, mask, lerp_w, beta2, one_m_beta2, weight_decay, decay
 
 
 @triton.jit
-def _adam_kernel(table, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
+def _adam_kernel(table, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
                  BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr, PACK_LOG: tl.constexpr,
                  DT: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                 LERP_LO: tl.constexpr):
+                 LERP_LO: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _adam_block(row, start + tl.arange(0, BLOCK), None, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps,
-                    step_size, bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO)
+        _adam_block(row, start + tl.arange(0, BLOCK), None, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay,
+                    eps, step_size, bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO, COEF, GB, GC)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _adam_block(rows, offs, mask, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
-                    DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO)
+        _adam_block(rows, offs, mask, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size,
+                    bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO, COEF, GB, GC)
 
 
 # ------------------------------------------------------------------------------------------ checks
 
-def _count(n: int, **lists) -> None:
+def _count(n: int, optional: bool = False, **lists) -> None:
+    """Each list holds one tensor per parameter (or, ``optional``, none: a feature the call does not use)."""
     for name, lst in lists.items():
-        if len(lst) != n:
-            raise ValueError(f"{name} must hold {n} tensors (one per parameter), got {len(lst)}")
+        if len(lst) != n and (lst or not optional):
+            either = " or none" if optional else ""
+            raise ValueError(f"{name} must hold {n} tensors (one per parameter){either}, got {len(lst)}")
 
 
 def _param_dtype(name: str, lst: List[Tensor]) -> torch.dtype:
@@ -246,11 +330,13 @@ def _param_dtype(name: str, lst: List[Tensor]) -> torch.dtype:
     return dt
 
 
-def _scalar(name: str, t: Tensor, like: Tensor) -> None:
+def _scalar(name: str, t: Tensor, like: Tensor, n: int = 1) -> None:
+    """``t`` holds n fp32 values on the device of ``like``, which the kernels address from its data pointer."""
     if not isinstance(t, Tensor) or t.dtype != _F32:
         raise TypeError(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.numel() < 1 or t.device != like.device:
-        raise ValueError(f"{name} must have shape [1] on {like.device}, got {tuple(t.shape)} on {t.device}")
+    if t.numel() < n or t.device != like.device or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor of shape [{n}] on {like.device}, "
+                         f"got shape {tuple(t.shape)}, strides {t.stride()} on {t.device}")
 
 
 def _mode(mode: int, n: int, row_scales: List[Tensor]) -> None:
@@ -260,24 +346,50 @@ def _mode(mode: int, n: int, row_scales: List[Tensor]) -> None:
         _count(n, row_scales=row_scales)
 
 
+def _reduce(kernel, tab, acc: Tensor, k: int, *args, **constexprs) -> None:
+    """``acc[0:k] +=`` the k sums ``kernel`` computes: k partials per block, then _sum_kernel adds them up."""
+    if tab.scratch is None:
+        # Stream order makes reusing the partials safe. Only norm_sq_ (k = 1) and dot_norm_sq_ (k = 2) reduce,
+        # and their tables differ in width, so a table's k never changes.
+        tab.scratch = torch.empty(k * tab.nb, dtype=_F32, device=tab.device)
+    launch(kernel, tab, tab.scratch, *args, **constexprs)
+    launch(_sum_kernel, tab, tab.scratch, tab.nb, acc, grid=(1,), R=_sum_block(tab.nb), K=k)
+
+
+def _update_lists(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], grads_b: List[Tensor],
+                  grads_c: List[Tensor], coef: Optional[Tensor]):
+    """The param dtype, the table specs of the lists every fused update reads (in _update_inputs' column
+    order) and the update's COEF, GB, GC switches."""
+    dt = _param_dtype("params", params)
+    if coef is None:
+        grads_b = grads_c = []  # not read
+    else:
+        _count(len(params), optional=True, grads_b=grads_b, grads_c=grads_c)
+        _scalar("coef", coef, params[0], 3)
+    # Nothing to restore: w is read where it is written, with no kernel variant of its own.
+    specs = (("params", params, dt, False), ("grads", grads, dt, False), ("backups", backups or params, dt, False),
+             ("grads_b", grads_b or None, dt, False), ("grads_c", grads_c or None, dt, False))
+    return dt, specs, dict(COEF=coef is not None, GB=bool(grads_b), GC=bool(grads_c))
+
+
 # --------------------------------------------------------------------------------------------- ops
 
 @torch.no_grad()
 def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales: List[Tensor],
-             mode: int, eta: float) -> None:
+             mode: int, eta: float, ema: List[Tensor], sigma: float) -> None:
     n = len(grads)
     _count(n, params=params)
+    _count(n, optional=True, ema=ema)
     _mode(mode, n, row_scales)
     if n == 0:
         return
     dt = _param_dtype("grads", grads)
     _scalar("acc", acc, grads[0])
+    direction = bool(ema) and sigma != 0  # else d = g exactly: the EMA is not read
     tab = table((("grads", grads, dt, False), ("params", params if mode == 1 else None, dt, False),
-                 ("row_scales", row_scales if mode == 2 else None, _F32, True)))
-    if tab.scratch is None:  # per-block partial sums; stream order makes reusing them safe
-        tab.scratch = torch.empty(max(tab.nb, 1), dtype=_F32, device=tab.device)
-    launch(_norm_sq_kernel, tab, tab.scratch, float(eta), DT=PARAM_DTYPES[dt], MODE=mode)
-    launch(_sum_kernel, tab, tab.scratch, tab.nb, acc, grid=(1,), R=_sum_block(tab.nb))
+                 ("row_scales", row_scales if mode == 2 else None, _F32, True),
+                 ("ema", ema if direction else None, dt, False)))
+    _reduce(_norm_sq_kernel, tab, acc, 1, float(eta), float(sigma), DT=PARAM_DTYPES[dt], MODE=mode, DIR=direction)
 
 
 @torch.no_grad()
@@ -293,18 +405,52 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
 
 @torch.no_grad()
 def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], row_scales: List[Tensor],
-             norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool) -> None:
+             norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool, ema: List[Tensor],
+             sigma: float, lmbda: float) -> None:
     n = len(params)
     _count(n, grads=grads, backups=backups)
+    _count(n, optional=True, ema=ema)
     _mode(mode, n, row_scales)
     if n == 0:
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
     tab = table((("params", params, dt, False), ("grads", grads, dt, False), ("backups", backups, dt, False),
-                 ("row_scales", row_scales if mode == 2 else None, _F32, True)))
-    launch(_perturb_kernel, tab, norm_sq, float(rho), float(eps), float(eta), DT=PARAM_DTYPES[dt], MODE=mode,
-           SIGN=bool(sign))
+                 ("row_scales", row_scales if mode == 2 else None, _F32, True), ("ema", ema or None, dt, False)))
+    has_ema = bool(ema)  # without it every EMA switch is off: no kernel variant differs in unused switches only
+    launch(_perturb_kernel, tab, norm_sq, float(rho), float(eps), float(eta), float(sigma), float(lmbda),
+           float(1 - lmbda), DT=PARAM_DTYPES[dt], MODE=mode, SIGN=bool(sign), DIR=has_ema and sigma != 0,
+           EMA=has_ema, BLEND=has_ema and lmbda != 0)
+
+
+@torch.no_grad()
+def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], norm_sq: Tensor, rho: float,
+             eps: float, grads: List[Tensor], grad_copies: List[Tensor]) -> None:
+    n = len(params)
+    _count(n, backups=backups, dirs=dirs)
+    if len(grads) != len(grad_copies):
+        raise ValueError(f"grads and grad_copies must be both empty or both hold {n} tensors, "
+                         f"got {len(grads)} and {len(grad_copies)}")
+    _count(n, optional=True, grads=grads, grad_copies=grad_copies)
+    if n == 0:
+        return
+    dt = _param_dtype("params", params)
+    _scalar("norm_sq", norm_sq, params[0])
+    tab = table((("params", params, dt, False), ("backups", backups, dt, False), ("dirs", dirs, dt, False),
+                 ("grads", grads or None, dt, False), ("grad_copies", grad_copies or None, dt, False)))
+    launch(_reflect_kernel, tab, norm_sq, float(rho), float(eps), DT=PARAM_DTYPES[dt], COPY=bool(grads))
+
+
+@torch.no_grad()
+def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
+    n = len(a)
+    _count(n, b=b)
+    if n == 0:
+        return
+    dt = _param_dtype("a", a)
+    _scalar("acc", acc, a[0], 2)
+    tab = table((("a", a, dt, False), ("b", b, dt, False)))
+    _reduce(_dot_norm_sq_kernel, tab, acc, 2, DT=PARAM_DTYPES[dt])
 
 
 @torch.no_grad()
@@ -321,34 +467,36 @@ def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
 @torch.no_grad()
 def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], momentum_buffers: List[Tensor],
                  lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-                 maximize: bool, init_momentum: bool) -> None:
+                 maximize: bool, init_momentum: bool, grads_b: List[Tensor], grads_c: List[Tensor],
+                 coef: Optional[Tensor]) -> None:
     n = len(params)
-    _count(n, grads=grads, backups=backups, **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
+    _count(n, grads=grads, **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
+    _count(n, optional=True, backups=backups)
     if n == 0:
         return
-    dt = _param_dtype("params", params)
-    tab = table((("params", params, dt, False), ("grads", grads, dt, False), ("backups", backups, dt, False),
-                 ("momentum_buffers", momentum_buffers if momentum != 0 else None, dt, False)))
-    launch(_sgd_kernel, tab, float(lr), float(weight_decay), float(momentum), float(1 - dampening),
+    dt, specs, terms = _update_lists(params, grads, backups, grads_b, grads_c, coef)
+    tab = table(specs + (("momentum_buffers", momentum_buffers if momentum != 0 else None, dt, False),))
+    launch(_sgd_kernel, tab, coef, float(lr), float(weight_decay), float(momentum), float(1 - dampening),
            DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize), WD=weight_decay != 0, MOMENTUM=momentum != 0,
-           NESTEROV=bool(nesterov), INIT=bool(init_momentum))
+           NESTEROV=bool(nesterov), INIT=bool(init_momentum), **terms)
 
 
 @torch.no_grad()
 def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], exp_avgs: List[Tensor],
                   exp_avg_sqs: List[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float,
-                  eps: float, decoupled: bool, maximize: bool, step: float) -> None:
+                  eps: float, decoupled: bool, maximize: bool, step: float, grads_b: List[Tensor],
+                  grads_c: List[Tensor], coef: Optional[Tensor]) -> None:
     n = len(params)
-    _count(n, grads=grads, backups=backups, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    _count(n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    _count(n, optional=True, backups=backups)
     if n == 0:
         return
-    dt = _param_dtype("params", params)
-    tab = table((("params", params, dt, False), ("grads", grads, dt, False), ("backups", backups, dt, False),
-                 ("exp_avgs", exp_avgs, dt, False), ("exp_avg_sqs", exp_avg_sqs, dt, False)))
+    dt, specs, terms = _update_lists(params, grads, backups, grads_b, grads_c, coef)
+    tab = table(specs + (("exp_avgs", exp_avgs, dt, False), ("exp_avg_sqs", exp_avg_sqs, dt, False)))
     # Scalars in double on the host, as the reference; the kernel gets them rounded to fp32 once (floats:
     # Triton would make an int argument equal to 1 a compile-time constant).
     lerp_w = float(1 - beta1)
     scalars = (lerp_w, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, eps, lr / (1 - beta1**step),
                math.sqrt(1 - beta2**step))
-    launch(_adam_kernel, tab, *map(float, scalars), DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize),
-           WD=weight_decay != 0, DECOUPLED=bool(decoupled), LERP_LO=abs(lerp_w) < 0.5)
+    launch(_adam_kernel, tab, coef, *map(float, scalars), DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize),
+           WD=weight_decay != 0, DECOUPLED=bool(decoupled), LERP_LO=abs(lerp_w) < 0.5, **terms)
