@@ -9,97 +9,8 @@ import torch.nn as nn
 import fastsam
 from fastsam.utils import frozen_bn_stats
 
-from _impls import impl_params
-
-CPU_IMPLS = [p for p in impl_params() if p.values[0] == "cpu"]
-
-
-def small_cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    )
-
-
-def small_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
-
-
-def batches(model, n=20):
-    g = torch.Generator().manual_seed(1)
-    shape = (8, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else (8, 12)
-    return [(torch.randn(shape, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
-
-
-def loss_at(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def operator_fn(kind, eta=0.0):
-    """T(w, name) of the loop implementations: None means identity."""
-    def t(w, name):
-        if kind == "none" or (kind != "adaptive" and "weight" not in name):
-            return None
-        if kind == "filterwise" and w.dim() >= 3:
-            return w.reshape(w.shape[0], -1).norm(dim=1).add(eta).view(-1, *([1] * (w.dim() - 1))).expand_as(w)
-        return w.abs() + eta
-    return t
-
-
-def loop_sam(model, base, data, rho, p, t_fn, eps):
-    """davda54/sam's algorithm written out per parameter (for ASAM: the official algorithm with a
-    backup restore)."""
-    named = [(n, w) for n, w in model.named_parameters()]
-    for batch in data:
-        loss_at(model, batch).backward()
-        ts = {n: t_fn(w.detach(), n) for n, w in named}
-        tg = [(ts[n] if ts[n] is not None else 1.0) * w.grad for n, w in named if w.grad is not None]
-        norm = torch.norm(torch.stack([x.norm(2) for x in tg]), 2)
-        old = {}
-        with torch.no_grad():
-            for n, w in named:
-                if w.grad is None:
-                    continue
-                old[n] = w.detach().clone()
-                t = ts[n] if ts[n] is not None else 1.0
-                e = rho * t * torch.sign(w.grad) if p == math.inf else rho / (norm + eps) * t * t * w.grad
-                w.add_(e)
-        base.zero_grad()
-        with frozen_bn_stats(model):
-            loss_at(model, batch).backward()
-        with torch.no_grad():
-            for n, w in named:
-                if n in old:
-                    w.copy_(old[n])
-        base.step()
-        base.zero_grad()
-
-
-def fast_sam(model, opt, data):
-    for batch in data:
-        loss_at(model, batch).backward()
-        opt.first_step(zero_grad=True)
-        with frozen_bn_stats(model):
-            loss_at(model, batch).backward()
-        opt.second_step(zero_grad=True)
-
-
-def assert_models_close(a, b, rtol=1e-5, atol=1e-6):
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
-
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
-    "sgd_nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
-    "adam": (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
-    "rmsprop": (torch.optim.RMSprop, dict(lr=1e-3)),  # generic path: restore, then base.step()
-}
+from _sam_loops import (BASES, CPU_IMPLS, assert_models_close, batches, closure_for, fast_sam, loop_sam, loss_at,
+                        operator_fn, small_cnn, small_mlp)
 
 
 @pytest.mark.parametrize("device,impl", CPU_IMPLS)
@@ -227,18 +138,7 @@ def test_step_with_closure_runs_both_passes():
     opt = fastsam.SAM(fast.parameters(), torch.optim.SGD, lr=0.1)
     for batch in data:
         calls = []
-
-        def closure():
-            calls.append(1)
-            if len(calls) == 2:
-                with frozen_bn_stats(fast):
-                    loss = loss_at(fast, batch)
-            else:
-                loss = loss_at(fast, batch)
-            loss.backward()
-            return loss
-
-        loss = opt.step(closure)
+        loss = opt.step(closure_for(fast, batch, calls))
         assert len(calls) == 2 and loss.ndim == 0
         opt.zero_grad()
     assert_models_close(fast, ref)

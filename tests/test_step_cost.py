@@ -26,25 +26,43 @@ def params_with_grads(n):
     return ps
 
 
+METHODS = {
+    "sam": (lambda ps, base, kw: fastsam.SAM(ps, base, impl="cpu", **kw), (), ("norm_sq_", "perturb_")),
+    "friendly_sam": (lambda ps, base, kw: fastsam.FriendlySAM(ps, base, impl="cpu", **kw), (),
+                     ("norm_sq_", "perturb_")),
+    "crsam": (lambda ps, base, kw: fastsam.CRSAM(ps, base, impl="cpu", **kw), ("third_step",),
+              ("norm_sq_", "perturb_", "reflect_")),
+    "lastsam_orthogonal": (lambda ps, base, kw: fastsam.LastSAM(ps, base, switch_at=0, orthogonal=True, impl="cpu",
+                                                               **kw), (), ("norm_sq_", "perturb_", "dot_norm_sq_")),
+}
+
+
+def run_step(opt, extra):
+    opt.first_step()
+    opt.second_step()
+    for name in extra:
+        getattr(opt, name)()
+
+
 @pytest.mark.skipif(not _extension.impl_works_on("cpu", "cpu"), reason="fastsam._C is not built")
 @pytest.mark.parametrize("base,kwargs", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-                                         (torch.optim.AdamW, dict(lr=1e-3))])
-def test_step_op_count_is_independent_of_parameter_count(base, kwargs):
+                                         (torch.optim.AdamW, dict(lr=1e-3))], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_step_op_count_is_independent_of_parameter_count(base, kwargs, method):
+    make, extra, perturb_ops = METHODS[method]
     counts = []
     for n in (3, 200):
         params = params_with_grads(n)
-        opt = fastsam.SAM(params, base, impl="cpu", **kwargs)
-        opt.first_step()
-        opt.second_step()  # the first step makes the lazy state
+        opt = make(params, base, kwargs)
+        run_step(opt, extra)  # the first step makes the lazy state
         ptrs = [p.data_ptr() for p in params] + [opt.state[p]["backup"].data_ptr() for p in params]
         with CountOps() as mode:
-            opt.first_step()
-            opt.second_step()
+            run_step(opt, extra)
         counts.append(mode.calls)
         assert [p.data_ptr() for p in params] + [opt.state[p]["backup"].data_ptr() for p in params] == ptrs
     fused = {k: v for k, v in counts[1].items() if k.startswith("fastsam.")}
-    assert fused == {"fastsam.norm_sq_": 1, "fastsam.perturb_": 1,
-                     f"fastsam.restore_{'sgd' if base is torch.optim.SGD else 'adam'}_": 1}
+    update = f"restore_{'sgd' if base is torch.optim.SGD else 'adam'}_"
+    assert fused == {f"fastsam.{name}": 1 for name in perturb_ops + (update,)}
     # the remaining torch ops (zeroing the norm, Adam's step counters) do not scale with the parameters
     assert counts[0] == counts[1], (counts[0], counts[1])
     assert not any(k.startswith(("aten.empty", "aten.clone", "aten.zeros")) for k in counts[1]), counts[1]

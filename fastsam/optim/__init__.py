@@ -1,5 +1,8 @@
 """The sharpness-aware optimizers."""
 from fastsam.optim.asam import ASAM
+from fastsam.optim.cr_sam import CRSAM
+from fastsam.optim.friendly_sam import FriendlySAM
+from fastsam.optim.last_sam import LastSAM
 from fastsam.optim.sam import SAM
 
-__all__ = ["SAM", "ASAM"]
+__all__ = ["SAM", "ASAM", "FriendlySAM", "CRSAM", "LastSAM"]

@@ -3,6 +3,8 @@
 A bucket holds the parameters of one param group that share a device, a dtype, a normalization
 operator and an implementation. Buckets are built once per set of parameters-with-grad and cached,
 so a step only gathers the current ``.grad`` tensors (which autograd may replace between passes).
+The per-parameter buffers a method keeps (backups, an EMA, grad copies) live in the optimizer's
+state and are made once, the first time a parameter is seen.
 """
 from __future__ import annotations
 
@@ -21,14 +23,24 @@ class Bucket:
     mode: int
     eta: float
     impl: str
+    perturbed: bool  # False: a group with rho=0 or perturb=False, which has no backups
     params: List[Tensor] = field(default_factory=list)
     backups: List[Tensor] = field(default_factory=list)
     row_scales: List[Tensor] = field(default_factory=list)
+    # The method's own per-parameter buffers, by state key (e.g. "ema", "grad0").
+    buffers: Dict[str, List[Tensor]] = field(default_factory=dict)
+    # Indices of parameters whose buffers were made by this plan (a method may treat their first step apart).
+    fresh: List[int] = field(default_factory=list)
     # Adam/AdamW: [(step count, indices of the params at that count)], kept so a step reads no counters.
     adam_steps: "List[Tuple[float, List[int]]] | None" = None
 
     def grads(self) -> List[Tensor]:
         return [p.grad for p in self.params]
+
+
+def take(ts: List[Tensor], idx: "List[int] | None") -> List[Tensor]:
+    """``ts[i] for i in idx``; all of ``ts`` when ``idx`` is None; an empty list stays empty."""
+    return ts if idx is None or not ts else [ts[i] for i in idx]
 
 
 # (param, param name or None, group) -> (mode, eta)
@@ -47,12 +59,15 @@ def check_grad(p: Tensor) -> None:
         raise RuntimeError(f"a gradient of shape {tuple(p.grad.shape)} belongs to a parameter of shape {tuple(p.shape)}")
 
 
-def build(param_groups: List[dict], state: Dict[Tensor, dict], impl: str, rule: OperatorRule) -> List[Bucket]:
-    """Buckets of the parameters that have a grad now. Allocates their backups (and filter-norm
-    buffers) in ``state`` the first time a parameter is seen; later plans reuse them."""
+def build(param_groups: List[dict], state: Dict[Tensor, dict], impl: str, rule: OperatorRule,
+          perturbed: Callable[[dict], bool], buffers: Tuple[str, ...] = ()) -> List[Bucket]:
+    """Buckets of the parameters that have a grad now. Allocates their backups (for perturbed groups),
+    filter-norm buffers and the method's ``buffers`` (zero-filled) in ``state`` the first time a
+    parameter is seen; later plans reuse them."""
     buckets: Dict[tuple, Bucket] = {}
     for gi, group in enumerate(param_groups):
         names = group.get("param_names")
+        moved = perturbed(group)
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -63,11 +78,19 @@ def build(param_groups: List[dict], state: Dict[Tensor, dict], impl: str, rule: 
             key = (gi, p.device, p.dtype, mode, p_impl)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(group, mode, eta, p_impl)
+                b = buckets[key] = Bucket(group, mode, eta, p_impl, moved, buffers={k: [] for k in buffers})
             st = state[p]
+            b.params.append(p)
+            if any(k not in st for k in buffers):
+                b.fresh.append(len(b.params) - 1)
+            for k in buffers:
+                if k not in st:
+                    st[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                b.buffers[k].append(st[k])
+            if not moved:
+                continue
             if "backup" not in st:
                 st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            b.params.append(p)
             b.backups.append(st["backup"])
             if mode == MODE_ROW:
                 if "row_scale" not in st:

@@ -8,12 +8,13 @@ the generic path: restore, then ``base_optimizer.step()``.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 import fastsam.ops as ops
+from fastsam.optim._buckets import take
 
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
@@ -36,34 +37,31 @@ def group_supported(kind: str, group: dict) -> bool:
     return True
 
 
-def _take(ts: List[Tensor], idx: List[int]) -> List[Tensor]:
-    return [ts[i] for i in idx]
-
-
-def _sgd(base, bucket, grads) -> None:
-    group, params, backups, impl = bucket.group, bucket.params, bucket.backups, bucket.impl
+def _sgd(base, bucket, lists) -> None:
+    group, params, impl = bucket.group, bucket.params, bucket.impl
+    grads, backups, grads_b, grads_c, coef = lists
     momentum = group["momentum"]
     args = (group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
     if momentum == 0:
-        ops.restore_sgd_(params, grads, backups, [], *args, False, impl=impl)
+        ops.restore_sgd_(params, grads, backups, [], *args, False, grads_b, grads_c, coef, impl=impl)
         return
     states = [base.state[p] for p in params]
     new = [i for i, s in enumerate(states) if s.get("momentum_buffer") is None]
     for i in new:
         states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
     bufs = [s["momentum_buffer"] for s in states]
-    if not new:
-        ops.restore_sgd_(params, grads, backups, bufs, *args, False, impl=impl)
-        return
     # First step of some parameters: torch sets their buffer to d_p; the kernel does that in place.
-    old = sorted(set(range(len(params))) - set(new))
-    for idx, init in ((old, False), (new, True)):
-        ops.restore_sgd_(_take(params, idx), _take(grads, idx), _take(backups, idx), _take(bufs, idx), *args, init,
-                         impl=impl)
+    calls = [(None, False)] if not new else [(sorted(set(range(len(params))) - set(new)), False), (new, True)]
+    for idx, init in calls:
+        if idx == []:
+            continue
+        ops.restore_sgd_(take(params, idx), take(grads, idx), take(backups, idx), take(bufs, idx), *args, init,
+                         take(grads_b, idx), take(grads_c, idx), coef, impl=impl)
 
 
-def _adam(base, bucket, grads) -> None:
-    group, params, backups, impl = bucket.group, bucket.params, bucket.backups, bucket.impl
+def _adam(base, bucket, lists) -> None:
+    group, params, impl = bucket.group, bucket.params, bucket.impl
+    grads, backups, grads_b, grads_c, coef = lists
     states = [base.state[p] for p in params]
     for p, s in zip(params, states):
         if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
@@ -83,12 +81,17 @@ def _adam(base, bucket, grads) -> None:
     bucket.adam_steps = cached = [(step + 1, idx) for step, idx in cached]
     beta1, beta2 = group["betas"]
     decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
-    lists = (params, grads, backups, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+    tensors = (params, grads, backups, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
     for step, idx in cached:
-        ops.restore_adam_(*(lists if len(cached) == 1 else (_take(ts, idx) for ts in lists)), group["lr"], beta1,
-                          beta2, group["weight_decay"], group["eps"], decoupled, group["maximize"], step, impl=impl)
+        idx = idx if len(cached) > 1 else None
+        ops.restore_adam_(*(take(ts, idx) for ts in tensors), group["lr"], beta1, beta2, group["weight_decay"],
+                          group["eps"], decoupled, group["maximize"], step, take(grads_b, idx), take(grads_c, idx),
+                          coef, impl=impl)
 
 
-def restore_and_update(kind: str, base, bucket, grads: List[Tensor]) -> None:
-    """w <- backup, then the base optimizer's step for the parameters of ``bucket`` (one device and dtype)."""
-    (_sgd if kind == "sgd" else _adam)(base, bucket, grads)
+def restore_and_update(kind: str, base, bucket, grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
+                       coef: Optional[Tensor]) -> None:
+    """w <- backup (when the bucket was perturbed), then the base optimizer's step for the parameters of
+    ``bucket`` (one device and dtype) with the grad ``coef[0] g + coef[1] g_b + coef[2] g_c``
+    (``g`` when ``coef`` is None)."""
+    (_sgd if kind == "sgd" else _adam)(base, bucket, (grads, bucket.backups, grads_b, grads_c, coef))

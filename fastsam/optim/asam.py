@@ -42,13 +42,13 @@ class ASAM(SAM):
     def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01,
                  normalization: str = "elementwise", p: float = 2, impl: str = "auto", **base_kwargs):
         defaults = dict(rho=_check_nonneg("rho", rho), eta=_check_nonneg("eta", eta),
-                        normalization=_check_normalization(normalization), normalize=True, p=_check_p(p))
+                        normalization=_check_normalization(normalization), normalize=True, p=_check_p(p),
+                        perturb=True)
         self._init_sam(params, base_optimizer, impl, defaults, base_kwargs)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        _check_nonneg("eta", group["eta"])
-        _check_normalization(group["normalization"])
+        check_asam_group(group)
 
     def _operator(self, p: Tensor, name: Optional[str], group: dict):
         normalized = ("weight" in name) if name is not None else bool(group["normalize"])
@@ -57,6 +57,12 @@ class ASAM(SAM):
         if group["normalization"] == "filterwise" and p.dim() >= 3:
             return ops.MODE_ROW, group["eta"]
         return ops.MODE_ABS, group["eta"]
+
+
+def check_asam_group(group: dict) -> None:
+    """ASAM's own group options (SAM's are checked by SAM)."""
+    _check_nonneg("eta", group["eta"])
+    _check_normalization(group["normalization"])
 
 
 def _check_normalization(value) -> str:

@@ -2,19 +2,31 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets, _fused_update
+from fastsam.optim._buckets import take
+
+# (indices of a bucket's params or None for all, ema, sigma, lmbda): one perturb call; see reference.perturb_.
+Direction = Tuple[Optional[List[int]], List[Tensor], float, float]
+# Per bucket: (grads_b, grads_c) of the grad combination, and the coefficients by device.
+Combination = Tuple[Callable[[_buckets.Bucket], Tuple[List[Tensor], List[Tensor]]], Dict[torch.device, Tensor]]
+
+
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def _check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value >= 0.0 or math.isinf(value):
+    if not _check_number(name, value) >= 0.0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
 
@@ -23,6 +35,12 @@ def _check_p(p) -> float:
     if p not in (2, math.inf):
         raise ValueError(f"p must be 2 or math.inf, got {p!r}")
     return float(p)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 class SAM(torch.optim.Optimizer):
@@ -43,6 +61,10 @@ class SAM(torch.optim.Optimizer):
 
     Every pass over memory is one fused op call per (param group, device, dtype) bucket: the norm
     stays on the device (no host sync), backups are allocated once, parameters keep their storage.
+
+    A param group with ``rho=0`` or ``perturb=False`` is not perturbed: it is left out of the norm,
+    gets no backup and costs no perturbation traffic; its parameters still take the base optimizer's
+    step with the grad of the second pass (e.g. perturb only the normalization layers).
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param-group dicts. Ignored (may be None)
@@ -69,8 +91,8 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, p: float = 2,
                  impl: str = "auto", **base_kwargs):
-        self._init_sam(params, base_optimizer, impl, dict(rho=_check_nonneg("rho", rho),
-                                                          adaptive=bool(adaptive), p=_check_p(p)), base_kwargs)
+        self._init_sam(params, base_optimizer, impl, dict(rho=_check_nonneg("rho", rho), adaptive=bool(adaptive),
+                                                          p=_check_p(p), perturb=True), base_kwargs)
 
     # ---- construction ------------------------------------------------------------------------
     def _init_sam(self, params, base_optimizer, impl: str, defaults: dict, base_kwargs: dict) -> None:
@@ -79,7 +101,7 @@ class SAM(torch.optim.Optimizer):
         self._plan_key: Optional[tuple] = None
         self._plan_grads: Optional[tuple] = None  # which parameters had a grad in the last first_step
         self._perturbed: Optional[List[_buckets.Bucket]] = None
-        self._acc: Dict[torch.device, Tensor] = {}
+        self._acc: Dict[torch.device, Tensor] = {}  # the squared norm of the first step, per device
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(f"base optimizer arguments {sorted(base_kwargs)} were given with an optimizer "
@@ -97,6 +119,8 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._fused_kind = _fused_update.fused_kind(self.base_optimizer)
+        for group in self.param_groups:
+            self._check_group(group)
 
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__ while building the groups
@@ -111,6 +135,27 @@ class SAM(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         _check_nonneg("rho", group["rho"])
         _check_p(group["p"])
+        _check_bool("perturb", group.get("perturb", True))
+
+    @staticmethod
+    def _moves(group: dict) -> bool:
+        """Whether the first step perturbs this group."""
+        return group.get("perturb", True) and group["rho"] != 0
+
+    # ---- what a method adds to the SAM step (overridden by FriendlySAM, CRSAM, LastSAM) ----------
+    # State keys of per-parameter buffers the method keeps, made zero-filled at a parameter's first step.
+    _buffers: Tuple[str, ...] = ()
+    # Those of them that are method state (saved by state_dict), not scratch space within a step.
+    _saved_buffers: Tuple[str, ...] = ()
+
+    def _directions(self, bucket: _buckets.Bucket) -> List[Direction]:
+        """The perturb calls of a bucket: the direction transform of every subset of its params. With a
+        "grad0" buffer, the first-pass grad is copied there in the same pass (ema with lmbda = 0)."""
+        return [(None, bucket.buffers.get("grad0", []), 0.0, 0.0)]
+
+    def _combination(self, buckets: List[_buckets.Bucket]) -> Optional[Combination]:
+        """The grad of the base step as a combination of kept grads; None: the grad of the last pass."""
+        return None
 
     # ---- the normalization operator ------------------------------------------------------------
     def _operator(self, p: Tensor, name: Optional[str], group: dict):
@@ -122,11 +167,13 @@ class SAM(torch.optim.Optimizer):
 
     def _buckets(self) -> List[_buckets.Bucket]:
         with_grad = _buckets.grad_signature(self.param_groups)
-        key = with_grad + tuple(g.get(k) for g in self.param_groups for k in self._operator_options)
+        key = with_grad + tuple((self._moves(g),) + tuple(g.get(k) for k in self._operator_options)
+                                for g in self.param_groups)
         if self._plan is None or key != self._plan_key:
             for group in self.param_groups:
                 self._check_group(group)
-            self._plan = _buckets.build(self.param_groups, self.state, self.impl, self._operator)
+            self._plan = _buckets.build(self.param_groups, self.state, self.impl, self._operator, self._moves,
+                                        self._buffers)
             self._plan_key = key
         self._plan_grads = with_grad
         return self._plan
@@ -137,56 +184,71 @@ class SAM(torch.optim.Optimizer):
         """Back up w and move every parameter with a grad to w + e (see the class docstring)."""
         buckets = self._buckets()
         for b in buckets:
-            if b.mode == ops.MODE_ROW:
+            if b.perturbed and b.mode == ops.MODE_ROW:
                 ops.row_norm_(b.row_scales, b.params, b.eta, impl=b.impl)
         grads = [b.grads() for b in buckets]
         norm_sq = self._global_norm_sq(buckets, grads)
         for b, g in zip(buckets, grads):
-            ops.perturb_(b.params, g, b.backups, b.row_scales, norm_sq.get(b.params[0].device),
-                         b.group["rho"], self._eps_norm, b.mode, b.eta, b.group["p"] == math.inf, impl=b.impl)
+            for idx, ema, sigma, lmbda in self._directions(b):
+                if b.perturbed:
+                    ops.perturb_(take(b.params, idx), take(g, idx), take(b.backups, idx), take(b.row_scales, idx),
+                                 norm_sq[b.params[0].device], b.group["rho"], self._eps_norm, b.mode, b.eta,
+                                 b.group["p"] == math.inf, take(ema, idx), sigma, lmbda, impl=b.impl)
+                elif ema:  # not perturbed, but the kept grads (EMA, copy) follow every step
+                    _ema_update(take(ema, idx), take(g, idx), lmbda)
+            b.fresh = []
         self._perturbed = buckets
         if zero_grad:
             self.zero_grad()
 
     def _global_norm_sq(self, buckets, grads) -> Dict[torch.device, Tensor]:
-        """sum ||T g||^2 over all p=2 buckets, as an fp32 [1] tensor on every device involved."""
-        l2 = [(b, g) for b, g in zip(buckets, grads) if b.group["p"] != math.inf]
-        devices = {b.params[0].device for b in buckets}
-        for d in devices:
-            if d not in self._acc:
-                self._acc[d] = torch.zeros(1, device=d, dtype=torch.float32)
-            self._acc[d].zero_()
-        for b, g in l2:
-            ops.norm_sq_(self._acc[b.params[0].device], g, b.params, b.row_scales, b.mode, b.eta, impl=b.impl)
-        if len(devices) > 1:  # one global norm: every device gets the sum of all partial sums
-            total = sum(a.to(next(iter(devices))) for a in self._acc.values() if a.device in devices)
-            for d in devices:
-                self._acc[d].copy_(total)
-        return self._acc
+        """sum ||T d||^2 over all perturbed p=2 buckets, as an fp32 [1] tensor on every device involved."""
+        accs = _zeroed(self._acc, {b.params[0].device for b in buckets}, 1)
+        for b, g in zip(buckets, grads):
+            if b.perturbed and b.group["p"] != math.inf:
+                for idx, ema, sigma, _ in self._directions(b):
+                    ops.norm_sq_(accs[b.params[0].device], take(g, idx), take(b.params, idx),
+                                 take(b.row_scales, idx), b.mode, b.eta, take(ema, idx), sigma, impl=b.impl)
+        return _sum_over_devices(accs)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w exactly, then step the base optimizer with the grads of the second pass."""
+        self._update(self._take_perturbed("second_step", "first_step"))
+        if zero_grad:
+            self.zero_grad()
+
+    def _take_perturbed(self, this: str, before: str) -> List[_buckets.Bucket]:
         perturbed, self._perturbed = self._perturbed, None
         if perturbed is None:
-            raise RuntimeError("second_step() called without a first_step() before it")
+            raise RuntimeError(f"{this}() called without a {before}() before it")
+        return perturbed
+
+    def _update(self, perturbed: List[_buckets.Bucket]) -> None:
+        """Restore w exactly, then step the base optimizer with the grad of the last pass, or the
+        method's combination of kept grads."""
+        combination = self._combination(perturbed)
         kind = self._fused_kind
         same_params = _buckets.grad_signature(self.param_groups) == self._plan_grads
         if kind is not None and same_params and all(
                 _fused_update.group_supported(kind, b.group) for b in perturbed) and all(
                 b.impl != "torch" for b in perturbed):
             for b in perturbed:
-                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads())
+                more, coef = ([], []), None
+                if combination is not None:
+                    more, coef = combination[0](b), combination[1][b.params[0].device]
+                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), *more, coef)
         else:
             # Every perturbed parameter is restored, also one that got no grad in this pass.
             for b in perturbed:
-                ops.restore_(b.params, b.backups, impl=b.impl)
+                if b.perturbed:
+                    ops.restore_(b.params, b.backups, impl=b.impl)
                 b.adam_steps = None  # the base's own step moves the counters of some parameters
+                if combination is not None:
+                    _combine_into_grads(b, *combination[0](b), combination[1][b.params[0].device])
             self.base_optimizer.step()
-        # An LR scheduler on SAM counts calls of SAM.step; in an explicit loop second_step is that step.
+        # An LR scheduler on SAM counts calls of SAM.step; in an explicit loop the last step is that step.
         self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
@@ -208,18 +270,78 @@ class SAM(torch.optim.Optimizer):
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The base optimizer's state dict; its param groups hold SAM's options (rho, ...) as well.
-        Backups are scratch space between the two passes and are not saved."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state dict; its param groups hold SAM's options (rho, ...) as well, and
+        the key "fastsam" the method's own state (e.g. Friendly SAM's EMA) where it has one. Backups and
+        grad copies are scratch space within a step and are not saved."""
+        state_dict = self.base_optimizer.state_dict()
+        own = self._own_state()
+        if own:
+            state_dict["fastsam"] = own
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # re-link: the base made new group dicts
         self._plan = None
         self._perturbed = None
+        self._load_own_state(state_dict.get("fastsam", {}))
+
+    def _own_state(self) -> dict:
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {i: {k: self.state[p][k] for k in self._saved_buffers if k in self.state[p]}
+                 for i, p in enumerate(params)}
+        state = {i: s for i, s in state.items() if s}
+        return {"state": state} if state else {}
+
+    def _load_own_state(self, own: dict) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, saved in own.get("state", {}).items():
+            p = params[int(i)]
+            for k, v in saved.items():
+                self.state[p][k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True).contiguous()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(impl={self.impl!r}, base_optimizer={self.base_optimizer!r})"
+
+
+def _zeroed(accs: Dict[torch.device, Tensor], devices, n: int) -> Dict[torch.device, Tensor]:
+    """Zeroes (making them the first time) the fp32 ``[n]`` accumulators of ``devices``; returns those."""
+    for d in devices:
+        if d not in accs:
+            accs[d] = torch.zeros(n, device=d, dtype=torch.float32)
+        accs[d].zero_()
+    return {d: accs[d] for d in devices}
+
+
+def _sum_over_devices(accs: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
+    """One global sum: every device's accumulator gets the sum of all of them."""
+    if len(accs) > 1:
+        total = sum(a.to(next(iter(accs))) for a in accs.values())
+        for a in accs.values():
+            a.copy_(total)
+    return accs
+
+
+def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float) -> None:
+    """``m <- lmbda m + (1 - lmbda) g`` (``m <- g`` for ``lmbda = 0``) outside a fused perturb."""
+    if lmbda == 0:
+        torch._foreach_copy_(ema, grads)
+    else:
+        torch._foreach_mul_(ema, lmbda)
+        torch._foreach_add_(ema, grads, alpha=1 - lmbda)
+
+
+def _combine_into_grads(bucket: _buckets.Bucket, grads_b: List[Tensor], grads_c: List[Tensor], coef: Tensor) -> None:
+    """``p.grad <- coef[0] p.grad + coef[1] g_b + coef[2] g_c`` for the base optimizer's own step (the
+    generic path); parameters without a grad in the last pass keep none."""
+    idx = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+    grads = [bucket.params[i].grad for i in idx]
+    if not grads:
+        return
+    torch._foreach_mul_(grads, coef[0])
+    for k, more in ((1, grads_b), (2, grads_c)):
+        if more:
+            torch._foreach_add_(grads, torch._foreach_mul(take(more, idx), coef[k]))
