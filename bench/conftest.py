@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fastsam.bench.methods import METHODS
 from fastsam.bench.peers import rows
 from fastsam.bench.shapes import DTYPES, SHAPES
 
@@ -12,6 +13,8 @@ def pytest_addoption(parser):
                     help="device of the benchmarked tensors (default: cuda if visible, else cpu)")
     group.addoption("--sam-dtype", choices=tuple(DTYPES), default="fp32")
     group.addoption("--sam-shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    group.addoption("--sam-methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS)}")
 
 
 @pytest.fixture(scope="session")
@@ -27,20 +30,24 @@ def sam_dtype(pytestconfig):
     return DTYPES[pytestconfig.getoption("sam_dtype")]
 
 
-def _shape_names(config):
-    names = [s.strip() for s in config.getoption("sam_shapes").split(",") if s.strip()]
-    bad = [s for s in names if s not in SHAPES]
+def _names(config, option, allowed):
+    names = list(dict.fromkeys(s.strip() for s in config.getoption(option).split(",") if s.strip()))
+    bad = [s for s in names if s not in allowed]
     if bad:
-        raise pytest.UsageError(f"--sam-shapes: unknown {', '.join(bad)}; choose from {', '.join(SHAPES)}")
+        raise pytest.UsageError(f"--{option.replace('_', '-')}: unknown {', '.join(bad)}; "
+                                f"choose from {', '.join(allowed)}")
     return names
 
 
 def pytest_generate_tests(metafunc):
-    # (shapes, row) pairs in a fixed order so one shape set's tensors are alive at a time
+    # cases in a fixed order, shape set first, so one shape set's tensors are alive at a time
     config = metafunc.config
     device = config.getoption("sam_device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "sam_case" in metafunc.fixturenames:
-        cases = [(s, r) for s in _shape_names(config) for r in rows(device)]
-        metafunc.parametrize("sam_case", cases, ids=[f"{s}-{r}" for s, r in cases])
-    if "shape_name" in metafunc.fixturenames:
-        metafunc.parametrize("shape_name", _shape_names(config))
+    shapes = _names(config, "sam_shapes", SHAPES)
+    methods = _names(config, "sam_methods", METHODS)
+    if "step_case" in metafunc.fixturenames:
+        cases = [(s, m, r) for s in shapes for m in methods for r in rows(device)]
+        metafunc.parametrize("step_case", cases, ids=["-".join(c) for c in cases])
+    if "limit_case" in metafunc.fixturenames:
+        cases = [(s, m) for s in shapes for m in methods if METHODS[m].words_per_param is not None]
+        metafunc.parametrize("limit_case", cases, ids=["-".join(c) for c in cases])

@@ -7,6 +7,7 @@ import os
 import socket
 import statistics
 import sys
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,7 +16,8 @@ import torch
 
 import fastsam
 from fastsam._extension import IMPLS, extension_error
-from fastsam.bench.peers import PEERS, fastsam_impls, make_optimizer, rows
+from fastsam.bench.methods import METHODS
+from fastsam.bench.peers import PEERS, fastsam_impls, rows
 from fastsam.bench.report import default_out, device_name, format_table, write_json
 from fastsam.bench.shapes import DTYPES, SHAPES, make_params, numel
 from fastsam.bench.timing import WORDS_PER_PARAM, copy_bandwidth, limit_seconds, time_calls
@@ -50,11 +52,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parses and checks the flags; bad values exit through argparse's error (status 2)."""
     p = argparse.ArgumentParser(
         prog="python -m fastsam.bench",
-        description="Time one SAM step (first_step + second_step, no forward/backward) of every available "
-                    "fastsam impl against davda54/sam's loop and a torch._foreach version.")
+        description="Time one step (first_step + second_step; CR-SAM: + third_step; no forward/backward) of "
+                    "SAM and its variants, for every available fastsam impl against a per-parameter loop of the "
+                    "published algorithm (davda54/sam's for SAM) and a torch._foreach version of it.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
     p.add_argument("--shapes", type=_comma_list(tuple(SHAPES), "shape set"),
                    help=f"comma list of {', '.join(SHAPES)} (default: all; --quick: all but vit_b16)")
+    p.add_argument("--methods", type=_comma_list(tuple(METHODS), "method"),
+                   help=f"comma list of {', '.join(METHODS)} (default: all)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--impl", type=_comma_list(IMPLS, "impl"),
                    help="comma list restricting the fastsam impls (default: the available ones, less triton on cpu)")
@@ -75,11 +80,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--impl {','.join(missing)}: not available on {args.device} (available: {', '.join(available)})")
     args.impl = args.impl or fastsam_impls(args.device)
     args.shapes = args.shapes or [s for s in SHAPES if not (args.quick and s == "vit_b16")]
+    args.methods = args.methods or list(METHODS)
     return args
 
 
 def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
-    """Times every (shapes, row) pair and returns the record that report.py prints and stores."""
+    """Times every (shapes, method, row) triple and returns the record that report.py prints and stores.
+
+    The record keeps the fields of the SAM-only version: ``bytes_per_param`` and each shape set's ``limit_ms``
+    are SAM's, its ``loop_ms`` SAM's loop (when SAM ran); each row has a ``method``, its ``speedup_vs_loop``
+    is over that method's loop, its ``x_limit`` the ratio to that method's limit (None without one).
+    """
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,30 +104,42 @@ def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
         extension_error=extension_error(), available_impls=fastsam.available_impls(device),
         load_avg_before=load_before, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         argv=sys.argv[1:], quick=args.quick, timing=timing, bandwidth_GBps=bandwidth / 1e9,
-        bytes_per_param=bytes_per_param, shapes={}, rows=[])
+        bytes_per_param=bytes_per_param,
+        methods={m: dict(title=METHODS[m].title, steps=list(METHODS[m].steps), options=METHODS[m].options,
+                         fastsam_options=METHODS[m].fastsam_options,
+                         words_per_param=METHODS[m].words_per_param,
+                         bytes_per_param=METHODS[m].bytes_per_param(dtype)) for m in args.methods},
+        shapes={}, rows=[])
     for name in args.shapes:
         n = numel(SHAPES[name])
         info = result["shapes"][name] = dict(params=n, tensors=len(SHAPES[name]),
-                                             limit_ms=1e3 * limit_seconds(n, dtype, bandwidth))
-        for row in rows(device, args.impl):
-            params = make_params(SHAPES[name], device, dtype)
-            opt = make_optimizer(row, params)
-
-            def step():
-                opt.first_step()
-                opt.second_step()
-
-            times = time_calls(step, device, **timing)
-            del step, opt, params
-            gc.collect()  # ViT-B/16 rows hold ~1.4 GB each: free them before the next row allocates
-            median = 1e3 * statistics.median(times)
-            info.setdefault("loop_ms", median)  # PEERS starts with "loop"
-            result["rows"].append(dict(
-                shapes=name, impl=row, kind="peer" if row in PEERS else "fastsam", reps=len(times),
-                median_ms=median, min_ms=1e3 * min(times), mean_ms=1e3 * statistics.mean(times),
-                times_ms=[1e3 * t for t in times], speedup_vs_loop=info["loop_ms"] / median,
-                x_limit=median / info["limit_ms"]))
-            print(f"{name:9s} {row:8s} {median:10.3f} ms  ({len(times)} reps)", file=log, flush=True)
+                                             limit_ms=1e3 * limit_seconds(n, dtype, bandwidth), methods={})
+        for method_name in args.methods:
+            method = METHODS[method_name]
+            words = method.words_per_param
+            per_method = info["methods"][method_name] = dict(
+                limit_ms=None if words is None else 1e3 * limit_seconds(n, dtype, bandwidth, words))
+            for row in rows(device, args.impl):
+                params = make_params(SHAPES[name], device, dtype)
+                opt = method.make(row, params)
+                step = method.step_fn(opt)
+                times = time_calls(step, device, **timing)
+                alive = weakref.ref(params[0])
+                del step, opt, params
+                if alive() is not None:  # a reference cycle holds the row's tensors (1.4-3 GB on ViT-B/16):
+                    gc.collect()  # free them before the next row allocates
+                median = 1e3 * statistics.median(times)
+                per_method.setdefault("loop_ms", median)  # PEERS starts with "loop"
+                if method_name == "sam":
+                    info.setdefault("loop_ms", median)
+                limit_ms = per_method["limit_ms"]
+                result["rows"].append(dict(
+                    shapes=name, method=method_name, impl=row, kind="peer" if row in PEERS else "fastsam",
+                    reps=len(times), median_ms=median, min_ms=1e3 * min(times), mean_ms=1e3 * statistics.mean(times),
+                    times_ms=[1e3 * t for t in times], speedup_vs_loop=per_method["loop_ms"] / median,
+                    x_limit=None if limit_ms is None else median / limit_ms))
+                print(f"{name:9s} {method_name:18s} {row:8s} {median:10.3f} ms  ({len(times)} reps)", file=log,
+                      flush=True)
     result["load_avg_after"] = os.getloadavg()[0]
     return result
 

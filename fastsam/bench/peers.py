@@ -1,9 +1,12 @@
-"""The SAM implementations fastsam is compared with, and one factory for every benchmark row.
+"""The SAM implementations fastsam is compared with, and one factory for every SAM benchmark row.
 
 ``loop``: davda54/sam's algorithm as written there: a Python loop over parameters, a fresh backup per
 step, the restore by ``p.data = old_p``, and a per-tensor SGD (``foreach=False``) so the row stays a pure loop.
 ``foreach``: the same math with ``torch._foreach_*`` ops, backups made once, and SGD(foreach=True):
 the best a careful user gets from stock PyTorch without custom kernels, on either device.
+
+Both classes have hooks (the normalization operator T, the direction of the perturbation, the grad the
+base optimizer steps with) through which :mod:`fastsam.bench.family_peers` writes the other methods' peers.
 """
 from __future__ import annotations
 
@@ -19,7 +22,13 @@ PEERS = ("loop", "foreach")
 class LoopSAM(torch.optim.Optimizer):
     """The algorithm of davda54/sam (the de facto PyTorch SAM), operation for operation: a norm per tensor
     stacked into the global norm, a fresh clone of every parameter per step, the restore by rebinding
-    ``p.data`` and the base optimizer's own step."""
+    ``p.data`` and the base optimizer's own step.
+
+    ``e = rho * T^2 d / (||T d|| + eps)``; the hooks :meth:`_operator` (T), :meth:`_direction` (d) and
+    :meth:`_base_grads` (called between the restore and the base step) give the other methods' loops.
+    """
+
+    eps = 1e-12  # added to the global norm
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, **kwargs):
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
@@ -30,17 +39,39 @@ class LoopSAM(torch.optim.Optimizer):
     def _pairs_with_grad(self):
         return [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
 
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _operator(self, group, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """T at the current ``p`` (a new tensor), or None for the identity."""
+        return p.abs() if group["adaptive"] else None
+
+    def _direction(self, group, p: torch.Tensor) -> torch.Tensor:
+        """The direction d of the perturbation; called once per parameter and step, before any move."""
+        return p.grad
+
+    def _base_grads(self) -> None:
+        """Sets the grads the base optimizer steps with (after the restore); default: the last pass's."""
+
+    # ---- shared pieces -------------------------------------------------------------------------
+    def _global_norm(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        device = self.param_groups[0]["params"][0].device
+        return torch.norm(torch.stack([t.norm(p=2).to(device) for t in tensors]), p=2)
+
+    @staticmethod
+    def _times(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return x if t is None else t * x
+
+    # ---- the steps -----------------------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Moves every parameter to ``w + e`` and keeps a copy of ``w``."""
         pairs = self._pairs_with_grad()
-        device = self.param_groups[0]["params"][0].device
-        norms = [((p.abs() if group["adaptive"] else 1.0) * p.grad).norm(p=2).to(device) for group, p in pairs]
-        total = torch.norm(torch.stack(norms), p=2)
-        for group, p in pairs:
+        dirs = [self._direction(group, p) for group, p in pairs]
+        total = self._global_norm([self._times(self._operator(group, p), d) for (group, p), d in zip(pairs, dirs)])
+        for (group, p), d in zip(pairs, dirs):
             self.state[p]["old_p"] = p.data.clone()
-            factor = (group["rho"] / (total + 1e-12)).to(p)
-            p.add_((p.pow(2) if group["adaptive"] else 1.0) * p.grad * factor)
+            t = self._operator(group, p)  # p is not moved yet: T at w, as in the norm
+            factor = (group["rho"] / (total + self.eps)).to(p)
+            p.add_(self._times(t, self._times(t, d)) * factor)
         if zero_grad:
             self.zero_grad()
 
@@ -49,13 +80,27 @@ class LoopSAM(torch.optim.Optimizer):
         """Puts ``w`` back and lets the base optimizer step with the grad taken at ``w + e``."""
         for _, p in self._pairs_with_grad():
             p.data = self.state[p]["old_p"]
+        self._base_grads()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
 
 
+def add_scaled_(tensors: List[torch.Tensor], others: List[torch.Tensor], scale: torch.Tensor,
+                factor: float = 1.0) -> None:
+    """``tensors += factor * scale * others`` with ``scale`` a 0-dim tensor, the cheapest way per device."""
+    if scale.device.type == "cpu":  # no stream to stall, and a step-sized temporary would be
+        torch._foreach_add_(tensors, others, alpha=factor * scale.item())  # page-faulted in afresh every step
+    else:  # the caching allocator makes the temporary free; .item() would sync
+        torch._foreach_add_(tensors, torch._foreach_mul(others, scale * factor if factor != 1.0 else scale))
+
+
 class ForeachSAM(LoopSAM):
-    """LoopSAM's math on ``torch._foreach_*`` ops: O(1) Python work per group, backups reused."""
+    """LoopSAM's math on ``torch._foreach_*`` ops: O(1) Python work per group, backups reused.
+
+    Hooks, per param group (``ps``: its parameters with a grad): :meth:`_operators` (T),
+    :meth:`_directions` (d) and :meth:`_base_grads`.
+    """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, **kwargs):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **{"foreach": True, **kwargs})
@@ -64,35 +109,45 @@ class ForeachSAM(LoopSAM):
     def _with_grad(self, group) -> List[torch.Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
-    def _backup(self, p: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, p: torch.Tensor, key: str) -> torch.Tensor:
+        """A per-parameter buffer made at its first use and reused by every later step."""
         state = self.state[p]
-        if "old_p" not in state:
-            state["old_p"] = torch.empty_like(p)
-        return state["old_p"]
+        if key not in state:
+            state[key] = torch.empty_like(p)
+        return state[key]
 
+    def _backup(self, p: torch.Tensor) -> torch.Tensor:
+        return self._buffer(p, "old_p")
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _operators(self, group, ps: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """T at the current ``ps`` (new tensors), or None for the identity."""
+        return torch._foreach_abs(ps) if group["adaptive"] else None
+
+    def _directions(self, group, ps: List[torch.Tensor], grads: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The directions d of the perturbation; called once per group and step, before any move."""
+        return grads
+
+    # ---- the steps -----------------------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Moves every parameter to ``w + e`` and copies ``w`` into a buffer made at the first step."""
-        groups = [(g, self._with_grad(g)) for g in self.param_groups]
-        tgrads = []
-        for group, ps in groups:
-            grads = [p.grad for p in ps]
-            tgrads += torch._foreach_mul(torch._foreach_abs(ps), grads) if group["adaptive"] else grads
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tgrads, 2)), 2)
+        plans = []
+        for group in self.param_groups:
+            ps = self._with_grad(group)
+            if ps:
+                ts = self._operators(group, ps)
+                dirs = self._directions(group, ps, [p.grad for p in ps])
+                plans.append((group, ps, ts, dirs, dirs if ts is None else torch._foreach_mul(ts, dirs)))
+        scaled = [x for plan in plans for x in plan[4]]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled, 2)), 2)
         self._perturbed = []
-        for group, ps in groups:
-            if not ps:
-                continue
-            backups = [self._backup(p) for p in ps]
-            torch._foreach_copy_(backups, ps)
-            grads = [p.grad for p in ps]
-            if group["adaptive"]:
-                grads = torch._foreach_mul(torch._foreach_mul(ps, ps), grads)
-            scale = group["rho"] / (grad_norm + 1e-12)
-            if scale.device.type == "cpu":  # no stream to stall, and a step-sized temporary would be
-                torch._foreach_add_(ps, grads, alpha=scale.item())  # page-faulted in afresh every step
-            else:  # the caching allocator makes the temporary free; .item() would sync
-                torch._foreach_add_(ps, torch._foreach_mul(grads, scale))
+        for group, ps, ts, dirs, tdirs in plans:
+            torch._foreach_copy_([self._backup(p) for p in ps], ps)
+            if ts is not None:
+                torch._foreach_mul_(tdirs, ts)  # T^2 d, in the storage of T d
+                dirs = tdirs
+            add_scaled_(ps, dirs, group["rho"] / (grad_norm + self.eps))
             self._perturbed.append(ps)
         if zero_grad:
             self.zero_grad()
@@ -103,6 +158,7 @@ class ForeachSAM(LoopSAM):
         for ps in self._perturbed:
             torch._foreach_copy_(ps, [self.state[p]["old_p"] for p in ps])
         self._perturbed = []
+        self._base_grads()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -121,7 +177,8 @@ def rows(device: str | torch.device, impls: Optional[Sequence[str]] = None) -> L
 
 def make_optimizer(row: str, params: Iterable[torch.Tensor], rho: float = 0.05, lr: float = 0.1,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """SAM over SGD(lr, momentum) for a benchmark row: a peer name or a fastsam impl ("torch", "cpu", ...)."""
+    """SAM over SGD(lr, momentum) for a benchmark row: a peer name or a fastsam impl ("torch", "cpu", ...).
+    The other methods' rows: :func:`fastsam.bench.methods.make_optimizer`."""
     if row == "loop":
         return LoopSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, foreach=False)
     if row == "foreach":

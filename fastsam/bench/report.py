@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
@@ -50,30 +50,57 @@ def _ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+def _methods(result: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per method: its steps and bytes per parameter (a SAM-only record of before --methods: SAM's)."""
+    if "methods" in result:
+        return result["methods"]
+    return {"sam": dict(steps=["first_step", "second_step"], bytes_per_param=result["bytes_per_param"])}
+
+
+def _per_method(info: Dict[str, Any], method: str) -> Dict[str, Any]:
+    """A shape set's limit_ms and loop_ms for ``method``."""
+    if "methods" in info:
+        return info["methods"][method]
+    return dict(limit_ms=info["limit_ms"], loop_ms=info["loop_ms"])  # a SAM-only record
+
+
 def format_table(result: Dict[str, Any]) -> str:
-    """The run as one text table: a row per (shapes, impl), then the bandwidth limit of each shape set."""
-    head = (f"SAM step = first_step + second_step over SGD(lr=0.1, momentum=0.9), grads given, no forward/backward\n"
+    """The run as one text table: per shape set and method, a row per impl, then the method's bandwidth limit."""
+    methods = _methods(result)
+    by_steps: Dict[str, List[str]] = {}
+    for name, m in methods.items():
+        by_steps.setdefault(" + ".join(m["steps"]), []).append(name)
+    steps = "; ".join(f"{', '.join(names)}: {calls}" for calls, names in by_steps.items())
+    limits = ", ".join(f"{name} {m['bytes_per_param']}" if m["bytes_per_param"] is not None else f"{name} -"
+                       for name, m in methods.items())
+    head = (f"step = {steps}; over SGD(lr=0.1, momentum=0.9), grads given, no forward/backward\n"
             f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {result['dtype']}, "
             f"torch {result['torch']}, copy bandwidth {result['bandwidth_GBps']:.1f} GB/s, "
-            f"limit = {result['bytes_per_param']} B/param / bandwidth, "
+            f"limit = bytes/param ({limits}) / bandwidth, "
             f"load average {result['load_avg_before']:.2f} -> {result['load_avg_after']:.2f}")
     if result["device"] == "cpu" and result["threads"] > 1 and result["load_avg_before"] > 0.5:
         # a busy core stalls every parallel region of a multi-threaded op at its barrier: steps slow down many-fold
         head += (f"\nWARNING: other processes were running (load average {result['load_avg_before']:.2f}); "
                  f"multi-threaded CPU timings are unreliable (try --threads 1, or a quiet machine)")
-    cols = ("shapes", "params", "tensors", "impl", "ms/step", "reps", "vs loop", "x limit")
+    cols = ("shapes", "params", "tensors", "method", "impl", "ms/step", "reps", "vs loop", "x limit")
     blocks = []
     for name, info in result["shapes"].items():
         head_cells = (name, _count(info["params"]), str(info["tensors"]))
-        rows = [head_cells + (row_label(r), _ms(r["median_ms"]), str(r["reps"]),
-                              f"{r['speedup_vs_loop']:.2f}x", f"{r['x_limit']:.2f}")
-                for r in result["rows"] if r["shapes"] == name]
-        rows.append(head_cells + (LIMIT_ROW, _ms(info["limit_ms"]), "-",
-                                  f"{info['loop_ms'] / info['limit_ms']:.2f}x", "1.00"))
-        blocks.append(rows)
+        for method in methods:
+            rows = [head_cells + (method, row_label(r), _ms(r["median_ms"]), str(r["reps"]),
+                                  f"{r['speedup_vs_loop']:.2f}x",
+                                  "-" if r["x_limit"] is None else f"{r['x_limit']:.2f}")
+                    for r in result["rows"] if r["shapes"] == name and r.get("method", "sam") == method]
+            if not rows:
+                continue
+            per = _per_method(info, method)
+            if per["limit_ms"] is not None:
+                rows.append(head_cells + (method, LIMIT_ROW, _ms(per["limit_ms"]), "-",
+                                          f"{per['loop_ms'] / per['limit_ms']:.2f}x", "1.00"))
+            blocks.append(rows)
     lines = [line for rows in blocks for line in rows]
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
-    right = {1, 2, 4, 5, 6, 7}
+    right = {1, 2, 5, 6, 7, 8}
 
     def fmt(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))

@@ -8,6 +8,7 @@ from typing import Callable, List, Optional
 import torch
 
 WORDS_PER_PARAM = 10  # DESIGN.md section 4: the least traffic of a fused SAM + SGD(momentum) step
+# (the other methods' counts: fastsam.bench.methods)
 
 
 def sync(device: torch.device) -> None:
@@ -52,6 +53,7 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int
     return 2 * nbytes / statistics.median(times)
 
 
-def limit_seconds(numel: int, dtype: torch.dtype, bandwidth: float) -> float:
-    """The bandwidth limit of one SAM + SGD(momentum) step: 10 words per parameter at ``bandwidth`` bytes/s."""
-    return WORDS_PER_PARAM * torch.empty((), dtype=dtype).element_size() * numel / bandwidth
+def limit_seconds(numel: int, dtype: torch.dtype, bandwidth: float, words: int = WORDS_PER_PARAM) -> float:
+    """The bandwidth limit of one step moving ``words`` words per parameter at ``bandwidth`` bytes/s (default:
+    SAM + SGD(momentum)'s 10; the other methods': fastsam.bench.methods)."""
+    return words * torch.empty((), dtype=dtype).element_size() * numel / bandwidth

@@ -1,0 +1,102 @@
+"""The benchmarked methods: how to build each row's optimizer, what one step calls, and its bandwidth limit.
+
+Every method runs over SGD(lr=0.1, momentum=0.9) with its defaults below; a row is a peer ("loop",
+"foreach") or a fastsam impl. The step timed is the method's step calls in order, without forward/backward:
+the grads are the fixed synthetic ones of :func:`fastsam.bench.shapes.make_params`, so every pass sees the
+same grad tensor. Some values are then degenerate: Friendly SAM's d = g - m is ~0 from the second step on,
+CR-SAM's combination is g, and the orthogonal projection of g off itself is 0 (the rows that write the
+projected grad into ``.grad``, the loop and impl="torch", then run on zero grads). The ops and the memory they
+move are those of a real step, and their time does not depend on the values: no denormals arise (the values
+stay exact zeros or far above the denormal range), no op skips work on zeros.
+
+Bandwidth limit: the least memory traffic of a fully fused step, in words per parameter (fp32: 4 bytes each),
+counted as DESIGN.md section 4 counts SAM's 10 (m: SGD's momentum buffer). The restore is exact, from a
+backup (DESIGN.md), and a grad kept for a later pass must be copied: ``.grad`` belongs to the training loop
+(the next backward may accumulate into it).
+
+* ``sam`` (10): norm: read g (1) | perturb: read g, w; write w, backup (4) | restore + update: read backup,
+  g, m; write w, m (5).
+* ``friendly_sam`` (13, the steady state): norm of d = g - sigma m: read g, m (2) | perturb: read g, m, w;
+  write w, backup, m (the EMA update) (6) | restore + update (5). SAM + 3.
+* ``crsam`` (17; first + second + third step, mode "authors"): norm: read g0 (1) | perturb: read g0, w;
+  write w, backup, a copy of g0 (5) | second step: w - e = backup - e and keep g+: read backup, g0, g+;
+  write w, h = (1 + a + b) g+ - 2a g0 over the g0 copy (5; a = gamma and b = beta are known up front in
+  authors mode) | restore + update with g = (a - b) g- + h: read backup, g-, h, m; write w, m (6).
+  fastsam keeps g0 and g+ apart (paper mode's coefficients need the third pass's loss): read backup, g0, g+;
+  write w, a copy of g+ in the second step, then read backup, g-, g+, g0, m; write w, m: 18 words, so its
+  best ratio to this limit is 18/17 = 1.06.
+* ``lastsam`` (11; ASAM with T = |w| + eta on every parameter: the benchmark's parameters are unnamed):
+  norm of T g: read g, w (2) | perturb (4) | restore + update (5). SAM + 1.
+* ``lastsam_orthogonal`` (15): norm (2) | perturb, also copying g (5) | dot product g_sam . g and ||g||^2:
+  read g_sam, g (2: the reduction cannot start before the second pass's grad exists, and the update needs
+  its result) | restore + update with g_sam + c g: read backup, g_sam, g, m; write w, m (6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+
+import fastsam
+from fastsam.bench import family_peers as fp
+from fastsam.bench import peers
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    loop: type
+    foreach: type
+    fastsam: Callable[..., torch.optim.Optimizer]
+    words_per_param: Optional[int]  # None: no justified limit (the ratio is left blank)
+    steps: Tuple[str, ...] = ("first_step", "second_step")
+    options: Dict[str, Any] = field(default_factory=dict)  # the method's hyper-parameters, for every row
+    fastsam_options: Dict[str, Any] = field(default_factory=dict)  # for the fastsam rows only
+
+    def make(self, row: str, params: Iterable[torch.Tensor], lr: float = 0.1, momentum: float = 0.9,
+             **options) -> torch.optim.Optimizer:
+        """The optimizer of a row: a peer ("loop", "foreach") or a fastsam impl; ``options`` override the
+        method's hyper-parameters (an option given as None is left out: the class's default)."""
+        kw = {k: v for k, v in dict(self.options, **options).items() if v is not None}
+        kw.update(lr=lr, momentum=momentum)
+        if row == "loop":
+            return self.loop(params, torch.optim.SGD, foreach=False, **kw)
+        if row == "foreach":
+            return self.foreach(params, torch.optim.SGD, **kw)
+        return self.fastsam(params, torch.optim.SGD, impl=row, **self.fastsam_options, **kw)
+
+    def step_fn(self, opt: torch.optim.Optimizer) -> Callable[[], None]:
+        """One step of ``opt``: its step calls in order (the forward/backward passes between them left out)."""
+        calls = [getattr(opt, name) for name in self.steps]
+
+        def step() -> None:
+            for call in calls:
+                call()
+        return step
+
+    def bytes_per_param(self, dtype: torch.dtype) -> Optional[int]:
+        if self.words_per_param is None:
+            return None
+        return self.words_per_param * torch.empty((), dtype=dtype).element_size()
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in [
+    Method("sam", "SAM", peers.LoopSAM, peers.ForeachSAM, fastsam.SAM, 10, options=dict(rho=0.05)),
+    Method("friendly_sam", "Friendly SAM", fp.LoopFriendlySAM, fp.ForeachFriendlySAM, fastsam.FriendlySAM, 13,
+           options=dict(rho=0.05, sigma=1.0, lmbda=0.9)),
+    Method("crsam", "CR-SAM (authors)", fp.LoopCRSAM, fp.ForeachCRSAM, fastsam.CRSAM, 17,
+           steps=("first_step", "second_step", "third_step"), options=dict(rho=0.1, gamma=0.1, beta=0.1),
+           fastsam_options=dict(mode="authors")),
+    Method("lastsam", "LastSAM (ASAM phase)", fp.LoopLastSAM, fp.ForeachLastSAM, fastsam.LastSAM, 11,
+           options=dict(sharpness="asam", orthogonal=False, rho=0.5, eta=0.01), fastsam_options=dict(switch_at=0)),
+    Method("lastsam_orthogonal", "LastSAM (ASAM phase, orthogonal)", fp.LoopLastSAM, fp.ForeachLastSAM,
+           fastsam.LastSAM, 15, options=dict(sharpness="asam", orthogonal=True, rho=0.5, eta=0.01),
+           fastsam_options=dict(switch_at=0)),
+]}
+
+
+def make_optimizer(method: str, row: str, params: Iterable[torch.Tensor], **options) -> torch.optim.Optimizer:
+    """``METHODS[method].make(row, params, **options)``."""
+    return METHODS[method].make(row, params, **options)
