@@ -5,7 +5,7 @@ import torch
 
 import fastsam
 from fastsam.bench.methods import METHODS
-from fastsam.bench.peers import PEERS, make_optimizer, rows
+from fastsam.bench.peers import PEERS, rows
 from fastsam.bench.shapes import make_params
 
 SHAPES = [("w", (5, 3)), ("b", (5,)), ("c", (2, 3, 2, 2))]
@@ -13,7 +13,7 @@ SHAPES = [("w", (5, 3)), ("b", (5,)), ("c", (2, 3, 2, 2))]
 
 def _two_steps(row, adaptive=False):
     params = make_params(SHAPES)
-    opt = make_optimizer(row, params, rho=0.5)
+    opt = METHODS["sam"].make(row, params, rho=0.5)
     for group in opt.param_groups:
         group["adaptive"] = adaptive
     for _ in range(2):
@@ -43,7 +43,7 @@ def test_peers_restore_exactly_then_step_sgd(row, adaptive):
 @pytest.mark.parametrize("row", PEERS)
 def test_peer_first_step_moves_to_w_plus_e(row, adaptive):
     params = make_params(SHAPES)
-    opt = make_optimizer(row, params, rho=0.5)
+    opt = METHODS["sam"].make(row, params, rho=0.5)
     for group in opt.param_groups:
         group["adaptive"] = adaptive
     w = torch.cat([p.detach().flatten() for p in params])

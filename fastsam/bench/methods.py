@@ -96,7 +96,3 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
            fastsam_options=dict(switch_at=0)),
 ]}
 
-
-def make_optimizer(method: str, row: str, params: Iterable[torch.Tensor], **options) -> torch.optim.Optimizer:
-    """``METHODS[method].make(row, params, **options)``."""
-    return METHODS[method].make(row, params, **options)

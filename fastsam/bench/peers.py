@@ -1,4 +1,4 @@
-"""The SAM implementations fastsam is compared with, and one factory for every SAM benchmark row.
+"""The SAM implementations fastsam is compared with, and the rows of the benchmark (peers, then fastsam impls).
 
 ``loop``: davda54/sam's algorithm as written there: a Python loop over parameters, a fresh backup per
 step, the restore by ``p.data = old_p``, and a per-tensor SGD (``foreach=False``) so the row stays a pure loop.
@@ -10,7 +10,7 @@ base optimizer steps with) through which :mod:`fastsam.bench.family_peers` write
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -174,13 +174,3 @@ def rows(device: str | torch.device, impls: Optional[Sequence[str]] = None) -> L
     """Benchmark rows: the peers, then ``impls`` (default: :func:`fastsam_impls`)."""
     return [*PEERS, *(fastsam_impls(device) if impls is None else impls)]
 
-
-def make_optimizer(row: str, params: Iterable[torch.Tensor], rho: float = 0.05, lr: float = 0.1,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """SAM over SGD(lr, momentum) for a benchmark row: a peer name or a fastsam impl ("torch", "cpu", ...).
-    The other methods' rows: :func:`fastsam.bench.methods.make_optimizer`."""
-    if row == "loop":
-        return LoopSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, foreach=False)
-    if row == "foreach":
-        return ForeachSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum)
-    return fastsam.SAM(params, torch.optim.SGD, rho=rho, impl=row, lr=lr, momentum=momentum)

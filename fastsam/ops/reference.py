@@ -66,11 +66,11 @@ def _direction(g32: Tensor, ema: List[Tensor], j: int, sigma: float) -> Tensor:
 
 def _grad_combination(grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
                       coef: Tensor | None, j: int) -> Tensor:
-    """The grad a fused update uses for tensor j, in fp32 (a new tensor: callers may modify it)."""
-    g32 = grads[j].float().clone()
+    """The grad a fused update uses for tensor j, in fp32 (may be ``grads[j]`` itself: not to be modified)."""
+    g32 = grads[j].float()
     if coef is None:
         return g32
-    g32.mul_(coef[0])
+    g32 = g32 * coef[0]
     if grads_b:
         g32.add_(grads_b[j].float() * coef[1])
     if grads_c:

@@ -372,6 +372,11 @@ def _update_lists(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     return dt, specs, dict(COEF=coef is not None, GB=bool(grads_b), GC=bool(grads_c))
 
 
+def _uses_ema(ema: List[Tensor], sigma: float) -> bool:
+    """Whether the direction is g - sigma * m; otherwise it is g exactly and the EMA is not read for it."""
+    return bool(ema) and sigma != 0
+
+
 # --------------------------------------------------------------------------------------------- ops
 
 @torch.no_grad()
@@ -385,7 +390,7 @@ def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales:
         return
     dt = _param_dtype("grads", grads)
     _scalar("acc", acc, grads[0])
-    direction = bool(ema) and sigma != 0  # else d = g exactly: the EMA is not read
+    direction = _uses_ema(ema, sigma)
     tab = table((("grads", grads, dt, False), ("params", params if mode == 1 else None, dt, False),
                  ("row_scales", row_scales if mode == 2 else None, _F32, True),
                  ("ema", ema if direction else None, dt, False)))
@@ -419,7 +424,7 @@ def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], r
                  ("row_scales", row_scales if mode == 2 else None, _F32, True), ("ema", ema or None, dt, False)))
     has_ema = bool(ema)  # without it every EMA switch is off: no kernel variant differs in unused switches only
     launch(_perturb_kernel, tab, norm_sq, float(rho), float(eps), float(eta), float(sigma), float(lmbda),
-           float(1 - lmbda), DT=PARAM_DTYPES[dt], MODE=mode, SIGN=bool(sign), DIR=has_ema and sigma != 0,
+           float(1 - lmbda), DT=PARAM_DTYPES[dt], MODE=mode, SIGN=bool(sign), DIR=_uses_ema(ema, sigma),
            EMA=has_ema, BLEND=has_ema and lmbda != 0)
 
 

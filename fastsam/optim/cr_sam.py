@@ -125,7 +125,8 @@ class CRSAM(SAM):
         diffs = torch.stack([lp + lm - 2 * l0, lp - lm])
         tiny = torch.full_like(diffs, _EPS_LOSS).copysign(diffs)
         diffs = torch.where(diffs.abs() < _EPS_LOSS, tiny, diffs)
-        a, b = torch.tensor([self.gamma, self.beta], device=diffs.device) / diffs
+        inv = diffs.reciprocal()  # scalars from the host only as Python numbers: no copy, no sync
+        a, b = inv[0] * self.gamma, inv[1] * self.beta
         coef = torch.stack([a - b, 1 + a + b, -2 * a])
         for d in devices:
             self._coef[d] = coef.to(d, non_blocking=True)
