@@ -1,7 +1,7 @@
 // Schemas of the fastsam ops and the Python module init of fastsam._C.
-// The math of every op is specified by fastsam/ops/reference.py; the CPU and CUDA kernels register
-// implementations of these schemas with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda). The operator is
-// "t_mode", not "mode": torch.library's mode redirection passes its own "mode" argument.
+// The math of every op is specified by fastsam/ops/reference.py (the CVaR ops: fastsam/ops/cvar_reference.py);
+// the CPU and CUDA kernels register implementations of these schemas with TORCH_LIBRARY_IMPL (csrc/cpu,
+// csrc/cuda). The operator is "t_mode", not "mode": torch.library's mode redirection passes its own "mode" argument.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -34,4 +34,12 @@ TORCH_LIBRARY(fastsam, m) {
       "restore_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float weight_decay, float eps, "
       "bool decoupled, bool maximize, float step, Tensor[] grads_b, Tensor[] grads_c, Tensor? coef) -> ()");
+  // CVaR: functional (they return new tensors); value and var are 0-dim in opmath (fp32, fp64 for fp64).
+  m.def("cvar_select(Tensor losses, float alpha) -> (Tensor value, Tensor var, Tensor weights)");
+  m.def(
+      "cvar_cross_entropy(Tensor logits, Tensor target, float alpha, int ignore_index, float label_smoothing) "
+      "-> (Tensor value, Tensor var, Tensor grad_logits)");
+  m.def(
+      "cvar_bce_with_logits(Tensor logits, Tensor target, Tensor? pos_weight, float alpha, bool per_sample, "
+      "float ignore_index) -> (Tensor value, Tensor var, Tensor grad_logits)");
 }

@@ -8,6 +8,7 @@ import torch
 
 import fastsam
 from fastsam import _extension
+from fastsam.ops import _fake
 
 needs_ext = pytest.mark.skipif(not _extension.has_extension() and "cpu" not in os.environ.get(
     "FASTSAM_REQUIRE_IMPLS", ""), reason="fastsam._C is not built")
@@ -25,12 +26,15 @@ def _sample_args(name):
         "restore_": ([w], [b]),
         "restore_sgd_": ([w], [g], [b], [m], 0.1, 1e-4, 0.9, 0.0, True, False, False, [v], [], torch.rand(3)),
         "restore_adam_": ([w], [g], [b], [m], [v.abs()], 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0, [], [], None),
+        "cvar_select": (torch.randn(10), 0.3),
+        "cvar_cross_entropy": (torch.randn(6, 4), torch.tensor([0, 3, -1, 2, 1, 1]), 0.5, -1, 0.1),
+        "cvar_bce_with_logits": (torch.randn(5, 3), torch.tensor([[0.0, 1, -1]] * 5), torch.rand(3) + 0.5, 0.4,
+                                 True, -1.0),
     }[name]
 
 
 @needs_ext
-@pytest.mark.parametrize("name", ["norm_sq_", "row_norm_", "perturb_", "reflect_", "dot_norm_sq_", "restore_",
-                                  "restore_sgd_", "restore_adam_"])
+@pytest.mark.parametrize("name", _fake.OPS)
 def test_opcheck(name):
     """Schema, fake kernel and dispatch checks of torch.library for every op on the CPU."""
     assert _extension.has_extension(), _extension.extension_error()

@@ -48,14 +48,18 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def backend(impl: str) -> ModuleType | object:
-    """The object whose attributes are the op functions of a concrete implementation."""
+def backend(impl: str, family: str = "sam") -> ModuleType | object:
+    """The object whose attributes are the op functions of a concrete implementation.
+
+    ``family`` is "sam" (the in-place optimizer ops) or "cvar" (the CVaR losses): the pure-Python
+    implementations keep each family in its own module; the extension registers both.
+    """
     if impl == "torch":
-        from fastsam.ops import reference
+        from fastsam.ops import cvar_reference, reference
 
-        return reference
+        return reference if family == "sam" else cvar_reference
     if impl == "triton":
-        from fastsam.ops import triton_kernels
+        from fastsam.ops import triton_cvar, triton_kernels
 
-        return triton_kernels
+        return triton_kernels if family == "sam" else triton_cvar
     return torch.ops.fastsam  # cpu and cuda: the extension, dispatched by the tensors' device

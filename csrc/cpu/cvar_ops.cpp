@@ -1,0 +1,1078 @@
+// CPU kernels of the CVaR ops: cvar_select, cvar_cross_entropy, cvar_bce_with_logits (the math, the tie
+// and NaN rules: fastsam/ops/cvar_reference.py).
+//
+// Each op makes three passes. (1) Over fixed chunks of rows, in parallel: the losses (one per row, or one
+// per element for element-wise BCE), kept as order-preserving integer keys (select.h; 0 for an ignored
+// entry), with the counts of valid entries and of NaN losses. (2) The radix select of the ceil(k)-th
+// largest key (select.h). (3) Over the same chunks: the weights or gradients, and the sum of the losses
+// above the threshold, one double per chunk, added in chunk order. The chunks depend on the shape alone,
+// so no result depends on the number of threads.
+//
+// exp and log run on 8 fp32 (4 fp64) lanes at once, written with GCC vector extensions so that they are
+// compiled for AVX2 inside run_chunks' AVX2 copy of each loop (multi_tensor.h) and for the baseline ISA
+// otherwise. They are accurate to a couple of ulp, not bitwise torch's, so unlike sam_ops.cpp this file
+// leaves fp-contract on: the AVX2 copy fuses the polynomials' multiply-adds, which halves their cost
+// (results then differ from the baseline copy's by an ulp, never with the number of threads).
+#if defined(__GNUC__) && !defined(__clang__)
+// 32-byte vectors in code built for the baseline ISA: GCC notes an ABI difference, which cannot matter
+// here, as every function taking or returning one is inlined.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+#include <utility>
+
+#include "multi_tensor.h"
+#include "select.h"
+
+namespace fastsam::cpu {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Lanes of the opmath type T and the vector math on them.
+
+template <class T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static constexpr int N = 8;
+  using Int = int32_t;
+  using UInt = uint32_t;
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));  // lane masks (0 or -1), small integers
+  typedef uint32_t U __attribute__((vector_size(32)));  // bit patterns, keys
+  static constexpr int kMant = 23, kBias = 127;
+  static constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds |x| < 2^22 to an integer
+  // ln 2 = hi + lo with hi * n exact for the n of any exp argument that is not clamped.
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  // exp is 0 below kExpLo (it would be below half the smallest subnormal) and inf above kExpHi.
+  static constexpr float kExpLo = -104.f, kExpHi = 89.f;
+  static constexpr float kExpFlush = -88.f;  // rounds to n = -127: 2^n built from n is 0
+  // Taylor degree of e^r, |r| <= ln2 / 2, and the number of terms of the atanh series of log and log1p:
+  // each truncation error is below 2^-25 relative.
+  static constexpr int kExpDegree = 6, kLogTerms = 5, kLog1pTerms = 7;
+};
+
+template <>
+struct Lanes<double> {
+  static constexpr int N = 4;
+  using Int = int64_t;
+  using UInt = uint64_t;
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+  typedef uint64_t U __attribute__((vector_size(32)));
+  static constexpr int kMant = 52, kBias = 1023;
+  static constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
+  static constexpr double kExpLo = -746., kExpHi = 710.;
+  static constexpr double kExpFlush = -709.;  // n = -1023
+  static constexpr int kExpDegree = 12, kLogTerms = 11, kLog1pTerms = 16;  // below 2^-54 relative
+};
+
+template <class T>
+using Vec = typename Lanes<T>::V;
+template <class T>
+using IVec = typename Lanes<T>::I;
+template <class T>
+using UVec = typename Lanes<T>::U;
+
+template <class T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+template <class T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+
+template <class T>
+inline Vec<T> splat(T x) {
+  return Vec<T>{} + x;
+}
+
+template <class T>
+inline IVec<T> lane_index() {
+  IVec<T> v{};
+  for (int l = 0; l < Lanes<T>::N; ++l) v[l] = l;
+  return v;
+}
+
+template <class T>
+inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
+  return a > b ? a : b;
+}
+
+template <int H, class V, size_t... L>
+inline V xor_lanes(V v, std::index_sequence<L...>) {
+  return __builtin_shufflevector(v, v, (int(L) ^ H)...);
+}
+
+// Horizontal max and sum, in a fixed tree order.
+template <class T>
+inline T hmax(Vec<T> v) {
+  constexpr auto seq = std::make_index_sequence<Lanes<T>::N>{};
+  if constexpr (Lanes<T>::N == 8) v = vmax<T>(v, xor_lanes<4>(v, seq));
+  v = vmax<T>(v, xor_lanes<2>(v, seq));
+  v = vmax<T>(v, xor_lanes<1>(v, seq));
+  return v[0];
+}
+
+template <class T>
+inline bool all_lanes(IVec<T> mask) {
+  constexpr auto seq = std::make_index_sequence<Lanes<T>::N>{};
+  if constexpr (Lanes<T>::N == 8) mask &= xor_lanes<4>(mask, seq);
+  mask &= xor_lanes<2>(mask, seq);
+  mask &= xor_lanes<1>(mask, seq);
+  return mask[0] != 0;
+}
+
+template <class T>
+inline T hsum(Vec<T> v) {
+  constexpr auto seq = std::make_index_sequence<Lanes<T>::N>{};
+  if constexpr (Lanes<T>::N == 8) v = v + xor_lanes<4>(v, seq);
+  v = v + xor_lanes<2>(v, seq);
+  v = v + xor_lanes<1>(v, seq);
+  return v[0];
+}
+
+// N vectors reduced at once, one lane each: lane b of the result is op over the lanes of a[b] (a is
+// overwritten). Each step pairs a[b] with a[b + H], so that N row reductions cost N - 1 ops and shuffles
+// in all, against log2(N) per vector one at a time. The order of the op over the lanes is fixed.
+template <class T, int H = Lanes<T>::N / 2, class Op>
+inline Vec<T> fold_lanes(Vec<T>* a, Op op) {
+  constexpr auto seq = std::make_index_sequence<Lanes<T>::N>{};
+  const IVec<T> hi = (lane_index<T>() & H) != 0;
+  for (int b = 0; b < H; ++b) a[b] = op(hi ? a[b + H] : a[b], xor_lanes<H>(hi ? a[b] : a[b + H], seq));
+  if constexpr (H > 1) return fold_lanes<T, H / 2>(a, op);
+  else return a[0];
+}
+
+template <class T>
+constexpr T inv_factorial(int d) {
+  T f = 1;
+  for (int i = 2; i <= d; ++i) f *= T(i);
+  return T(1) / f;
+}
+
+template <class T>
+inline Vec<T> pow2(IVec<T> n) {  // 2^n for n in the normal exponent range; 0 for n = -bias
+  return __builtin_bit_cast(Vec<T>, (n + Lanes<T>::kBias) << Lanes<T>::kMant);
+}
+
+// e^x: x = n ln2 + r with |r| <= ln2 / 2, a Taylor polynomial of e^r, and 2^n.
+// General (kNonPos = false): any x; 2^n is applied in two halves, so that n may go below the normal
+// range (gradual underflow) and up to 128 (fp32); NaN is passed through at the end.
+// kNonPos: x <= 0 (or -inf): the common case here, every argument being a logit minus a bound above it,
+// or -|x|. x is clamped at kExpFlush, where n reaches the bias below the normal range, so that the 2^n
+// built from n is exactly 0 there (e^x below about 2^-126 is flushed to 0, which no loss or gradient here
+// can tell from its tiny true value, and -inf gives 0); the clamp keeps NaN, and so does p * 2^n whatever
+// n a NaN produced.
+// Each call does G vectors in place, one step for several of them before the next: each polynomial is a
+// chain of dependent multiply-adds, and independent chains side by side keep the pipelines full.
+template <class T, bool kNonPos, int G>
+inline void vexp_n(Vec<T>* x) {
+  using L = Lanes<T>;
+  using I = IVec<T>;
+  constexpr int kSide = G < 4 ? G : 4;  // chains side by side: more would spill registers
+  static_assert(G % kSide == 0);
+  for (int g0 = 0; g0 < G; g0 += kSide) {
+    Vec<T>* v = x + g0;
+    Vec<T> r[kSide], p[kSide];
+    I n[kSide];
+    for (int g = 0; g < kSide; ++g) {
+      const T lo = kNonPos ? L::kExpFlush : L::kExpLo;
+      Vec<T> c = v[g] < lo ? splat<T>(lo) : v[g];
+      if constexpr (!kNonPos) c = c > L::kExpHi ? splat<T>(L::kExpHi) : c;
+      const Vec<T> t = c * T(1.4426950408889634) + L::kMagic;  // log2(e) x, rounded to an integer
+      const Vec<T> nf = t - L::kMagic;
+      n[g] = __builtin_bit_cast(I, t) - __builtin_bit_cast(typename L::Int, L::kMagic);
+      r[g] = (c - nf * L::kLn2Hi) - nf * L::kLn2Lo;
+      p[g] = splat<T>(inv_factorial<T>(L::kExpDegree));
+    }
+    for (int d = L::kExpDegree - 1; d >= 0; --d)
+      for (int g = 0; g < kSide; ++g) p[g] = p[g] * r[g] + inv_factorial<T>(d);
+    for (int g = 0; g < kSide; ++g) {
+      if constexpr (kNonPos) {
+        v[g] = p[g] * pow2<T>(n[g]);
+      } else {
+        const I half = n[g] >> 1;
+        const Vec<T> y = p[g] * pow2<T>(half) * pow2<T>(n[g] - half);
+        v[g] = v[g] == v[g] ? y : v[g];
+      }
+    }
+  }
+}
+
+template <class T, bool kNonPos>
+inline Vec<T> vexp(Vec<T> x) {
+  vexp_n<T, kNonPos, 1>(&x);
+  return x;
+}
+
+// sum_{k=0..K} z2^k / (2k + 1): 2 z times it is log((1 + z) / (1 - z)).
+template <class T, int K>
+inline Vec<T> atanh_series(Vec<T> z2) {
+  Vec<T> q = splat<T>(T(1) / T(2 * K + 1));
+  for (int k = K - 1; k >= 0; --k) q = q * z2 + T(1) / T(2 * k + 1);
+  return q;
+}
+
+// log(s) for s a positive normal number, 0, inf or NaN (the sums of exps it is given are nothing else):
+// s = 2^e m with m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh((m - 1) / (m + 1)).
+template <class T>
+inline Vec<T> vlog(Vec<T> s) {
+  using L = Lanes<T>;
+  using I = IVec<T>;
+  using U = UVec<T>;
+  using UInt = typename L::UInt;
+  const U u = __builtin_bit_cast(U, s);
+  I e = __builtin_bit_cast(I, u >> L::kMant) - L::kBias;
+  Vec<T> m = __builtin_bit_cast(Vec<T>, (u & ((UInt(1) << L::kMant) - 1)) | (UInt(L::kBias) << L::kMant));
+  const I big = m > T(1.4142135623730951);
+  m = big ? m * T(0.5) : m;
+  e = e - big;
+  const Vec<T> f = m - T(1), z = f / (f + T(2));
+  const Vec<T> ef = __builtin_convertvector(e, Vec<T>);
+  Vec<T> y = ef * L::kLn2Hi + (ef * L::kLn2Lo + (z + z) * atanh_series<T, L::kLogTerms>(z * z));
+  y = s == T(0) ? splat<T>(-kInf<T>) : y;
+  y = s == kInf<T> ? splat<T>(kInf<T>) : y;
+  return s == s ? y : s;
+}
+
+// log1p(e) for e in [0, 1] (or NaN): 2 atanh(e / (2 + e)), with e / (2 + e) in [0, 1/3].
+template <class T>
+inline Vec<T> vlog1p_unit(Vec<T> e) {
+  const Vec<T> z = e / (e + T(2));
+  return (z + z) * atanh_series<T, Lanes<T>::kLog1pTerms>(z * z);
+}
+
+template <class T>
+inline Vec<T> vabs(Vec<T> x) {
+  using U = UVec<T>;
+  using UInt = typename Lanes<T>::UInt;
+  return __builtin_bit_cast(Vec<T>, __builtin_bit_cast(U, x) & ~(UInt(1) << (8 * sizeof(UInt) - 1)));
+}
+
+// Keys of select.h on every lane.
+template <class T>
+inline UVec<T> to_keys(Vec<T> x) {
+  using U = UVec<T>;
+  using UInt = typename Lanes<T>::UInt;
+  constexpr int kTop = 8 * sizeof(UInt) - 1;
+  const U u = __builtin_bit_cast(U, x + T(0));
+  return u ^ ((U{} - (u >> kTop)) | (UInt(1) << kTop));
+}
+
+template <class T>
+inline Vec<T> from_keys(UVec<T> k) {
+  using U = UVec<T>;
+  using UInt = typename Lanes<T>::UInt;
+  constexpr int kTop = 8 * sizeof(UInt) - 1;
+  return __builtin_bit_cast(Vec<T>, k ^ ((U{} - ((k >> kTop) ^ 1)) | (UInt(1) << kTop)));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Loads and stores of N lanes between storage (IO::S) and opmath (T).
+
+struct F64 {
+  using S = double;
+  static double ld(S x) { return x; }
+  static S st(double x) { return x; }
+};
+
+template <class IO, class T>
+inline Vec<T> load(const typename IO::S* p) {
+  Vec<T> v;
+  if constexpr (std::is_same_v<typename IO::S, T>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    T a[Lanes<T>::N];
+    for (int l = 0; l < Lanes<T>::N; ++l) a[l] = T(IO::ld(p[l]));
+    std::memcpy(&v, a, sizeof v);
+  }
+  return v;
+}
+
+// The first cnt (< N) lanes from p, `pad` in the others: the tail of a row, read without overrunning it.
+template <class IO, class T>
+inline Vec<T> load_part(const typename IO::S* p, int64_t cnt, T pad) {
+  T a[Lanes<T>::N];
+  for (int l = 0; l < Lanes<T>::N; ++l) a[l] = l < cnt ? T(IO::ld(p[l])) : pad;
+  Vec<T> v;
+  std::memcpy(&v, a, sizeof v);
+  return v;
+}
+
+template <class IO, class T>
+inline void store(typename IO::S* p, Vec<T> v) {
+  if constexpr (std::is_same_v<typename IO::S, T>) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    T a[Lanes<T>::N];
+    std::memcpy(a, &v, sizeof v);
+    for (int l = 0; l < Lanes<T>::N; ++l) p[l] = IO::st(a[l]);
+  }
+}
+
+template <class IO, class T>
+inline void store_part(typename IO::S* p, Vec<T> v, int64_t cnt) {
+  T a[Lanes<T>::N];
+  std::memcpy(a, &v, sizeof v);
+  for (int l = 0; l < cnt; ++l) p[l] = IO::st(a[l]);
+}
+
+template <class T>
+inline UVec<T> load_keys(const key_t<T>* p) {
+  UVec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class T>
+inline void store_keys(key_t<T>* p, UVec<T> v, int64_t cnt) {
+  if (cnt == Lanes<T>::N) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    for (int l = 0; l < cnt; ++l) p[l] = v[l];
+  }
+}
+
+// Calls body(j, cnt) for the lane blocks of a row of `width`: cnt = N but in the last, partial block.
+template <class T, class F>
+inline void for_blocks(int64_t width, F&& body) {
+  constexpr int N = Lanes<T>::N;
+  int64_t j = 0;
+  for (; j + N <= width; j += N) body(j, int64_t(N));
+  if (j < width) body(j, width - j);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Checks, dispatch, chunks, and the threshold shared by the three ops.
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Storage type and opmath type of each supported dtype.
+template <class F>
+void dispatch_float(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(F32{}, float{});
+    case at::kDouble: return f(F64{}, double{});
+    case at::kBFloat16: return f(BF16{}, float{});
+    case at::kHalf: return f(F16{}, float{});
+    default: TORCH_CHECK(false, "unreachable: dtype ", dtype, " passed check_float");
+  }
+}
+
+void check_float(const char* op, const at::Tensor& t, const char* name) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", d);
+}
+
+void check_dense(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (sizes ", t.sizes(), ", strides ",
+                    t.strides(), "); call .contiguous() on it");
+}
+
+void check_alpha(const char* op, double alpha) {
+  TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, op, ": alpha must be in (0, 1], got ", alpha);
+}
+
+// Whole rows of about kChunk elements per chunk (Chunk.begin/end count elements), fixed by the shape.
+std::vector<Chunk> row_chunks(int64_t rows, int64_t width) {
+  const int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(width, 1));
+  std::vector<Chunk> out;
+  out.reserve(size_t((rows + per - 1) / per));
+  for (int64_t r = 0; r < rows; r += per) out.push_back({0, r * width, std::min(rows, r + per) * width});
+  return out;
+}
+
+struct Counts {
+  int64_t valid = 0, nan = 0;
+};
+
+Counts total(const std::vector<Counts>& per_chunk) {
+  Counts t;
+  for (const Counts& c : per_chunk) {
+    t.valid += c.valid;
+    t.nan += c.nan;
+  }
+  return t;
+}
+
+constexpr double kSnap = 1e-9;  // cvar_reference.SNAP
+
+// The threshold t of CVaR_alpha and the weights of the losses above and at it.
+template <class T>
+struct Cut {
+  bool defined = false;  // some valid loss and no NaN among them; else value and var are NaN
+  key_t<T> key = 0;      // the key of t (nonzero)
+  T t = kNaN<T>;
+  double k = 0, w_gt = 0, w_eq = 0;
+  int64_t c_gt = 0;
+};
+
+// keys: one per entry, 0 where the entry is not valid; counts: over the valid entries.
+template <class T>
+Cut<T> make_cut(const key_t<T>* keys, int64_t n, Counts counts, double alpha) {
+  Cut<T> c;
+  if (counts.valid == 0 || counts.nan > 0) return c;
+  double k = alpha * double(counts.valid);
+  const double r = std::nearbyint(k);
+  if (r >= 1 && std::fabs(k - r) <= kSnap * k) k = r;
+  const int64_t rank = std::clamp<int64_t>(int64_t(std::ceil(k)), 1, counts.valid);
+  const Threshold<key_t<T>> th = select_largest(keys, n, rank);
+  c.defined = true;
+  c.key = th.key;
+  c.t = from_key<T>(th.key);
+  c.k = k;
+  c.c_gt = th.above;
+  c.w_gt = 1.0 / k;
+  c.w_eq = (k - double(th.above)) / (k * double(th.equal));
+  return c;
+}
+
+// The sum, in double, of the losses whose keys in [b, e) are above the threshold: N lanes of keys at a
+// time, their floats widened to doubles in two halves of sums (fp32), added in a fixed order.
+template <class T>
+double sum_above(const key_t<T>* keys, int64_t b, int64_t e, key_t<T> t) {
+  constexpr int N = Lanes<T>::N;
+  typedef double D __attribute__((vector_size(32)));
+  D lo{}, hi{};
+  int64_t i = b;
+  for (; i + N <= e; i += N) {
+    const UVec<T> kv = load_keys<T>(keys + i);
+    const Vec<T> v = kv > t ? from_keys<T>(kv) : splat<T>(0);
+    if constexpr (N == 8) {
+      lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), D);
+      hi += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), D);
+    } else {
+      lo += v;
+    }
+  }
+  double tail = 0;
+  for (; i < e; ++i) tail += keys[i] > t ? double(from_key<T>(keys[i])) : 0.0;
+  const D s = lo + hi;
+  return ((s[0] + s[1]) + (s[2] + s[3])) + tail;
+}
+
+// value and var: 0-dim tensors of the opmath dtype. sums: the chunk sums of sum_above.
+template <class T>
+std::pair<at::Tensor, at::Tensor> value_and_var(const at::Tensor& like, const Cut<T>& c,
+                                                const std::vector<double>& sums) {
+  const auto opts = like.options().dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat);
+  at::Tensor value = at::empty({}, opts), var = at::empty({}, opts);
+  double s_gt = 0;
+  for (const double s : sums) s_gt += s;
+  *value.data_ptr<T>() = c.defined ? T((s_gt + (c.k - double(c.c_gt)) * double(c.t)) / c.k) : kNaN<T>;
+  *var.data_ptr<T>() = c.t;
+  return {value, var};
+}
+
+// Selected rows (weight != 0) of [rb, re), rb-relative, in order: a branch-free compaction, as whether
+// a row is selected is as unpredictable as its loss.
+template <class K>
+inline int pick_rows(const K* keys, int64_t rb, int64_t re, K t, int32_t* pick) {
+  int np = 0;
+  for (int64_t r = rb; r < re; ++r) {
+    pick[np] = int32_t(r - rb);
+    np += keys[r] >= t;
+  }
+  return np;
+}
+
+constexpr int64_t kRun = 256;  // rows zeroed at once before the selected ones are written
+
+// Pass 3 of per-row weights over rows [r0, r1) of `width` elements: each run of kRun rows of g is zeroed
+// (a full-line store that needs no read of the line), then body(rb, pick, np) writes its selected rows
+// (key >= t; pick: rb-relative). The rows of x that the next run selects are prefetched first: they are
+// scattered, so the hardware prefetcher does not see them coming, and pass 1 read them long ago.
+template <class K, class S, class Body>
+void for_selected_runs(const K* keys, K t, const S* x, S* g, int64_t width, int64_t r0, int64_t r1, Body&& body) {
+  int32_t pick[2][kRun];
+  int np[2] = {0, 0};
+  const int64_t bytes = std::min<int64_t>(width * int64_t(sizeof(S)), 256);
+  const auto scan = [&](int64_t rb, int slot) {
+    np[slot] = pick_rows(keys, rb, std::min(r1, rb + kRun), t, pick[slot]);
+    for (int q = 0; q < np[slot]; ++q) {
+      const char* row = reinterpret_cast<const char*>(x + (rb + pick[slot][q]) * width);
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o);
+      __builtin_prefetch(row + bytes - 1);
+    }
+  };
+  if (r0 < r1) scan(r0, 0);
+  for (int64_t rb = r0, k = 0; rb < r1; rb += kRun, ++k) {
+    const int cur = int(k & 1);
+    if (rb + kRun < r1) scan(rb + kRun, cur ^ 1);
+    const int64_t re = std::min(r1, rb + kRun);
+    std::memset(static_cast<void*>(g + rb * width), 0, size_t((re - rb) * width) * sizeof(S));
+    body(rb, pick[cur], np[cur]);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// cvar_select
+
+Result cvar_select(const at::Tensor& losses, double alpha) {
+  constexpr const char* kOp = "cvar_select";
+  check_alpha(kOp, alpha);
+  check_float(kOp, losses, "losses");
+  TORCH_CHECK_VALUE(losses.dim() == 1, kOp, ": losses must be 1-D, got shape ", losses.sizes());
+  check_dense(kOp, losses, "losses");
+  const int64_t n = losses.numel();
+  at::Tensor weights = at::empty({n}, losses.options());
+  Result out;
+  dispatch_float(losses.scalar_type(), [&](auto io, auto opmath) {
+    using IO = decltype(io);
+    using T = decltype(opmath);
+    using S = typename IO::S;
+    using K = key_t<T>;
+    const S* l = static_cast<const S*>(losses.const_data_ptr());
+    S* w = static_cast<S*>(weights.data_ptr());
+    std::unique_ptr<K[]> keys(new K[n]);
+    const auto chunks = row_chunks(n, 1);
+    std::vector<Counts> counts(chunks.size());
+    K* kp = keys.get();
+    run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      int64_t nan = 0;
+      for (int64_t j = c.begin; j < c.end; ++j) {
+        const T v = T(IO::ld(l[j]));
+        kp[j] = to_key(v);
+        nan += v != v;
+      }
+      counts[i] = {c.end - c.begin, nan};
+    });
+    const Cut<T> cut = make_cut<T>(keys.get(), n, total(counts), alpha);
+    std::vector<double> sums(chunks.size());
+    if (!cut.defined) {
+      std::fill(w, w + n, IO::st(kNaN<T>));
+    } else {
+      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+        // Locals, not captures: a store to w could otherwise alias them and force a reload per element.
+        const S wg = IO::st(T(cut.w_gt)), we = IO::st(T(cut.w_eq)), zero = IO::st(T(0));
+        const K t = cut.key;
+        for (int64_t j = c.begin; j < c.end; ++j) w[j] = kp[j] > t ? wg : kp[j] == t ? we : zero;
+        sums[i] = sum_above<T>(kp, c.begin, c.end, t);
+      });
+    }
+    auto [value, var] = value_and_var<T>(losses, cut, sums);
+    out = {value, var, weights};
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------------
+// cvar_cross_entropy
+
+template <class T>
+struct CeArgs {
+  int64_t classes, ignore_index;
+  bool smooth;
+  T keep, ls;      // 1 - s and s, the weights of the two terms of the smoothed loss
+  T off, hit;      // gradient terms: s / C off every class, s - 1 more on the target
+};
+
+// max (shift), sum of exp(x - shift) and sum of x over one row of logits.
+template <class IO, class T>
+inline void ce_row_stats(const typename IO::S* xr, int64_t classes, T& shift, T& sum_exp, T& sum_x) {
+  using V = Vec<T>;
+  const IVec<T> lane = lane_index<T>();
+  V vm = splat<T>(-kInf<T>), vx = splat<T>(0);
+  for_blocks<T>(classes, [&](int64_t j, int64_t cnt) {
+    const V v = cnt == Lanes<T>::N ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, -kInf<T>);
+    vm = vmax<T>(vm, v);
+    vx += lane < typename Lanes<T>::Int(cnt) ? v : splat<T>(0);
+  });
+  const T m = hmax<T>(vm);
+  const bool finite = std::isfinite(m);
+  shift = finite ? m : T(0);  // as torch's logsumexp: an infinite max shifts by 0
+  V vs = splat<T>(0);
+  for_blocks<T>(classes, [&](int64_t j, int64_t cnt) {
+    const V v = cnt == Lanes<T>::N ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, -kInf<T>);
+    vs += finite ? vexp<T, true>(v - shift) : vexp<T, false>(v - shift);
+  });
+  sum_exp = hsum<T>(vs);
+  sum_x = hsum<T>(vx);
+}
+
+// Pass 1 over rows [r0, r1): the key of each row's loss (0 if ignored) and its log-sum-exp.
+template <class IO, class T>
+Counts ce_losses(const typename IO::S* x, const int64_t* target, int64_t r0, int64_t r1, const CeArgs<T> a,
+                 key_t<T>* keys, T* lse) {
+  constexpr int N = Lanes<T>::N;
+  using V = Vec<T>;
+  Counts counts;
+  for (int64_t r = r0; r < r1; r += N) {
+    const int nb = int(std::min<int64_t>(N, r1 - r));
+    // Lanes of ignored rows (and past r1) get harmless values and key 0.
+    alignas(32) T shift[N] = {}, sum_exp[N], sum_x[N] = {}, x_y[N] = {};
+    alignas(32) typename Lanes<T>::Int ok[N] = {};
+    for (int l = 0; l < N; ++l) sum_exp[l] = 1;
+    for (int l = 0; l < nb; ++l) {
+      const int64_t y = target[r + l];
+      if (y == a.ignore_index) continue;
+      const typename IO::S* xr = x + (r + l) * a.classes;
+      ce_row_stats<IO, T>(xr, a.classes, shift[l], sum_exp[l], sum_x[l]);
+      x_y[l] = y >= 0 && y < a.classes ? T(IO::ld(xr[y])) : kNaN<T>;  // a class outside [0, C): NaN loss
+      ok[l] = -1;
+    }
+    V vshift, vsum, vsx, vxy;
+    IVec<T> vok;
+    std::memcpy(&vshift, shift, sizeof vshift);
+    std::memcpy(&vsum, sum_exp, sizeof vsum);
+    std::memcpy(&vsx, sum_x, sizeof vsx);
+    std::memcpy(&vxy, x_y, sizeof vxy);
+    std::memcpy(&vok, ok, sizeof vok);
+    const V vlse = vshift + vlog<T>(vsum);
+    V loss = vlse - vxy;
+    if (a.smooth) loss = loss * a.keep + (vlse - vsx / T(a.classes)) * a.ls;
+    store_keys<T>(keys + r, to_keys<T>(loss) & __builtin_bit_cast(UVec<T>, vok), nb);
+    if (nb == N) std::memcpy(lse + r, &vlse, sizeof vlse);
+    else for (int l = 0; l < nb; ++l) lse[r + l] = vlse[l];
+    for (int l = 0; l < nb; ++l) {
+      counts.valid += ok[l] != 0;
+      counts.nan += ok[l] != 0 && loss[l] != loss[l];
+    }
+  }
+  return counts;
+}
+
+// Lane masks of N targets ys: ok (not ignore_index) and bad (ok but outside [0, C)); idx: where to read
+// the target's logit (0 for a class outside [0, C)).
+template <class T>
+inline void target_lanes(const int64_t* ys, int64_t ignore_index, int64_t classes, IVec<T>& ok, IVec<T>& bad,
+                         int64_t* idx) {
+  typedef int64_t Q __attribute__((vector_size(32)));
+  typedef uint64_t UQ __attribute__((vector_size(32)));
+  typedef int32_t H __attribute__((vector_size(16)));
+  constexpr int kQ = Lanes<T>::N / 4;
+  Q okq[kQ], badq[kQ];
+  for (int h = 0; h < kQ; ++h) {
+    Q q;
+    std::memcpy(&q, ys + 4 * h, sizeof q);
+    const Q in = __builtin_bit_cast(UQ, q) < uint64_t(classes);
+    okq[h] = q != ignore_index;
+    badq[h] = okq[h] & ~in;
+    const Q ix = in ? q : Q{};
+    std::memcpy(idx + 4 * h, &ix, sizeof ix);
+  }
+  if constexpr (kQ == 1) {
+    ok = okq[0];
+    bad = badq[0];
+  } else {
+    const H o0 = __builtin_convertvector(okq[0], H), o1 = __builtin_convertvector(okq[1], H);
+    const H b0 = __builtin_convertvector(badq[0], H), b1 = __builtin_convertvector(badq[1], H);
+    ok = __builtin_shufflevector(o0, o1, 0, 1, 2, 3, 4, 5, 6, 7);
+    bad = __builtin_shufflevector(b0, b1, 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+}
+
+// Pass 1 for rows of at most N classes, one lane block each, N rows at a time: the row reductions are
+// folded across the rows (fold_lanes) and the N exps run side by side (vexp_n). kWide: exactly N classes
+// (whole-vector loads). Groups of N rows are straight-line code; only the last, partial one is not.
+template <class IO, class T, bool kSmooth, bool kWide>
+Counts ce_losses_narrow(const typename IO::S* x, const int64_t* target, int64_t r0, int64_t r1, const CeArgs<T> a,
+                        key_t<T>* keys, T* lse) {
+  constexpr int N = Lanes<T>::N;
+  using V = Vec<T>;
+  using I = IVec<T>;
+  using Int = typename Lanes<T>::Int;
+  using UInt = typename Lanes<T>::UInt;
+  constexpr UInt kExpBits = UInt(2 * Lanes<T>::kBias + 1) << Lanes<T>::kMant;
+  const int64_t classes = kWide ? N : a.classes;
+  const I in_row = lane_index<T>() < Int(classes);
+  I valid{}, nan{};  // per-lane counts (-1 per row)
+  const auto group = [&](int64_t r, int nb, auto whole_c) {
+    constexpr bool kWhole = decltype(whole_c)::value;
+    V v[N], e[N];
+#pragma GCC unroll 8
+    for (int b = 0; b < N; ++b) {
+      const typename IO::S* xr = x + (r + b) * classes;
+      if (!kWhole && b >= nb) v[b] = splat<T>(0);
+      else if constexpr (kWide) v[b] = load<IO, T>(xr);
+      else v[b] = load_part<IO, T>(xr, classes, -kInf<T>);
+      e[b] = v[b];
+    }
+    const V m = fold_lanes<T>(e, [](V p, V q) { return vmax<T>(p, q); });
+    // As torch's logsumexp, an infinite max shifts by 0 (and NaN rows stay NaN whatever the shift).
+    const I finite = (__builtin_bit_cast(UVec<T>, m) & kExpBits) != kExpBits;
+    const V shift = finite ? m : splat<T>(0);
+#pragma GCC unroll 8
+    for (int b = 0; b < N; ++b) e[b] = v[b] - shift[b];
+    if (all_lanes<T>(finite)) vexp_n<T, true, N>(e);
+    else vexp_n<T, false, N>(e);
+    const V vlse = shift + vlog<T>(fold_lanes<T>(e, [](V p, V q) { return p + q; }));
+    // The target's logit, loaded from memory (cheaper than picking a lane of each row's vector); a
+    // class outside [0, C) is a NaN loss.
+    alignas(32) int64_t ys[N], idx[N];
+    if constexpr (kWhole) {
+      std::memcpy(ys, target + r, sizeof ys);
+    } else {
+      for (int b = 0; b < N; ++b) ys[b] = b < nb ? target[r + b] : a.ignore_index;
+    }
+    I vok, vbad;
+    target_lanes<T>(ys, a.ignore_index, classes, vok, vbad, idx);
+    alignas(32) T x_y[N];
+#pragma GCC unroll 8
+    for (int b = 0; b < N; ++b) x_y[b] = kWhole || b < nb ? T(IO::ld(x[(r + b) * classes + idx[b]])) : T(0);
+    V vxy;
+    std::memcpy(&vxy, x_y, sizeof vxy);
+    V loss = vlse - (vbad ? splat<T>(kNaN<T>) : vxy);
+    if constexpr (kSmooth) {
+#pragma GCC unroll 8
+      for (int b = 0; b < N; ++b) e[b] = in_row ? v[b] : splat<T>(0);
+      const V sum_x = fold_lanes<T>(e, [](V p, V q) { return p + q; });
+      loss = loss * a.keep + (vlse - sum_x / T(classes)) * a.ls;
+    }
+    valid -= vok;
+    nan -= vok & (loss != loss);
+    const UVec<T> kv = to_keys<T>(loss) & __builtin_bit_cast(UVec<T>, vok);
+    if constexpr (kWhole) {
+      std::memcpy(keys + r, &kv, sizeof kv);
+      std::memcpy(lse + r, &vlse, sizeof vlse);
+    } else {
+      for (int l = 0; l < nb; ++l) {
+        keys[r + l] = kv[l];
+        lse[r + l] = vlse[l];
+      }
+    }
+  };
+  int64_t r = r0;
+  for (; r + N <= r1; r += N) group(r, N, std::true_type{});
+  if (r < r1) group(r, int(r1 - r), std::false_type{});
+  Counts counts;
+  for (int l = 0; l < N; ++l) {
+    counts.valid += valid[l];
+    counts.nan += nan[l];
+  }
+  return counts;
+}
+
+// w (softmax(x) - s / C - (1 - s) onehot(y)) for one row.
+template <class IO, class T>
+inline void ce_row_grad(const typename IO::S* xr, typename IO::S* gr, int64_t y, T lse, T w, const CeArgs<T> a) {
+  using V = Vec<T>;
+  using Int = typename Lanes<T>::Int;
+  const IVec<T> lane = lane_index<T>();
+  for_blocks<T>(a.classes, [&](int64_t j, int64_t cnt) {
+    const bool full = cnt == Lanes<T>::N;
+    const V v = full ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, T(0));
+    V d = vexp<T, true>(v - lse) - a.off;  // lse >= max(x): the argument is <= 0
+    const Int yl = y >= j && y < j + cnt ? Int(y - j) : Int(-1);
+    d = lane == yl ? d + a.hit : d;
+    if (full) store<IO, T>(gr + j, d * w);
+    else store_part<IO, T>(gr + j, d * w, cnt);
+  });
+}
+
+// Pass 3 for the selected rows of at most N classes: N rows at a time, their exps side by side.
+template <class IO, class T>
+inline void ce_grads_narrow(const typename IO::S* x, typename IO::S* g, const int64_t* target, const T* lse,
+                            const key_t<T>* keys, key_t<T> t, T wg, T we, int64_t rb, const int32_t* pick, int np,
+                            const CeArgs<T> a) {
+  constexpr int N = Lanes<T>::N;
+  using V = Vec<T>;
+  using Int = typename Lanes<T>::Int;
+  const int64_t classes = a.classes;
+  const IVec<T> lane = lane_index<T>();
+  for (int q = 0; q < np; q += N) {
+    const int cnt = std::min(N, np - q);
+    V e[N];
+    for (int b = 0; b < N; ++b) {
+      if (b >= cnt) {
+        e[b] = splat<T>(0);
+        continue;
+      }
+      const int64_t r = rb + pick[q + b];
+      const typename IO::S* xr = x + r * classes;
+      e[b] = (classes == N ? load<IO, T>(xr) : load_part<IO, T>(xr, classes, T(0))) - lse[r];
+    }
+    vexp_n<T, true, N>(e);  // lse >= max(x): the arguments are <= 0
+    for (int b = 0; b < cnt; ++b) {
+      const int64_t r = rb + pick[q + b];
+      V d = e[b] - a.off;
+      d = lane == Int(target[r]) ? d + a.hit : d;  // a selected row's target is in [0, C)
+      d = d * (keys[r] > t ? wg : we);
+      if (classes == N) store<IO, T>(g + r * classes, d);
+      else store_part<IO, T>(g + r * classes, d, classes);
+    }
+  }
+}
+
+Result cvar_cross_entropy(const at::Tensor& logits, const at::Tensor& target, double alpha, int64_t ignore_index,
+                          double label_smoothing) {
+  constexpr const char* kOp = "cvar_cross_entropy";
+  check_alpha(kOp, alpha);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, kOp, ": label_smoothing must be in [0, 1], got ",
+                    label_smoothing);
+  check_float(kOp, logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, kOp,
+                    ": logits must be 2-D [n, C] with C >= 1, got shape ", logits.sizes());
+  check_dense(kOp, logits, "logits");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, kOp, ": target must be int64 class indices, got ",
+                   target.scalar_type());
+  const int64_t n = logits.size(0), classes = logits.size(1);
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == n, kOp, ": target must have shape [", n,
+                    "] (one class per row of logits), got ", target.sizes());
+  check_dense(kOp, target, "target");
+  at::Tensor grad = at::empty({n, classes}, logits.options());
+  Result out;
+  dispatch_float(logits.scalar_type(), [&](auto io, auto opmath) {
+    using IO = decltype(io);
+    using T = decltype(opmath);
+    using S = typename IO::S;
+    using K = key_t<T>;
+    const S* x = static_cast<const S*>(logits.const_data_ptr());
+    const int64_t* y = target.const_data_ptr<int64_t>();
+    S* g = static_cast<S*>(grad.data_ptr());
+    const CeArgs<T> a{classes,
+                      ignore_index,
+                      label_smoothing != 0,
+                      T(1.0 - label_smoothing),
+                      T(label_smoothing),
+                      T(label_smoothing / double(classes)),
+                      T(label_smoothing - 1.0)};
+    std::unique_ptr<K[]> keys(new K[n]);
+    std::unique_ptr<T[]> lse(new T[n]);
+    const auto chunks = row_chunks(n, classes);
+    std::vector<Counts> counts(chunks.size());
+    const bool narrow = classes <= Lanes<T>::N;
+    run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      const int64_t r0 = c.begin / classes, r1 = c.end / classes;
+      K* kp = keys.get();
+      T* lp = lse.get();
+      if (!narrow) counts[i] = ce_losses<IO, T>(x, y, r0, r1, a, kp, lp);
+      else with_bool(a.smooth, [&](auto smooth_c) {
+        with_bool(classes == Lanes<T>::N, [&](auto wide_c) {
+          counts[i] = ce_losses_narrow<IO, T, decltype(smooth_c)::value, decltype(wide_c)::value>(x, y, r0, r1, a, kp, lp);
+        });
+      });
+    });
+    const Counts all = total(counts);
+    const Cut<T> cut = make_cut<T>(keys.get(), n, all, alpha);
+    std::vector<double> sums(chunks.size());
+    if (!cut.defined) {  // NaN on the valid rows if one loss is NaN; 0 everywhere if none is valid
+      const S fill = IO::st(all.nan > 0 ? kNaN<T> : T(0)), zero = IO::st(T(0));
+      for (int64_t r = 0; r < n; ++r) std::fill(g + r * classes, g + (r + 1) * classes, y[r] != ignore_index ? fill : zero);
+    } else {
+      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+        const T wg = T(cut.w_gt), we = T(cut.w_eq);  // locals: see cvar_select
+        const K t = cut.key;
+        const CeArgs<T> args = a;
+        const int64_t r0 = c.begin / classes, r1 = c.end / classes;
+        const K* kp = keys.get();
+        const T* lp = lse.get();
+        sums[i] = sum_above<T>(kp, r0, r1, t);
+        for_selected_runs(kp, t, x, g, classes, r0, r1, [&](int64_t rb, const int32_t* pick, int np) {
+          if (narrow) {
+            ce_grads_narrow<IO, T>(x, g, y, lp, kp, t, wg, we, rb, pick, np, args);
+          } else {
+            for (int q = 0; q < np; ++q) {
+              const int64_t r = rb + pick[q];
+              ce_row_grad<IO, T>(x + r * classes, g + r * classes, y[r], lp[r], kp[r] > t ? wg : we, args);
+            }
+          }
+        });
+      });
+    }
+    auto [value, var] = value_and_var<T>(logits, cut, sums);
+    out = {value, var, grad};
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------------
+// cvar_bce_with_logits
+
+template <class T>
+struct BceArgs {
+  int64_t labels;
+  T ignore;         // ignore_index rounded to the target dtype, as torch compares in that dtype
+  const float* pw;  // pos_weight or nullptr
+};
+
+// Per lane block of one row: which entries are valid, and their targets (0 where not valid).
+template <class IO, class T>
+struct BceBlock {
+  Vec<T> x, y, lw;
+  IVec<T> ok;
+
+  BceBlock(const typename IO::S* xr, const typename IO::S* tr, const BceArgs<T> a, int64_t j, int64_t cnt) {
+    const bool full = cnt == Lanes<T>::N;
+    x = full ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, T(0));
+    const Vec<T> t = full ? load<IO, T>(tr + j) : load_part<IO, T>(tr + j, cnt, T(0));
+    ok = (t != a.ignore) & (lane_index<T>() < typename Lanes<T>::Int(cnt));
+    y = ok ? t : splat<T>(0);
+    if (a.pw) {
+      const Vec<T> p = full ? load<F32, T>(a.pw + j) : load_part<F32, T>(a.pw + j, cnt, T(1));
+      lw = (p - T(1)) * y + T(1);
+    } else {
+      lw = splat<T>(1);
+    }
+  }
+
+  // (1 - y) x + lw softplus(-x), with softplus(-x) = log1p(exp(-|x|)) + max(-x, 0); e = exp(-|x|).
+  Vec<T> loss(Vec<T> e) const {
+    return (T(1) - y) * x + lw * (vlog1p_unit<T>(e) + vmax<T>(-x, splat<T>(0)));
+  }
+
+  // (1 - y) - lw sigmoid(-x), sigmoid(-x) from e = exp(-|x|) without overflow.
+  Vec<T> dloss(Vec<T> e) const {
+    const Vec<T> inv = T(1) / (e + T(1));
+    return (T(1) - y) - lw * (x >= T(0) ? e * inv : inv);
+  }
+
+  Vec<T> exp_neg_abs() const { return vexp<T, true>(-vabs<T>(x)); }
+};
+
+Result cvar_bce_with_logits(const at::Tensor& logits, const at::Tensor& target,
+                            const std::optional<at::Tensor>& pos_weight, double alpha, bool per_sample,
+                            double ignore_index) {
+  constexpr const char* kOp = "cvar_bce_with_logits";
+  check_alpha(kOp, alpha);
+  check_float(kOp, logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, kOp,
+                    ": logits must be 2-D [n, L] with L >= 1, got shape ", logits.sizes());
+  check_dense(kOp, logits, "logits");
+  TORCH_CHECK_TYPE(target.scalar_type() == logits.scalar_type(), kOp, ": target must have the dtype of logits (",
+                   logits.scalar_type(), "), got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.sizes() == logits.sizes(), kOp, ": target must have the shape of logits (",
+                    logits.sizes(), "), got ", target.sizes());
+  check_dense(kOp, target, "target");
+  const int64_t n = logits.size(0), labels = logits.size(1);
+  const float* pw = nullptr;
+  if (pos_weight.has_value() && pos_weight->defined()) {
+    TORCH_CHECK_TYPE(pos_weight->scalar_type() == at::kFloat, kOp, ": pos_weight must be float32, got ",
+                     pos_weight->scalar_type());
+    TORCH_CHECK_VALUE(pos_weight->dim() == 1 && pos_weight->size(0) == labels, kOp,
+                      ": pos_weight must have shape [", labels, "] (one weight per label), got ",
+                      pos_weight->sizes());
+    check_dense(kOp, *pos_weight, "pos_weight");
+    pw = pos_weight->const_data_ptr<float>();
+  }
+  at::Tensor grad = at::empty({n, labels}, logits.options());
+  Result out;
+  dispatch_float(logits.scalar_type(), [&](auto io, auto opmath) {
+    using IO = decltype(io);
+    using T = decltype(opmath);
+    using S = typename IO::S;
+    using K = key_t<T>;
+    using V = Vec<T>;
+    const S* x = static_cast<const S*>(logits.const_data_ptr());
+    const S* tg = static_cast<const S*>(target.const_data_ptr());
+    S* g = static_cast<S*>(grad.data_ptr());
+    using M = decltype(IO::ld(S{}));  // what IO converts from and to: float, or double for float64
+    const BceArgs<T> a{labels, T(IO::ld(IO::st(M(ignore_index)))), pw};
+    // Element-wise: one key per element. Per sample: one key per row, and the row's count of valid labels.
+    const int64_t entries = per_sample ? n : n * labels;
+    std::unique_ptr<K[]> keys(new K[entries]);
+    std::unique_ptr<int64_t[]> per_row(new int64_t[per_sample ? n : 0]);
+    const auto chunks = row_chunks(n, labels);
+    std::vector<Counts> counts(chunks.size());
+    K* kp = keys.get();
+    int64_t* rows_valid = per_row.get();
+    run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      const BceArgs<T> args = a;  // a local: see cvar_select
+      Counts cnt;
+      for (int64_t r = c.begin / labels; r < c.end / labels; ++r) {
+        const S *xr = x + r * labels, *tr = tg + r * labels;
+        V sum = splat<T>(0);
+        IVec<T> valid{};
+        for_blocks<T>(labels, [&](int64_t j, int64_t m) {
+          const BceBlock<IO, T> b(xr, tr, args, j, m);
+          const V loss = b.loss(b.exp_neg_abs());
+          valid -= b.ok;
+          if (per_sample) {
+            sum += b.ok ? loss : splat<T>(0);
+          } else {
+            store_keys<T>(kp + r * labels + j, to_keys<T>(loss) & __builtin_bit_cast(UVec<T>, b.ok), m);
+            for (int l = 0; l < m; ++l) cnt.nan += b.ok[l] != 0 && loss[l] != loss[l];
+          }
+        });
+        int64_t m = 0;
+        for (int l = 0; l < Lanes<T>::N; ++l) m += valid[l];
+        if (per_sample) {
+          const T row_loss = hsum<T>(sum) / T(std::max<int64_t>(m, 1));
+          kp[r] = m > 0 ? to_key(row_loss) : K(0);
+          rows_valid[r] = m;
+          cnt.valid += m > 0;
+          cnt.nan += m > 0 && row_loss != row_loss;
+        } else {
+          cnt.valid += m;
+        }
+      }
+      counts[i] = cnt;
+    });
+    const Counts all = total(counts);
+    const Cut<T> cut = make_cut<T>(keys.get(), entries, all, alpha);
+    std::vector<double> sums(chunks.size());
+    if (!cut.defined) {  // NaN on the valid entries if one loss is NaN; 0 everywhere if none is valid
+      const S fill = IO::st(all.nan > 0 ? kNaN<T> : T(0)), zero = IO::st(T(0));
+      for (int64_t e = 0; e < n * labels; ++e) g[e] = T(IO::ld(tg[e])) != a.ignore ? fill : zero;
+    } else if (per_sample) {
+      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+        const double wg = cut.w_gt, we = cut.w_eq;  // locals: see cvar_select
+        const K t = cut.key;
+        const BceArgs<T> args = a;
+        const int64_t r0 = c.begin / labels, r1 = c.end / labels;
+        sums[i] = sum_above<T>(kp, r0, r1, t);
+        for_selected_runs(kp, t, x, g, labels, r0, r1, [&](int64_t rb, const int32_t* pick, int np) {
+          for (int q = 0; q < np; ++q) {
+            const int64_t r = rb + pick[q];
+            // w_i / m_i: the row's weight spread over its valid labels
+            const T scale = T((kp[r] > t ? wg : we) / double(rows_valid[r]));
+            const S *xr = x + r * labels, *tr = tg + r * labels;
+            S* gr = g + r * labels;
+            for_blocks<T>(labels, [&](int64_t j, int64_t m) {
+              const BceBlock<IO, T> b(xr, tr, args, j, m);
+              const V d = b.ok ? scale * b.dloss(b.exp_neg_abs()) : splat<T>(0);
+              if (m == Lanes<T>::N) store<IO, T>(gr + j, d);
+              else store_part<IO, T>(gr + j, d, m);
+            });
+          }
+        });
+      });
+    } else {
+      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+        const T wg = T(cut.w_gt), we = T(cut.w_eq);  // locals: see cvar_select
+        const K t = cut.key;
+        const BceArgs<T> args = a;
+        sums[i] = sum_above<T>(kp, c.begin, c.end, t);
+        for (int64_t r = c.begin / labels; r < c.end / labels; ++r) {
+          const K* kr = kp + r * labels;
+          const S *xr = x + r * labels, *tr = tg + r * labels;
+          S* gr = g + r * labels;
+          bool any = false;
+          for (int64_t j = 0; j < labels; ++j) any |= kr[j] >= t;
+          if (!any) {  // no selected label: zeros, without reading the logits
+            std::memset(static_cast<void*>(gr), 0, size_t(labels) * sizeof(S));
+            continue;
+          }
+          for_blocks<T>(labels, [&](int64_t j, int64_t m) {
+            const BceBlock<IO, T> b(xr, tr, args, j, m);
+            UVec<T> kv{};
+            if (m == Lanes<T>::N) kv = load_keys<T>(kr + j);
+            else for (int l = 0; l < m; ++l) kv[l] = kr[j + l];
+            const V w = kv > t ? splat<T>(wg) : kv == t ? splat<T>(we) : splat<T>(0);
+            const V d = b.ok ? w * b.dloss(b.exp_neg_abs()) : splat<T>(0);
+            if (m == Lanes<T>::N) store<IO, T>(gr + j, d);
+            else store_part<IO, T>(gr + j, d, m);
+          });
+        }
+      });
+    }
+    auto [value, var] = value_and_var<T>(logits, cut, sums);
+    out = {value, var, grad};
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace fastsam::cpu
+
+TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
+  m.impl("cvar_select", &fastsam::cpu::cvar_select);
+  m.impl("cvar_cross_entropy", &fastsam::cpu::cvar_cross_entropy);
+  m.impl("cvar_bce_with_logits", &fastsam::cpu::cvar_bce_with_logits);
+}
