@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 import fastsam.ops as ops
+from fastsam._checks import _check_bool, _check_nonneg, _check_number  # noqa: F401  (re-exported to the family)
 from fastsam.optim import _buckets, _fused_update
 from fastsam.optim._buckets import take
 
@@ -17,30 +18,10 @@ Direction = Tuple[Optional[List[int]], List[Tensor], float, float]
 Combination = Tuple[Callable[[_buckets.Bucket], Tuple[List[Tensor], List[Tensor]]], Dict[torch.device, Tensor]]
 
 
-def _check_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_nonneg(name: str, value) -> float:
-    if not _check_number(name, value) >= 0.0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
 def _check_p(p) -> float:
     if p not in (2, math.inf):
         raise ValueError(f"p must be 2 or math.inf, got {p!r}")
     return float(p)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 class SAM(torch.optim.Optimizer):
