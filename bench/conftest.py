@@ -1,7 +1,10 @@
-"""Options of the pytest-benchmark suites: pytest bench/ --benchmark-only [--sam-device cuda] ..."""
+"""Options of the pytest-benchmark suites: pytest bench/ --benchmark-only [--sam-device cuda] ...
+
+--sam-device and --sam-dtype apply to every suite (test_step.py and test_cvar.py)."""
 import pytest
 import torch
 
+from fastsam.bench.cvar_peers import CVAR_ROWS, cvar_rows
 from fastsam.bench.methods import METHODS
 from fastsam.bench.peers import rows
 from fastsam.bench.shapes import DTYPES, SHAPES
@@ -15,6 +18,8 @@ def pytest_addoption(parser):
     group.addoption("--sam-shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     group.addoption("--sam-methods", default=",".join(METHODS),
                     help=f"comma list of {', '.join(METHODS)}")
+    group.addoption("--cvar-rows", default=",".join(map(str, CVAR_ROWS)),
+                    help="comma list of the batch sizes n of the CVaR cases")
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +44,17 @@ def _names(config, option, allowed):
     return names
 
 
+def _sizes(config):
+    try:
+        sizes = [int(s) for s in config.getoption("cvar_rows").split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise pytest.UsageError(f"--cvar-rows: expected a comma list of positive integers, "
+                                f"got {config.getoption('cvar_rows')!r}")
+    return list(dict.fromkeys(sizes))
+
+
 def pytest_generate_tests(metafunc):
     # cases in a fixed order, shape set first, so one shape set's tensors are alive at a time
     config = metafunc.config
@@ -51,3 +67,6 @@ def pytest_generate_tests(metafunc):
     if "limit_case" in metafunc.fixturenames:
         cases = [(s, m) for s in shapes for m in methods if METHODS[m].words_per_param is not None]
         metafunc.parametrize("limit_case", cases, ids=["-".join(c) for c in cases])
+    if "cvar_case" in metafunc.fixturenames:
+        cases = [(n, r) for n in _sizes(config) for r in cvar_rows(device)]
+        metafunc.parametrize("cvar_case", cases, ids=[f"n{n}-{r}" for n, r in cases])

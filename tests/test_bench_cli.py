@@ -10,6 +10,7 @@ import torch
 
 from fastsam.bench import cli
 from fastsam.bench.cli import parse_args
+from fastsam.bench.cvar_peers import cvar_rows
 from fastsam.bench.methods import METHODS
 from fastsam.bench.peers import rows
 from fastsam.bench.report import format_table
@@ -29,7 +30,8 @@ def _bench(tmp_path, *argv):
 
 
 def test_quick_run_prints_the_table_and_writes_json(tmp_path):
-    table, record = _bench(tmp_path, "--methods", "sam")
+    """Both tables by default: SAM's, then CVaR's (tests/test_bench_cvar.py checks the latter's contents)."""
+    table, record = _bench(tmp_path, "--methods", "sam", "--cvar-rows", "32")
     expected = rows("cpu")
     labels = {cells[4] for cells in table if cells and cells[0] == "mlp"}
     assert labels >= {"loop", "foreach", "bw", *(f"fastsam:{i}" for i in expected[2:])}
@@ -42,6 +44,9 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path):
     mlp = record["shapes"]["mlp"]
     assert record["bytes_per_param"] == 40 and mlp["loop_ms"] == record["rows"][0]["median_ms"]
     assert mlp["limit_ms"] == pytest.approx(record["rows"][0]["median_ms"] / record["rows"][0]["x_limit"])
+    assert record["tables"] == ["sam", "cvar"]
+    assert [(r["n"], r["impl"]) for r in record["cvar"]["rows"]] == [(32, r) for r in cvar_rows("cpu")]
+    assert ["CVaR", "losses:"] in [cells[:2] for cells in table]
 
 
 def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
@@ -50,8 +55,9 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "copy_bandwidth", lambda device, reps=7: 10e9)
     methods = [m for m in METHODS if m != "sam"]
     out = tmp_path / "r.json"
-    assert cli.main(["--quick", "--device", "cpu", "--shapes", "tiny", "--methods", ",".join(methods),
-                     "--reps", "2", "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+    assert cli.main(["--quick", "--device", "cpu", "--tables", "sam", "--shapes", "tiny",
+                     "--methods", ",".join(methods), "--reps", "2", "--threads", str(torch.get_num_threads()),
+                     "--out", str(out)]) == 0
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
     record = json.loads(out.read_text())
     expected = rows("cpu")
@@ -93,6 +99,12 @@ def test_sam_only_records_still_print():
     (["--impl", "nope"], "nope"),
     (["--reps", "0"], "positive"),
     (["--reps", "x"], "positive"),
+    (["--tables", "sam,loss"], "loss"),
+    (["--cvar-rows", "32,0"], "positive"),
+    (["--cvar-rows", "x"], "positive"),
+    (["--cvar-rows", ","], "empty"),
+    (["--cvar-alpha", "0"], "(0, 1]"),
+    (["--cvar-alpha", "1.5"], "(0, 1]"),
 ])
 def test_bad_flags_are_argparse_errors(argv, word, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,4 +1,8 @@
-"""Command line of the main benchmark: python -m fastsam.bench --help."""
+"""Command line of the main benchmark: python -m fastsam.bench --help.
+
+Two tables: "sam" (one optimizer step per shape set, method and row) and "cvar" (forward + backward of a
+CVaR cross-entropy per batch size and row); one JSON record holds both.
+"""
 from __future__ import annotations
 
 import argparse
@@ -16,15 +20,20 @@ import torch
 
 import fastsam
 from fastsam._extension import IMPLS, extension_error
+from fastsam.bench import cvar_peers
 from fastsam.bench.methods import METHODS
 from fastsam.bench.peers import PEERS, fastsam_impls, rows
-from fastsam.bench.report import default_out, device_name, format_table, write_json
+from fastsam.bench.report import default_out, device_name, format_cvar_table, format_table, write_json
 from fastsam.bench.shapes import DTYPES, SHAPES, make_params, numel
 from fastsam.bench.timing import WORDS_PER_PARAM, copy_bandwidth, limit_seconds, time_calls
 
 # the loop peer on ViT-B/16 takes 0.4-2 s a step on 2 CPU cores: few reps there, many on the small rows
 TIMING = {False: dict(warmup=3, budget_s=1.5, min_reps=7, max_reps=200),
           True: dict(warmup=1, budget_s=0.2, min_reps=3, max_reps=20)}
+# CVaR rows take 0.05-50 ms a call: 12 rows in well under a minute
+CVAR_TIMING = {False: dict(warmup=3, budget_s=1.0, min_reps=7, max_reps=300),
+               True: dict(warmup=1, budget_s=0.1, min_reps=3, max_reps=20)}
+TABLES = ("sam", "cvar")
 
 
 def _comma_list(allowed, what: str):
@@ -48,13 +57,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> List[int]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma list of positive integers, got an empty list")
+    return list(dict.fromkeys(_positive(s) for s in items))
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parses and checks the flags; bad values exit through argparse's error (status 2)."""
     p = argparse.ArgumentParser(
         prog="python -m fastsam.bench",
         description="Time one step (first_step + second_step; CR-SAM: + third_step; no forward/backward) of "
                     "SAM and its variants, for every available fastsam impl against a per-parameter loop of the "
-                    "published algorithm (davda54/sam's for SAM) and a torch._foreach version of it.")
+                    "published algorithm (davda54/sam's for SAM) and a torch._foreach version of it; then the "
+                    "forward + backward of fastsam.losses.cvar_cross_entropy against a torch.topk composite and "
+                    "the affect paper authors' lambda search.")
+    p.add_argument("--tables", type=_comma_list(TABLES, "table"),
+                   help=f"comma list of {', '.join(TABLES)} (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
     p.add_argument("--shapes", type=_comma_list(tuple(SHAPES), "shape set"),
                    help=f"comma list of {', '.join(SHAPES)} (default: all; --quick: all but vit_b16)")
@@ -63,8 +93,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--impl", type=_comma_list(IMPLS, "impl"),
                    help="comma list restricting the fastsam impls (default: the available ones, less triton on cpu)")
+    p.add_argument("--cvar-rows", type=_positive_list,
+                   help="comma list of batch sizes n of the CVaR table "
+                        f"(default: {','.join(map(str, cvar_peers.CVAR_ROWS))})")
+    p.add_argument("--cvar-alpha", type=_fraction, default=cvar_peers.ALPHA,
+                   help=f"CVaR level alpha in (0, 1] (default: {cvar_peers.ALPHA})")
     p.add_argument("--quick", action="store_true", help="few reps, and skip vit_b16 unless --shapes names it")
-    p.add_argument("--reps", type=_positive, help="timed steps per row (default: fit a time budget)")
+    p.add_argument("--reps", type=_positive, help="timed steps (CVaR: calls) per row (default: fit a time budget)")
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's choice); 1 resists other processes on the cores")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/<host>-<device>.json)")
@@ -81,35 +116,52 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.impl = args.impl or fastsam_impls(args.device)
     args.shapes = args.shapes or [s for s in SHAPES if not (args.quick and s == "vit_b16")]
     args.methods = args.methods or list(METHODS)
+    args.tables = args.tables or list(TABLES)
+    args.cvar_rows = args.cvar_rows or list(cvar_peers.CVAR_ROWS)
     return args
 
 
 def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
-    """Times every (shapes, method, row) triple and returns the record that report.py prints and stores.
+    """Times the tables of ``args.tables`` and returns the record that report.py prints and stores.
 
-    The record keeps the fields of the SAM-only version: ``bytes_per_param`` and each shape set's ``limit_ms``
-    are SAM's, its ``loop_ms`` SAM's loop (when SAM ran); each row has a ``method``, its ``speedup_vs_loop``
-    is over that method's loop, its ``x_limit`` the ratio to that method's limit (None without one).
+    SAM (:func:`run_sam`): every (shapes, method, row) triple. The record keeps the fields of the SAM-only
+    version: ``bytes_per_param`` and each shape set's ``limit_ms`` are SAM's, its ``loop_ms`` SAM's loop (when
+    SAM ran); each row has a ``method``, its ``speedup_vs_loop`` is over that method's loop, its ``x_limit`` the
+    ratio to that method's limit (None without one). Without the SAM table, ``shapes`` and ``rows`` are empty
+    and the bandwidth fields None. CVaR (:func:`run_cvar`): the ``cvar`` entry.
     """
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # other processes on the cores skew every figure: keep the evidence
+    sam = "sam" in args.tables
     timing = dict(TIMING[args.quick], reps=args.reps)
-    bandwidth = copy_bandwidth(device, reps=3 if args.quick else 7)
-    bytes_per_param = WORDS_PER_PARAM * torch.empty((), dtype=dtype).element_size()
+    bandwidth = copy_bandwidth(device, reps=3 if args.quick else 7) if sam else None
     result: Dict[str, Any] = dict(
         host=socket.gethostname(), tag=args.tag, device=device.type, device_name=device_name(device),
         dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, fastsam=fastsam.__version__,
         extension_error=extension_error(), available_impls=fastsam.available_impls(device),
         load_avg_before=load_before, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        argv=sys.argv[1:], quick=args.quick, timing=timing, bandwidth_GBps=bandwidth / 1e9,
-        bytes_per_param=bytes_per_param,
+        argv=sys.argv[1:], quick=args.quick, tables=args.tables, timing=timing,
+        bandwidth_GBps=bandwidth / 1e9 if sam else None,
+        bytes_per_param=WORDS_PER_PARAM * torch.empty((), dtype=dtype).element_size() if sam else None,
         methods={m: dict(title=METHODS[m].title, steps=list(METHODS[m].steps), options=METHODS[m].options,
                          fastsam_options=METHODS[m].fastsam_options,
                          words_per_param=METHODS[m].words_per_param,
-                         bytes_per_param=METHODS[m].bytes_per_param(dtype)) for m in args.methods},
+                         bytes_per_param=METHODS[m].bytes_per_param(dtype)) for m in args.methods if sam},
         shapes={}, rows=[])
+    if sam:
+        run_sam(args, result, bandwidth, log)
+    if "cvar" in args.tables:
+        result["cvar"] = run_cvar(args, log)
+    result["load_avg_after"] = os.getloadavg()[0]
+    return result
+
+
+def run_sam(args: argparse.Namespace, result: Dict[str, Any], bandwidth: float, log=sys.stderr) -> None:
+    """Times every (shapes, method, row) triple into ``result["shapes"]`` and ``result["rows"]``."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    timing = result["timing"]
     for name in args.shapes:
         n = numel(SHAPES[name])
         info = result["shapes"][name] = dict(params=n, tensors=len(SHAPES[name]),
@@ -135,20 +187,53 @@ def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
                 limit_ms = per_method["limit_ms"]
                 result["rows"].append(dict(
                     shapes=name, method=method_name, impl=row, kind="peer" if row in PEERS else "fastsam",
-                    reps=len(times), median_ms=median, min_ms=1e3 * min(times), mean_ms=1e3 * statistics.mean(times),
-                    times_ms=[1e3 * t for t in times], speedup_vs_loop=per_method["loop_ms"] / median,
+                    **_stats(times), speedup_vs_loop=per_method["loop_ms"] / median,
                     x_limit=None if limit_ms is None else median / limit_ms))
                 print(f"{name:9s} {method_name:18s} {row:8s} {median:10.3f} ms  ({len(times)} reps)", file=log,
                       flush=True)
-    result["load_avg_after"] = os.getloadavg()[0]
-    return result
+
+
+def run_cvar(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
+    """Times ``loss = cvar_cross_entropy(logits, target, alpha); loss.backward()`` per batch size and row (the
+    peers of :mod:`fastsam.bench.cvar_peers`, then the fastsam impls) and returns the record's ``cvar`` entry:
+    the setting, and a row each with its timings, the loss it computed, its speed-up over each peer
+    (``speedup_vs_<peer>`` = peer ms / row ms) and, for the authors' row, the objective evaluations per call.
+    """
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    timing = dict(CVAR_TIMING[args.quick], reps=args.reps)
+    out: Dict[str, Any] = dict(loss="cvar_cross_entropy", classes=cvar_peers.CLASSES, alpha=args.cvar_alpha,
+                               peers=list(cvar_peers.CVAR_PEERS), xtol=cvar_peers.XTOL, maxfun=cvar_peers.MAXFUN,
+                               sizes=args.cvar_rows, timing=timing, rows=[])
+    for n in args.cvar_rows:
+        block = []
+        for row in cvar_peers.cvar_rows(device, args.impl):
+            logits, target = cvar_peers.make_logits(n, device=device, dtype=dtype)
+            value, evals = cvar_peers.evaluate(row, logits, target, args.cvar_alpha)
+            times = time_calls(cvar_peers.step_fn(row, logits, target, args.cvar_alpha), device, **timing)
+            block.append(dict(n=n, impl=row, kind="peer" if row in cvar_peers.CVAR_PEERS else "fastsam",
+                              **_stats(times), value=value, evals=evals))
+            print(f"cvar n={n:<8d} {row:10s} {block[-1]['median_ms']:10.3f} ms  ({len(times)} reps)", file=log,
+                  flush=True)
+        peer_ms = {r["impl"]: r["median_ms"] for r in block if r["kind"] == "peer"}
+        for r in block:
+            r.update({f"speedup_vs_{peer}": ms / r["median_ms"] for peer, ms in peer_ms.items()})
+        out["rows"] += block
+    return out
+
+
+def _stats(times: List[float]) -> Dict[str, Any]:
+    """A row's timing fields, in ms: reps, median, min, mean and every sample."""
+    return dict(reps=len(times), median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
+                mean_ms=1e3 * statistics.mean(times), times_ms=[1e3 * t for t in times])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs the benchmark, prints the table, writes the JSON record."""
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
+    tables = ([format_table(result)] if "sam" in args.tables else []) + (
+        [format_cvar_table(result)] if "cvar" in args.tables else [])
+    print("\n\n".join(tables))
     path = write_json(result, args.out or default_out(args.tag or result["host"], torch.device(args.device),
                                                       args.dtype))
     print(f"results: {path}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Set
 
 import torch
 
@@ -64,6 +64,16 @@ def _per_method(info: Dict[str, Any], method: str) -> Dict[str, Any]:
     return dict(limit_ms=info["limit_ms"], loop_ms=info["loop_ms"])  # a SAM-only record
 
 
+def _load(result: Dict[str, Any]) -> str:
+    """The load averages of the run, and a warning line when other processes shared the CPU cores."""
+    text = f"load average {result['load_avg_before']:.2f} -> {result['load_avg_after']:.2f}"
+    if result["device"] == "cpu" and result["threads"] > 1 and result["load_avg_before"] > 0.5:
+        # a busy core stalls every parallel region of a multi-threaded op at its barrier: steps slow down many-fold
+        text += (f"\nWARNING: other processes were running (load average {result['load_avg_before']:.2f}); "
+                 f"multi-threaded CPU timings are unreliable (try --threads 1, or a quiet machine)")
+    return text
+
+
 def format_table(result: Dict[str, Any]) -> str:
     """The run as one text table: per shape set and method, a row per impl, then the method's bandwidth limit."""
     methods = _methods(result)
@@ -76,12 +86,7 @@ def format_table(result: Dict[str, Any]) -> str:
     head = (f"step = {steps}; over SGD(lr=0.1, momentum=0.9), grads given, no forward/backward\n"
             f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {result['dtype']}, "
             f"torch {result['torch']}, copy bandwidth {result['bandwidth_GBps']:.1f} GB/s, "
-            f"limit = bytes/param ({limits}) / bandwidth, "
-            f"load average {result['load_avg_before']:.2f} -> {result['load_avg_after']:.2f}")
-    if result["device"] == "cpu" and result["threads"] > 1 and result["load_avg_before"] > 0.5:
-        # a busy core stalls every parallel region of a multi-threaded op at its barrier: steps slow down many-fold
-        head += (f"\nWARNING: other processes were running (load average {result['load_avg_before']:.2f}); "
-                 f"multi-threaded CPU timings are unreliable (try --threads 1, or a quiet machine)")
+            f"limit = bytes/param ({limits}) / bandwidth, {_load(result)}")
     cols = ("shapes", "params", "tensors", "method", "impl", "ms/step", "reps", "vs loop", "x limit")
     blocks = []
     for name, info in result["shapes"].items():
@@ -98,9 +103,14 @@ def format_table(result: Dict[str, Any]) -> str:
                 rows.append(head_cells + (method, LIMIT_ROW, _ms(per["limit_ms"]), "-",
                                           f"{per['loop_ms'] / per['limit_ms']:.2f}x", "1.00"))
             blocks.append(rows)
+    return _columns(head, cols, blocks, right={1, 2, 5, 6, 7, 8})
+
+
+def _columns(head: str, cols: Sequence[str], blocks: List[List[Sequence[str]]], right: Set[int]) -> str:
+    """``head``, then the column titles and the blocks of rows (a blank line between blocks), each column as
+    wide as its widest cell, the columns in ``right`` right-aligned."""
     lines = [line for rows in blocks for line in rows]
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
-    right = {1, 2, 5, 6, 7, 8}
 
     def fmt(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -109,6 +119,26 @@ def format_table(result: Dict[str, Any]) -> str:
     for i, rows in enumerate(blocks):
         out += ([""] if i else []) + [fmt(line) for line in rows]
     return "\n".join(out)
+
+
+def format_cvar_table(result: Dict[str, Any]) -> str:
+    """The CVaR table: per batch size, a row per peer and fastsam impl with its median ms and its speed-up over
+    each peer (peer ms / row ms); the authors' row also shows its objective evaluations per call."""
+    cvar = result["cvar"]
+    peers = cvar["peers"]
+    head = (f"CVaR losses: loss = cvar_cross_entropy(logits [n, {cvar['classes']}], target, "
+            f"alpha={cvar['alpha']:g}); loss.backward(); logits a {result['dtype']} leaf; "
+            f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {_load(result)}\n"
+            "composite: F.cross_entropy(reduction='none') + torch.topk + weighted sum; authors: Brent's bounded "
+            f"search of lambda (fminbound, xtol {cvar['xtol']:g}), one .item() per objective evaluation")
+    cols = ("n", "impl", "ms/call", "reps", *(f"vs {p}" for p in peers), "evals", "loss")
+    blocks = []
+    for n in cvar["sizes"]:
+        blocks.append([(str(n), row_label(r), _ms(r["median_ms"]), str(r["reps"]),
+                        *(f"{r[f'speedup_vs_{p}']:.2f}x" for p in peers),
+                        "-" if r["evals"] is None else str(r["evals"]), f"{r['value']:.6g}")
+                       for r in cvar["rows"] if r["n"] == n])
+    return _columns(head, cols, blocks, right=set(range(len(cols))) - {1})
 
 
 def write_json(result: Dict[str, Any], path: Path) -> Path:
