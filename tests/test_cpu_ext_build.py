@@ -120,3 +120,27 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
 """
     env = dict(os.environ, FASTSAM_CPU_ISA="base")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 only")
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cvar_isa_copies_match_reference(isa):
+    # The CVaR ops run an AVX-512 copy of their loops where the CPU has it; this runs the others.
+    code = """
+import torch, fastsam.ops.cvar as O
+from fastsam.ops import cvar_reference as R
+g = torch.Generator().manual_seed(0)
+for C in (3, 8, 13):
+    x, y = torch.randn(2000, C, generator=g), torch.randint(-1, C, (2000,), generator=g)
+    for ls in (0.0, 0.1):
+        got, exp = O.cvar_cross_entropy(x, y, 0.3, -1, ls, impl="cpu"), R.cvar_cross_entropy(x, y, 0.3, -1, ls)
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    t = torch.randint(-1, 2, (2000, C), generator=g).float()
+    pw = torch.rand(C, generator=g) + 0.5
+    for per_sample in (False, True):
+        got = O.cvar_bce_with_logits(x, t, pw, 0.3, per_sample, -1.0, impl="cpu")
+        torch.testing.assert_close(got, R.cvar_bce_with_logits(x, t, pw, 0.3, per_sample, -1.0), rtol=1e-5, atol=1e-6)
+l = torch.randn(300000, generator=g)
+torch.testing.assert_close(O.cvar_select(l, 0.3, impl="cpu"), R.cvar_select(l, 0.3), rtol=1e-5, atol=1e-6)
+"""
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FASTSAM_CPU_ISA=isa), check=True)

@@ -21,6 +21,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <array>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -127,6 +128,22 @@ inline bool all_lanes(IVec<T> mask) {
 }
 
 template <class T>
+inline bool any_lane(IVec<T> mask) {
+  constexpr auto seq = std::make_index_sequence<Lanes<T>::N>{};
+  if constexpr (Lanes<T>::N == 8) mask |= xor_lanes<4>(mask, seq);
+  mask |= xor_lanes<2>(mask, seq);
+  mask |= xor_lanes<1>(mask, seq);
+  return mask[0] != 0;
+}
+
+template <class T>
+inline int64_t lane_sum(IVec<T> v) {
+  int64_t s = 0;
+  for (int l = 0; l < Lanes<T>::N; ++l) s += v[l];
+  return s;
+}
+
+template <class T>
 inline T hsum(Vec<T> v) {
   constexpr auto seq = std::make_index_sequence<Lanes<T>::N>{};
   if constexpr (Lanes<T>::N == 8) v = v + xor_lanes<4>(v, seq);
@@ -147,12 +164,20 @@ inline Vec<T> fold_lanes(Vec<T>* a, Op op) {
   else return a[0];
 }
 
+// 1/d! for d = 0..kExpDegree, built at compile time: computed in the polynomial loop, the divisions
+// were redone (and the constants re-splatted) on every call.
 template <class T>
-constexpr T inv_factorial(int d) {
-  T f = 1;
-  for (int i = 2; i <= d; ++i) f *= T(i);
-  return T(1) / f;
-}
+struct InvFactorials {
+  static constexpr std::array<T, Lanes<T>::kExpDegree + 1> c = [] {
+    std::array<T, Lanes<T>::kExpDegree + 1> a{};
+    T f = 1;
+    for (int d = 0; d <= Lanes<T>::kExpDegree; ++d) {
+      if (d > 1) f *= T(d);
+      a[d] = T(1) / f;
+    }
+    return a;
+  }();
+};
 
 template <class T>
 inline Vec<T> pow2(IVec<T> n) {  // 2^n for n in the normal exponent range; 0 for n = -bias
@@ -187,10 +212,11 @@ inline void vexp_n(Vec<T>* x) {
       const Vec<T> nf = t - L::kMagic;
       n[g] = __builtin_bit_cast(I, t) - __builtin_bit_cast(typename L::Int, L::kMagic);
       r[g] = (c - nf * L::kLn2Hi) - nf * L::kLn2Lo;
-      p[g] = splat<T>(inv_factorial<T>(L::kExpDegree));
+      p[g] = splat<T>(InvFactorials<T>::c[L::kExpDegree]);
     }
+#pragma GCC unroll 16
     for (int d = L::kExpDegree - 1; d >= 0; --d)
-      for (int g = 0; g < kSide; ++g) p[g] = p[g] * r[g] + inv_factorial<T>(d);
+      for (int g = 0; g < kSide; ++g) p[g] = p[g] * r[g] + InvFactorials<T>::c[d];
     for (int g = 0; g < kSide; ++g) {
       if constexpr (kNonPos) {
         v[g] = p[g] * pow2<T>(n[g]);
@@ -213,7 +239,8 @@ inline Vec<T> vexp(Vec<T> x) {
 template <class T, int K>
 inline Vec<T> atanh_series(Vec<T> z2) {
   Vec<T> q = splat<T>(T(1) / T(2 * K + 1));
-  for (int k = K - 1; k >= 0; --k) q = q * z2 + T(1) / T(2 * k + 1);
+#pragma GCC unroll 32
+  for (int k = K - 1; k >= 0; --k) q = q * z2 + T(1) / T(2 * k + 1);  // unrolled: the quotients fold
   return q;
 }
 
@@ -337,13 +364,62 @@ inline void store_keys(key_t<T>* p, UVec<T> v, int64_t cnt) {
   }
 }
 
-// Calls body(j, cnt) for the lane blocks of a row of `width`: cnt = N but in the last, partial block.
+// The lane blocks of a row of width >= N: the whole blocks, then, if N does not divide the width, one that
+// ends at the row's end, overlapping the one before, so that every load and store is a whole vector.
+// body(j, fresh): the block starts at j; fresh masks its lanes that no earlier block had (all but in the
+// last one), for sums and counts. A store of the overlapping block rewrites the overlapped elements with
+// the values they already have: every element's value depends on that element alone.
 template <class T, class F>
-inline void for_blocks(int64_t width, F&& body) {
+inline void for_row_blocks(int64_t width, F&& body) {
   constexpr int N = Lanes<T>::N;
+  using Int = typename Lanes<T>::Int;
   int64_t j = 0;
-  for (; j + N <= width; j += N) body(j, int64_t(N));
-  if (j < width) body(j, width - j);
+  for (; j + N <= width; j += N) body(j, IVec<T>{} - 1);
+  if (j < width) body(width - N, lane_index<T>() >= Int(N - (width - j)));
+}
+
+// The first cnt <= N elements at p in lanes [0, cnt), `pad` in the others. One vector load where the N
+// elements lie inside the buffer (before end): the lanes past cnt then read the next row, and are masked.
+template <class IO, class T>
+inline Vec<T> load_lanes(const typename IO::S* p, int64_t cnt, T pad, const typename IO::S* end) {
+  using Int = typename Lanes<T>::Int;
+  if (cnt == Lanes<T>::N) return load<IO, T>(p);
+  if (end - p >= Lanes<T>::N) return lane_index<T>() < Int(cnt) ? load<IO, T>(p) : splat<T>(pad);
+  return load_part<IO, T>(p, cnt, pad);
+}
+
+// ----------------------------------------------------------------------------------------------
+// A third copy of the loops, for AVX-512: the same 8-lane code, which gets twice the vector registers
+// (fewer spills in the exps and folds) and its mask and ternary-logic instructions. run_chunks' own
+// dispatch (multi_tensor.h) then only forwards each chunk to it. FASTSAM_CPU_ISA=avx2 (or base) keeps
+// the AVX2 (or baseline) copy, to test it on an AVX-512 machine.
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX512F__)
+#define FASTSAM_CVAR_AVX512 1
+template <class F>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), noinline)) FASTSAM_FLATTEN void call_avx512(
+    const F& f, const Chunk& c, int64_t i) {
+  f(c, i, Isa<true>{});
+}
+
+inline bool use_avx512() {
+  static const bool yes = [] {
+    const char* env = std::getenv("FASTSAM_CPU_ISA");
+    return !(env && (std::strcmp(env, "base") == 0 || std::strcmp(env, "avx2") == 0)) &&
+           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  }();
+  return yes;
+}
+#endif
+
+// run_chunks (the same chunks to the same threads), through the AVX-512 copy where there is one.
+template <class F>
+void run_cvar_chunks(const std::vector<Chunk>& chunks, const F& f) {
+#ifdef FASTSAM_CVAR_AVX512
+  if (use_avx512()) return run_chunks(chunks, [&f](const Chunk& c, int64_t i, auto) { call_avx512(f, c, i); });
+#endif
+  run_chunks(chunks, f);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -433,8 +509,8 @@ Cut<T> make_cut(const key_t<T>* keys, int64_t n, Counts counts, double alpha) {
   return c;
 }
 
-// The sum, in double, of the losses whose keys in [b, e) are above the threshold: N lanes of keys at a
-// time, their floats widened to doubles in two halves of sums (fp32), added in a fixed order.
+// The sum, in double, of the losses whose keys in [b, e) are above the threshold: N keys at a time, their
+// losses widened to double into 4-lane sums (two of them for fp32), which are added in a fixed order.
 template <class T>
 double sum_above(const key_t<T>* keys, int64_t b, int64_t e, key_t<T> t) {
   constexpr int N = Lanes<T>::N;
@@ -514,6 +590,8 @@ void for_selected_runs(const K* keys, K t, const S* x, S* g, int64_t width, int6
 // ----------------------------------------------------------------------------------------------
 // cvar_select
 
+// losses: [n], float32/64, float16 or bfloat16, contiguous. Returns value and var (0-dim, opmath: fp32,
+// fp64 for fp64) and the weights d value / d losses ([n], the dtype of losses).
 Result cvar_select(const at::Tensor& losses, double alpha) {
   constexpr const char* kOp = "cvar_select";
   check_alpha(kOp, alpha);
@@ -534,7 +612,7 @@ Result cvar_select(const at::Tensor& losses, double alpha) {
     const auto chunks = row_chunks(n, 1);
     std::vector<Counts> counts(chunks.size());
     K* kp = keys.get();
-    run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+    run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
       int64_t nan = 0;
       for (int64_t j = c.begin; j < c.end; ++j) {
         const T v = T(IO::ld(l[j]));
@@ -548,7 +626,7 @@ Result cvar_select(const at::Tensor& losses, double alpha) {
     if (!cut.defined) {
       std::fill(w, w + n, IO::st(kNaN<T>));
     } else {
-      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
         // Locals, not captures: a store to w could otherwise alias them and force a reload per element.
         const S wg = IO::st(T(cut.w_gt)), we = IO::st(T(cut.w_eq)), zero = IO::st(T(0));
         const K t = cut.key;
@@ -567,30 +645,29 @@ Result cvar_select(const at::Tensor& losses, double alpha) {
 
 template <class T>
 struct CeArgs {
-  int64_t classes, ignore_index;
+  int64_t rows, classes, ignore_index;
   bool smooth;
   T keep, ls;      // 1 - s and s, the weights of the two terms of the smoothed loss
   T off, hit;      // gradient terms: s / C off every class, s - 1 more on the target
 };
 
-// max (shift), sum of exp(x - shift) and sum of x over one row of logits.
+// max (shift), sum of exp(x - shift) and sum of x over one row of more than N logits.
 template <class IO, class T>
 inline void ce_row_stats(const typename IO::S* xr, int64_t classes, T& shift, T& sum_exp, T& sum_x) {
   using V = Vec<T>;
-  const IVec<T> lane = lane_index<T>();
   V vm = splat<T>(-kInf<T>), vx = splat<T>(0);
-  for_blocks<T>(classes, [&](int64_t j, int64_t cnt) {
-    const V v = cnt == Lanes<T>::N ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, -kInf<T>);
+  for_row_blocks<T>(classes, [&](int64_t j, IVec<T> fresh) {
+    const V v = load<IO, T>(xr + j);
     vm = vmax<T>(vm, v);
-    vx += lane < typename Lanes<T>::Int(cnt) ? v : splat<T>(0);
+    vx += fresh ? v : splat<T>(0);
   });
   const T m = hmax<T>(vm);
   const bool finite = std::isfinite(m);
   shift = finite ? m : T(0);  // as torch's logsumexp: an infinite max shifts by 0
   V vs = splat<T>(0);
-  for_blocks<T>(classes, [&](int64_t j, int64_t cnt) {
-    const V v = cnt == Lanes<T>::N ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, -kInf<T>);
-    vs += finite ? vexp<T, true>(v - shift) : vexp<T, false>(v - shift);
+  for_row_blocks<T>(classes, [&](int64_t j, IVec<T> fresh) {
+    const V v = load<IO, T>(xr + j) - shift;
+    vs += fresh ? (finite ? vexp<T, true>(v) : vexp<T, false>(v)) : splat<T>(0);
   });
   sum_exp = hsum<T>(vs);
   sum_x = hsum<T>(vx);
@@ -681,6 +758,7 @@ Counts ce_losses_narrow(const typename IO::S* x, const int64_t* target, int64_t 
   using UInt = typename Lanes<T>::UInt;
   constexpr UInt kExpBits = UInt(2 * Lanes<T>::kBias + 1) << Lanes<T>::kMant;
   const int64_t classes = kWide ? N : a.classes;
+  const typename IO::S* end = x + a.rows * classes;
   const I in_row = lane_index<T>() < Int(classes);
   I valid{}, nan{};  // per-lane counts (-1 per row)
   const auto group = [&](int64_t r, int nb, auto whole_c) {
@@ -691,7 +769,7 @@ Counts ce_losses_narrow(const typename IO::S* x, const int64_t* target, int64_t 
       const typename IO::S* xr = x + (r + b) * classes;
       if (!kWhole && b >= nb) v[b] = splat<T>(0);
       else if constexpr (kWide) v[b] = load<IO, T>(xr);
-      else v[b] = load_part<IO, T>(xr, classes, -kInf<T>);
+      else v[b] = load_lanes<IO, T>(xr, classes, -kInf<T>, end);
       e[b] = v[b];
     }
     const V m = fold_lanes<T>(e, [](V p, V q) { return vmax<T>(p, q); });
@@ -749,20 +827,17 @@ Counts ce_losses_narrow(const typename IO::S* x, const int64_t* target, int64_t 
   return counts;
 }
 
-// w (softmax(x) - s / C - (1 - s) onehot(y)) for one row.
+// w (softmax(x) - s / C - (1 - s) onehot(y)) for one row of more than N classes.
 template <class IO, class T>
 inline void ce_row_grad(const typename IO::S* xr, typename IO::S* gr, int64_t y, T lse, T w, const CeArgs<T> a) {
   using V = Vec<T>;
   using Int = typename Lanes<T>::Int;
   const IVec<T> lane = lane_index<T>();
-  for_blocks<T>(a.classes, [&](int64_t j, int64_t cnt) {
-    const bool full = cnt == Lanes<T>::N;
-    const V v = full ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, T(0));
-    V d = vexp<T, true>(v - lse) - a.off;  // lse >= max(x): the argument is <= 0
-    const Int yl = y >= j && y < j + cnt ? Int(y - j) : Int(-1);
+  for_row_blocks<T>(a.classes, [&](int64_t j, IVec<T>) {
+    V d = vexp<T, true>(load<IO, T>(xr + j) - lse) - a.off;  // lse >= max(x): the argument is <= 0
+    const Int yl = y >= j && y < j + Lanes<T>::N ? Int(y - j) : Int(-1);
     d = lane == yl ? d + a.hit : d;
-    if (full) store<IO, T>(gr + j, d * w);
-    else store_part<IO, T>(gr + j, d * w, cnt);
+    store<IO, T>(gr + j, d * w);
   });
 }
 
@@ -775,6 +850,7 @@ inline void ce_grads_narrow(const typename IO::S* x, typename IO::S* g, const in
   using V = Vec<T>;
   using Int = typename Lanes<T>::Int;
   const int64_t classes = a.classes;
+  const typename IO::S* end = x + a.rows * classes;
   const IVec<T> lane = lane_index<T>();
   for (int q = 0; q < np; q += N) {
     const int cnt = std::min(N, np - q);
@@ -785,8 +861,7 @@ inline void ce_grads_narrow(const typename IO::S* x, typename IO::S* g, const in
         continue;
       }
       const int64_t r = rb + pick[q + b];
-      const typename IO::S* xr = x + r * classes;
-      e[b] = (classes == N ? load<IO, T>(xr) : load_part<IO, T>(xr, classes, T(0))) - lse[r];
+      e[b] = load_lanes<IO, T>(x + r * classes, classes, T(0), end) - lse[r];
     }
     vexp_n<T, true, N>(e);  // lse >= max(x): the arguments are <= 0
     for (int b = 0; b < cnt; ++b) {
@@ -800,6 +875,8 @@ inline void ce_grads_narrow(const typename IO::S* x, typename IO::S* g, const in
   }
 }
 
+// logits: [n, C], float32/64, float16 or bfloat16, contiguous; target: [n] int64. Returns value and var
+// (0-dim, opmath) and grad_logits = d value / d logits ([n, C], the dtype of logits).
 Result cvar_cross_entropy(const at::Tensor& logits, const at::Tensor& target, double alpha, int64_t ignore_index,
                           double label_smoothing) {
   constexpr const char* kOp = "cvar_cross_entropy";
@@ -826,7 +903,8 @@ Result cvar_cross_entropy(const at::Tensor& logits, const at::Tensor& target, do
     const S* x = static_cast<const S*>(logits.const_data_ptr());
     const int64_t* y = target.const_data_ptr<int64_t>();
     S* g = static_cast<S*>(grad.data_ptr());
-    const CeArgs<T> a{classes,
+    const CeArgs<T> a{n,
+                      classes,
                       ignore_index,
                       label_smoothing != 0,
                       T(1.0 - label_smoothing),
@@ -838,7 +916,7 @@ Result cvar_cross_entropy(const at::Tensor& logits, const at::Tensor& target, do
     const auto chunks = row_chunks(n, classes);
     std::vector<Counts> counts(chunks.size());
     const bool narrow = classes <= Lanes<T>::N;
-    run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+    run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
       const int64_t r0 = c.begin / classes, r1 = c.end / classes;
       K* kp = keys.get();
       T* lp = lse.get();
@@ -856,7 +934,7 @@ Result cvar_cross_entropy(const at::Tensor& logits, const at::Tensor& target, do
       const S fill = IO::st(all.nan > 0 ? kNaN<T> : T(0)), zero = IO::st(T(0));
       for (int64_t r = 0; r < n; ++r) std::fill(g + r * classes, g + (r + 1) * classes, y[r] != ignore_index ? fill : zero);
     } else {
-      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
         const T wg = T(cut.w_gt), we = T(cut.w_eq);  // locals: see cvar_select
         const K t = cut.key;
         const CeArgs<T> args = a;
@@ -885,47 +963,35 @@ Result cvar_cross_entropy(const at::Tensor& logits, const at::Tensor& target, do
 // ----------------------------------------------------------------------------------------------
 // cvar_bce_with_logits
 
+// One lane block of BCE terms: the logits, the targets y (0 where not valid), the positive weights
+// lw = 1 + (p - 1) y and the mask of valid entries.
 template <class T>
-struct BceArgs {
-  int64_t labels;
-  T ignore;         // ignore_index rounded to the target dtype, as torch compares in that dtype
-  const float* pw;  // pos_weight or nullptr
-};
-
-// Per lane block of one row: which entries are valid, and their targets (0 where not valid).
-template <class IO, class T>
-struct BceBlock {
+struct BceLanes {
   Vec<T> x, y, lw;
   IVec<T> ok;
 
-  BceBlock(const typename IO::S* xr, const typename IO::S* tr, const BceArgs<T> a, int64_t j, int64_t cnt) {
-    const bool full = cnt == Lanes<T>::N;
-    x = full ? load<IO, T>(xr + j) : load_part<IO, T>(xr + j, cnt, T(0));
-    const Vec<T> t = full ? load<IO, T>(tr + j) : load_part<IO, T>(tr + j, cnt, T(0));
-    ok = (t != a.ignore) & (lane_index<T>() < typename Lanes<T>::Int(cnt));
+  // t: the targets; in: the lanes that hold entries; p: the pos_weight of each lane, or nullptr.
+  BceLanes(Vec<T> x_, Vec<T> t, IVec<T> in, T ignore, const Vec<T>* p) : x(x_) {
+    ok = (t != ignore) & in;
     y = ok ? t : splat<T>(0);
-    if (a.pw) {
-      const Vec<T> p = full ? load<F32, T>(a.pw + j) : load_part<F32, T>(a.pw + j, cnt, T(1));
-      lw = (p - T(1)) * y + T(1);
-    } else {
-      lw = splat<T>(1);
-    }
+    lw = p ? (*p - T(1)) * y + T(1) : splat<T>(1);
   }
 
-  // (1 - y) x + lw softplus(-x), with softplus(-x) = log1p(exp(-|x|)) + max(-x, 0); e = exp(-|x|).
-  Vec<T> loss(Vec<T> e) const {
-    return (T(1) - y) * x + lw * (vlog1p_unit<T>(e) + vmax<T>(-x, splat<T>(0)));
-  }
+  // e = exp(-|x|), computed once for both of the below.
+  Vec<T> exp_neg_abs() const { return vexp<T, true>(-vabs<T>(x)); }
 
-  // (1 - y) - lw sigmoid(-x), sigmoid(-x) from e = exp(-|x|) without overflow.
+  // (1 - y) x + lw softplus(-x), with softplus(-x) = log1p(exp(-|x|)) + max(-x, 0).
+  Vec<T> loss(Vec<T> e) const { return (T(1) - y) * x + lw * (vlog1p_unit<T>(e) + vmax<T>(-x, splat<T>(0))); }
+
+  // (1 - y) - lw sigmoid(-x), sigmoid(-x) from e without overflow.
   Vec<T> dloss(Vec<T> e) const {
     const Vec<T> inv = T(1) / (e + T(1));
     return (T(1) - y) - lw * (x >= T(0) ? e * inv : inv);
   }
-
-  Vec<T> exp_neg_abs() const { return vexp<T, true>(-vabs<T>(x)); }
 };
 
+// logits, target: [n, L] of one float dtype, contiguous; pos_weight: None or float32 [L]. Returns value and
+// var (0-dim, opmath) and grad_logits ([n, L], the dtype of logits).
 Result cvar_bce_with_logits(const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& pos_weight, double alpha, bool per_sample,
                             double ignore_index) {
@@ -959,62 +1025,100 @@ Result cvar_bce_with_logits(const at::Tensor& logits, const at::Tensor& target,
     using S = typename IO::S;
     using K = key_t<T>;
     using V = Vec<T>;
+    using I = IVec<T>;
+    using Int = typename Lanes<T>::Int;
+    constexpr int N = Lanes<T>::N;
+    const int64_t size = n * labels;
     const S* x = static_cast<const S*>(logits.const_data_ptr());
     const S* tg = static_cast<const S*>(target.const_data_ptr());
     S* g = static_cast<S*>(grad.data_ptr());
     using M = decltype(IO::ld(S{}));  // what IO converts from and to: float, or double for float64
-    const BceArgs<T> a{labels, T(IO::ld(IO::st(M(ignore_index)))), pw};
-    // Element-wise: one key per element. Per sample: one key per row, and the row's count of valid labels.
-    const int64_t entries = per_sample ? n : n * labels;
+    const T ignore = T(IO::ld(IO::st(M(ignore_index))));  // torch compares in the target's dtype
+    // pos_weight repeated: the weights of N consecutive elements starting at label j are pw_ext[j, j + N).
+    std::vector<T> pw_ext(pw ? size_t(labels + N) : 0);
+    for (size_t k = 0; k < pw_ext.size(); ++k) pw_ext[k] = T(pw[int64_t(k) % labels]);
+    const T* pwe = pw ? pw_ext.data() : nullptr;
+    // Element-wise: one key per element, and the elements are walked flat, N at a time. Per sample: one
+    // key per row, and the row's count of valid labels.
+    const int64_t entries = per_sample ? n : size;
     std::unique_ptr<K[]> keys(new K[entries]);
     std::unique_ptr<int64_t[]> per_row(new int64_t[per_sample ? n : 0]);
-    const auto chunks = row_chunks(n, labels);
-    std::vector<Counts> counts(chunks.size());
     K* kp = keys.get();
     int64_t* rows_valid = per_row.get();
-    run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
-      const BceArgs<T> args = a;  // a local: see cvar_select
-      Counts cnt;
-      for (int64_t r = c.begin / labels; r < c.end / labels; ++r) {
-        const S *xr = x + r * labels, *tr = tg + r * labels;
-        V sum = splat<T>(0);
-        IVec<T> valid{};
-        for_blocks<T>(labels, [&](int64_t j, int64_t m) {
-          const BceBlock<IO, T> b(xr, tr, args, j, m);
+    const auto chunks = row_chunks(n, labels);
+    std::vector<Counts> counts(chunks.size());
+    // The block of the N elements from e (element-wise), with its lanes in [0, cnt).
+    const auto flat_block = [x, tg, pwe, size, labels, ignore](int64_t e, int64_t cnt, int64_t label) {
+      const V xv = load_lanes<IO, T>(x + e, cnt, T(0), x + size);
+      const V tv = load_lanes<IO, T>(tg + e, cnt, T(0), tg + size);
+      V p;
+      if (pwe) std::memcpy(&p, pwe + label, sizeof p);
+      return BceLanes<T>(xv, tv, lane_index<T>() < Int(cnt), ignore, pwe ? &p : nullptr);
+    };
+    // The block of a row starting at label j (rows of at least N labels), or the whole row (fewer).
+    V pw_short = splat<T>(1);  // the weights of a row of fewer than N labels
+    if (pwe) std::memcpy(&pw_short, pwe, sizeof pw_short);
+    const auto row_block = [x, tg, pwe, size, labels, ignore, pw_short](int64_t r, int64_t j, I in) {
+      const int64_t e = r * labels + j;
+      if (labels >= N) {
+        V p;
+        if (pwe) std::memcpy(&p, pwe + j, sizeof p);
+        return BceLanes<T>(load<IO, T>(x + e), load<IO, T>(tg + e), in, ignore, pwe ? &p : nullptr);
+      }
+      const V xv = load_lanes<IO, T>(x + e, labels, T(0), x + size);
+      const V tv = load_lanes<IO, T>(tg + e, labels, T(0), tg + size);
+      return BceLanes<T>(xv, tv, in, ignore, pwe ? &pw_short : nullptr);
+    };
+    const auto for_row = [labels](auto&& body) {  // body(j, in): the lane blocks of one row
+      if (labels >= N) for_row_blocks<T>(labels, body);
+      else body(int64_t(0), lane_index<T>() < Int(labels));
+    };
+
+    run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      const int64_t step = N % labels;  // locals, not captures: see cvar_select
+      const bool rows = per_sample;
+      I valid{}, nan{};
+      if (!rows) {
+        int64_t label = c.begin % labels;
+        for (int64_t e = c.begin; e < c.end; e += N) {
+          const int64_t cnt = std::min<int64_t>(N, c.end - e);
+          const BceLanes<T> b = flat_block(e, cnt, label);
           const V loss = b.loss(b.exp_neg_abs());
           valid -= b.ok;
-          if (per_sample) {
-            sum += b.ok ? loss : splat<T>(0);
-          } else {
-            store_keys<T>(kp + r * labels + j, to_keys<T>(loss) & __builtin_bit_cast(UVec<T>, b.ok), m);
-            for (int l = 0; l < m; ++l) cnt.nan += b.ok[l] != 0 && loss[l] != loss[l];
-          }
-        });
-        int64_t m = 0;
-        for (int l = 0; l < Lanes<T>::N; ++l) m += valid[l];
-        if (per_sample) {
+          nan -= b.ok & (loss != loss);
+          store_keys<T>(kp + e, to_keys<T>(loss) & __builtin_bit_cast(UVec<T>, b.ok), cnt);
+          label += step;
+          if (label >= labels) label -= labels;
+        }
+      } else {
+        for (int64_t r = c.begin / labels, r1 = c.end / labels; r < r1; ++r) {
+          V sum = splat<T>(0);
+          I row_valid{};
+          for_row([&](int64_t j, I in) {
+            const BceLanes<T> b = row_block(r, j, in);
+            sum += b.ok ? b.loss(b.exp_neg_abs()) : splat<T>(0);
+            row_valid -= b.ok;
+          });
+          const int64_t m = lane_sum<T>(row_valid);
           const T row_loss = hsum<T>(sum) / T(std::max<int64_t>(m, 1));
           kp[r] = m > 0 ? to_key(row_loss) : K(0);
           rows_valid[r] = m;
-          cnt.valid += m > 0;
-          cnt.nan += m > 0 && row_loss != row_loss;
-        } else {
-          cnt.valid += m;
+          valid[0] += m > 0;
+          nan[0] += m > 0 && row_loss != row_loss;
         }
       }
-      counts[i] = cnt;
+      counts[i] = {lane_sum<T>(valid), lane_sum<T>(nan)};
     });
     const Counts all = total(counts);
-    const Cut<T> cut = make_cut<T>(keys.get(), entries, all, alpha);
+    const Cut<T> cut = make_cut<T>(kp, entries, all, alpha);
     std::vector<double> sums(chunks.size());
     if (!cut.defined) {  // NaN on the valid entries if one loss is NaN; 0 everywhere if none is valid
       const S fill = IO::st(all.nan > 0 ? kNaN<T> : T(0)), zero = IO::st(T(0));
-      for (int64_t e = 0; e < n * labels; ++e) g[e] = T(IO::ld(tg[e])) != a.ignore ? fill : zero;
+      for (int64_t e = 0; e < size; ++e) g[e] = T(IO::ld(tg[e])) != ignore ? fill : zero;
     } else if (per_sample) {
-      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
         const double wg = cut.w_gt, we = cut.w_eq;  // locals: see cvar_select
         const K t = cut.key;
-        const BceArgs<T> args = a;
         const int64_t r0 = c.begin / labels, r1 = c.end / labels;
         sums[i] = sum_above<T>(kp, r0, r1, t);
         for_selected_runs(kp, t, x, g, labels, r0, r1, [&](int64_t rb, const int32_t* pick, int np) {
@@ -1022,43 +1126,39 @@ Result cvar_bce_with_logits(const at::Tensor& logits, const at::Tensor& target,
             const int64_t r = rb + pick[q];
             // w_i / m_i: the row's weight spread over its valid labels
             const T scale = T((kp[r] > t ? wg : we) / double(rows_valid[r]));
-            const S *xr = x + r * labels, *tr = tg + r * labels;
             S* gr = g + r * labels;
-            for_blocks<T>(labels, [&](int64_t j, int64_t m) {
-              const BceBlock<IO, T> b(xr, tr, args, j, m);
+            for_row([&](int64_t j, I in) {
+              // Every lane of a block inside the row: the overlapping last block rewrites its overlap.
+              const BceLanes<T> b = row_block(r, j, labels >= N ? I{} - 1 : in);
               const V d = b.ok ? scale * b.dloss(b.exp_neg_abs()) : splat<T>(0);
-              if (m == Lanes<T>::N) store<IO, T>(gr + j, d);
-              else store_part<IO, T>(gr + j, d, m);
+              if (labels >= N) store<IO, T>(gr + j, d);
+              else store_part<IO, T>(gr, d, labels);
             });
           }
         });
       });
     } else {
-      run_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
+      run_cvar_chunks(chunks, [&](const Chunk& c, int64_t i, auto) {
         const T wg = T(cut.w_gt), we = T(cut.w_eq);  // locals: see cvar_select
         const K t = cut.key;
-        const BceArgs<T> args = a;
+        const int64_t step = N % labels;
         sums[i] = sum_above<T>(kp, c.begin, c.end, t);
-        for (int64_t r = c.begin / labels; r < c.end / labels; ++r) {
-          const K* kr = kp + r * labels;
-          const S *xr = x + r * labels, *tr = tg + r * labels;
-          S* gr = g + r * labels;
-          bool any = false;
-          for (int64_t j = 0; j < labels; ++j) any |= kr[j] >= t;
-          if (!any) {  // no selected label: zeros, without reading the logits
-            std::memset(static_cast<void*>(gr), 0, size_t(labels) * sizeof(S));
-            continue;
-          }
-          for_blocks<T>(labels, [&](int64_t j, int64_t m) {
-            const BceBlock<IO, T> b(xr, tr, args, j, m);
-            UVec<T> kv{};
-            if (m == Lanes<T>::N) kv = load_keys<T>(kr + j);
-            else for (int l = 0; l < m; ++l) kv[l] = kr[j + l];
+        int64_t label = c.begin % labels;
+        for (int64_t e = c.begin; e < c.end; e += N) {
+          const int64_t cnt = std::min<int64_t>(N, c.end - e);
+          UVec<T> kv{};
+          if (cnt == N) kv = load_keys<T>(kp + e);
+          else for (int l = 0; l < cnt; ++l) kv[l] = kp[e + l];
+          V d = splat<T>(0);
+          if (any_lane<T>(kv >= t)) {  // else zeros, without reading the logits
+            const BceLanes<T> b = flat_block(e, cnt, label);
             const V w = kv > t ? splat<T>(wg) : kv == t ? splat<T>(we) : splat<T>(0);
-            const V d = b.ok ? w * b.dloss(b.exp_neg_abs()) : splat<T>(0);
-            if (m == Lanes<T>::N) store<IO, T>(gr + j, d);
-            else store_part<IO, T>(gr + j, d, m);
-          });
+            d = b.ok ? w * b.dloss(b.exp_neg_abs()) : splat<T>(0);
+          }
+          if (cnt == N) store<IO, T>(g + e, d);
+          else store_part<IO, T>(g + e, d, cnt);
+          label += step;
+          if (label >= labels) label -= labels;
         }
       });
     }

@@ -59,6 +59,7 @@ namespace select_detail {
 constexpr int kDigit = 11;                    // bits per radix digit: a 2048-bucket histogram fits in L1
 constexpr int64_t kSmall = 4096;              // below this, a copy and std::nth_element cost less
 constexpr int64_t kBlock = int64_t(1) << 16;  // keys per task of the parallel passes
+constexpr int64_t kHalves = int64_t(1) << 17;  // from here, two 16-bit digits (their histograms cost ~2^17 steps)
 
 // Walks hist[0, size) from the top bucket down to the one holding the rank-th largest; rank becomes the
 // rank inside that bucket and `above` grows by the keys in the buckets above it.
@@ -90,12 +91,82 @@ Threshold<K> by_nth_element(const K* keys, int64_t n, int64_t rank) {
 
 }  // namespace select_detail
 
+// Two 16-bit digits, for many 32-bit keys: 2^16 buckets split a typical loss distribution finely enough
+// that the threshold's bucket holds a small share of the keys, so the second digit is counted in a second
+// pass over all keys with a rarely taken branch, and nothing is copied. (A bucket with a large share, as
+// with many tied losses, is copied out first instead: there the branch would be a coin flip.) Counts are
+// per-thread uint32 histograms, hence n < 2^32.
+inline Threshold<uint32_t> select_by_halves(const uint32_t* keys, int64_t n, int64_t rank) {
+  using namespace select_detail;
+  constexpr int64_t kB = int64_t(1) << 16;
+  const int threads = at::get_num_threads();
+  // Uninitialized: each thread zeroes the histogram it uses.
+  std::unique_ptr<uint32_t[]> hists(new uint32_t[size_t(threads) * kB]);
+  std::vector<char> used(threads, 0);
+  const auto histogram = [&](auto&& count) {
+    std::fill(used.begin(), used.end(), 0);
+    at::parallel_for(0, n, kBlock, [&](int64_t b, int64_t e) {
+      const int tid = at::get_thread_num();
+      uint32_t* h = hists.get() + size_t(tid) * kB;
+      if (!used[tid]) std::memset(h, 0, kB * sizeof(uint32_t));
+      used[tid] = 1;
+      count(h, b, e);
+    });
+    uint32_t* total = nullptr;  // the first used histogram, with the others added in
+    for (int t = 0; t < threads; ++t) {
+      if (!used[t]) continue;
+      uint32_t* h = hists.get() + size_t(t) * kB;
+      if (!total) total = h;
+      else for (int64_t b = 0; b < kB; ++b) total[b] += h[b];
+    }
+    return total;
+  };
+  const auto walk32 = [&](const uint32_t* h, int64_t& rank_, int64_t& above) {
+    int64_t b = kB - 1;
+    while (b > 0 && int64_t(h[b]) < rank_) {
+      rank_ -= h[b];
+      above += h[b];
+      --b;
+    }
+    return uint32_t(b);
+  };
+  int64_t above = 0;
+  const uint32_t* h1 = histogram([keys](uint32_t* h, int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) ++h[keys[i] >> 16];
+  });
+  const uint32_t top = walk32(h1, rank, above);
+  const int64_t in_bucket = h1[top];
+  const uint32_t* h2;
+  if (in_bucket <= n / 8) {
+    h2 = histogram([keys, top](uint32_t* h, int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        if ((keys[i] >> 16) == top) ++h[keys[i] & 0xFFFF];
+    });
+  } else {
+    std::unique_ptr<uint32_t[]> cand(new uint32_t[size_t(in_bucket)]);
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      cand[m] = keys[i];
+      m += (keys[i] >> 16) == top;
+      if (m == in_bucket) break;  // also keeps the unconditional store inside cand
+    }
+    uint32_t* h = hists.get();
+    std::memset(h, 0, kB * sizeof(uint32_t));
+    for (int64_t i = 0; i < m; ++i) ++h[cand[i] & 0xFFFF];
+    h2 = h;
+  }
+  const uint32_t low = walk32(h2, rank, above);
+  return {(top << 16) | low, above, int64_t(h2[low])};
+}
+
 // The rank-th largest of the nonzero keys among keys[0, n), rank in [1, number of nonzero keys].
 // Zero keys are counted in the lowest bucket but never reached: every nonzero key is larger.
 template <class K>
 Threshold<K> select_largest(const K* keys, int64_t n, int64_t rank) {
   using namespace select_detail;
   if (n <= kSmall) return by_nth_element(keys, n, rank);
+  if constexpr (sizeof(K) == 4)
+    if (n >= kHalves && n < (int64_t(1) << 32)) return select_by_halves(keys, n, rank);
   constexpr int kBits = 8 * sizeof(K);
   constexpr int64_t kBuckets = int64_t(1) << kDigit;
   int shift = kBits - kDigit;
