@@ -15,15 +15,16 @@ REQUIRE_IMPLS ?= cpu,triton
 
 .PHONY: test bench cuda-check install clean
 
-$(VENV)/.deps:
+# Remade when this file changes (a new dependency); pip leaves what is already installed alone.
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "$(TRITON_SPEC)" numpy ninja "pytest>=8" "pytest-benchmark>=4"
+	$(PIP) install -q "$(TRITON_SPEC)" numpy ninja pillow "pytest>=8" "pytest-benchmark>=4"
 	touch $@
 
-# Rebuilt when a C++/CUDA source or the build files change.
-$(VENV)/.fastsam: $(VENV)/.deps $(SOURCES)
+# Rebuilt when a C++/CUDA source or the build files change (a new venv package alone does not rebuild it).
+$(VENV)/.fastsam: $(SOURCES) | $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation --no-deps -e ".[dev]"
 	touch $@
 

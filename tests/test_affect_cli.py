@@ -1,0 +1,156 @@
+"""python -m fastsam.affect end to end on CPU: make-demo -> extract -> train -> evaluate, and its errors.
+
+The F1 of metrics.json is recomputed here from the predictions CSV and the annotation files alone, with
+counting code of this test (not fastsam.affect.metrics), so the two paths check each other.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("PIL")
+
+from fastsam.affect.cli import main  # noqa: E402
+from fastsam.affect.tasks import get_task  # noqa: E402
+
+
+def run_cli(*args):
+    assert main([str(a) for a in args]) == 0
+
+
+def annotation_labels(ann_dir, image):
+    """The label of ``video/00007.jpg`` read straight from ``<video>.txt``: line 7 after the header."""
+    video, name = image.split("/")
+    with open(os.path.join(ann_dir, video + ".txt")) as f:
+        lines = f.read().splitlines()
+    return [int(v) for v in lines[int(name[:5])].split(",")]
+
+
+def f1_by_counting(pred, target, classes):
+    """Per-class F1 from explicit counts; 0 for a class never predicted nor present."""
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and t == c for p, t in zip(pred, target))
+        fp = sum(p == c and t != c for p, t in zip(pred, target))
+        fn = sum(p != c and t == c for p, t in zip(pred, target))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return scores
+
+
+def recomputed_f1(predictions_csv, ann_dir, task):
+    with open(predictions_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "label"]
+    per_class = []
+    preds = [[int(v) for v in label.split(",")] for _, label in rows[1:]]
+    truths = [annotation_labels(ann_dir, image) for image, _ in rows[1:]]
+    if task.multilabel:
+        assert all(len(p) == 12 and set(p) <= {0, 1} for p in preds)
+        for k in range(12):  # binary F1 of the positive class of each AU
+            per_class.append(f1_by_counting([p[k] for p in preds], [t[k] for t in truths], 2)[1])
+    else:
+        per_class = f1_by_counting([p[0] for p in preds], [t[0] for t in truths], 8)
+    return float(np.mean(per_class)), per_class, len(rows) - 1
+
+
+@pytest.fixture(scope="module", params=["expr", "au"])
+def pipeline(request, tmp_path_factory):
+    """make-demo, extract (train, val) and a 2-epoch train through the CLI; returns the paths."""
+    task = request.param
+    root = tmp_path_factory.mktemp(task)
+    data = root / "data"
+    run_cli("make-demo", data, "--task", task, "--videos", 3, "--frames", 20)
+    banks = {}
+    for split in ("train", "val"):
+        banks[split] = root / f"bank-{split}"
+        run_cli("extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations",
+                "--task", task, "--split", split, "--checkpoint", data / "encoder.pt", "--out", banks[split],
+                "--batch-size", 16)
+    run = root / "run"
+    run_cli("train", "--task", task, "--train-bank", banks["train"], "--val-bank", banks["val"], "--out", run,
+            "--epochs", 2, "--batch-size", 8)
+    return task, data, banks, run
+
+
+def test_metrics_json_f1_equals_f1_from_predictions_and_annotations(pipeline, capsys):
+    task, data, banks, run = pipeline
+    predictions = run / "pred.csv"
+    run_cli("evaluate", "--run", run, "--bank", banks["val"], "--predictions", predictions)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    f1, per_class, rows = recomputed_f1(predictions, data / "annotations" / "Validation_Set", get_task(task))
+    # 3 videos x 20 lines, lines 7 and 14 invalid (-1): 18 frames each.
+    assert rows == 3 * 18
+    assert metrics["final"]["val_f1"] == pytest.approx(f1, abs=1e-12)
+    assert list(metrics["final"]["per_class"].values()) == pytest.approx(per_class, abs=1e-12)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["f1"] == pytest.approx(f1, abs=1e-12) and evaluation["frames"] == rows
+    assert f"F1 {f1:.4f}" in capsys.readouterr().out
+    for name in ("log.csv", "model.pt", "checkpoint.pt"):
+        assert (run / name).is_file()
+
+
+def test_extract_counts_and_reuses_the_bank(pipeline, capsys):
+    task, data, banks, _ = pipeline
+    manifest = json.loads((banks["train"] / "manifest.json").read_text())
+    # 3 training videos of 20 lines, lines 7 and 14 invalid in each; the first video lacks image 2.
+    assert manifest["counts"] == {"videos": 3, "frames": 3 * 18 - 1, "invalid": 6, "missing": 1}
+    mtime = (banks["train"] / "features.npy").stat().st_mtime_ns
+    run_cli("extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations", "--task", task,
+            "--split", "train", "--checkpoint", data / "encoder.pt", "--out", banks["train"])
+    assert (banks["train"] / "features.npy").stat().st_mtime_ns == mtime
+    assert "reus" in capsys.readouterr().err
+
+
+def test_paper_preset_beats_the_majority_class_on_demo_data(tmp_path):
+    data = tmp_path / "data"
+    run_cli("make-demo", data, "--task", "expr", "--videos", 4, "--frames", 40, "--seed", 1)
+    args = ["--images", data / "cropped_aligned", "--annotations", data / "annotations", "--task", "expr",
+            "--checkpoint", data / "encoder.pt"]
+    run_cli("extract", *args, "--split", "train", "--out", tmp_path / "train")
+    run_cli("extract", *args, "--split", "val", "--out", tmp_path / "val")
+    run_cli("train", "--task", "expr", "--train-bank", tmp_path / "train", "--val-bank", tmp_path / "val",
+            "--out", tmp_path / "run", "--preset", "paper")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 32 and metrics["config"]["alpha"] == 0.3
+    val = np.load(tmp_path / "val" / "labels.npy")
+    majority = np.bincount(val, minlength=8).argmax()
+    majority_f1 = f1_by_counting([majority] * len(val), list(val), 8)
+    assert metrics["final"]["val_f1"] > float(np.mean(majority_f1)) + 0.2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "--images", "{tmp}/nope", "--annotations", "{tmp}", "--task", "expr", "--split", "train",
+      "--checkpoint", "{tmp}/c.pt", "--out", "{tmp}/b"], "nope"),
+    (["extract", "--images", "{data}/cropped_aligned", "--annotations", "{data}/annotations", "--task", "au",
+      "--split", "train", "--checkpoint", "{data}/encoder.pt", "--out", "{tmp}/b"], "header is the EXPR header"),
+    (["extract", "--images", "{data}/cropped_aligned", "--annotations", "{data}/annotations", "--task", "expr",
+      "--split", "train", "--checkpoint", "{tmp}/missing.pt", "--out", "{tmp}/b"], "missing.pt"),
+    (["train", "--task", "expr", "--train-bank", "{tmp}/empty", "--val-bank", "{tmp}/empty", "--out", "{tmp}/r"],
+     "not a feature bank"),
+    (["evaluate", "--run", "{tmp}/norun", "--bank", "{tmp}/empty"], "model.pt"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    data = tmp_path / "data"
+    run_cli("make-demo", data, "--task", "expr", "--videos", 1, "--frames", 3)
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main([a.format(tmp=tmp_path, data=data) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("make-demo", "extract", "train", "evaluate"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: python -m fastsam.affect " + command)
+    # The module entry point itself, once (a subprocess imports torch: seconds).
+    out = subprocess.run([sys.executable, "-m", "fastsam.affect", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert all(command in out for command in ("make-demo", "extract", "train", "evaluate"))
