@@ -174,6 +174,6 @@ def test_quick_cvar_table_is_printed_and_stored(tmp_path, capsys):
 
 def test_cvar_defaults_and_flags():
     args = parse_args(["--device", "cpu"])
-    assert args.tables == ["sam", "cvar"] and args.cvar_rows == [32, 4096, 262144] and args.cvar_alpha == 0.3
+    assert args.tables == ["sam", "cvar", "affect"] and args.cvar_rows == [32, 4096, 262144] and args.cvar_alpha == 0.3
     args = parse_args(["--device", "cpu", "--tables", "cvar,cvar", "--cvar-rows", "64, 8,64", "--cvar-alpha", "1"])
     assert args.tables == ["cvar"] and args.cvar_rows == [64, 8] and args.cvar_alpha == 1.0

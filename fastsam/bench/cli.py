@@ -1,7 +1,8 @@
 """Command line of the main benchmark: python -m fastsam.bench --help.
 
-Two tables: "sam" (one optimizer step per shape set, method and row) and "cvar" (forward + backward of a
-CVaR cross-entropy per batch size and row); one JSON record holds both.
+Three tables: "sam" (one optimizer step per shape set, method and row), "cvar" (forward + backward of a
+CVaR cross-entropy per batch size and row) and "affect" (whole training steps of the affect MLP: two passes,
+CVaR, SAM); one JSON record holds them all.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ import torch
 
 import fastsam
 from fastsam._extension import IMPLS, extension_error
-from fastsam.bench import cvar_peers
+from fastsam.bench import affect_peers, cvar_peers
 from fastsam.bench.methods import METHODS
 from fastsam.bench.peers import PEERS, fastsam_impls, rows
-from fastsam.bench.report import default_out, device_name, format_cvar_table, format_table, write_json
+from fastsam.bench.report import (default_out, device_name, format_affect_table, format_cvar_table, format_table,
+                                  write_json)
 from fastsam.bench.shapes import DTYPES, SHAPES, make_params, numel
 from fastsam.bench.timing import WORDS_PER_PARAM, copy_bandwidth, limit_seconds, time_calls
 
@@ -33,7 +35,7 @@ TIMING = {False: dict(warmup=3, budget_s=1.5, min_reps=7, max_reps=200),
 # CVaR rows take 0.05-50 ms a call: 12 rows in well under a minute
 CVAR_TIMING = {False: dict(warmup=3, budget_s=1.0, min_reps=7, max_reps=300),
                True: dict(warmup=1, budget_s=0.1, min_reps=3, max_reps=20)}
-TABLES = ("sam", "cvar")
+TABLES = ("sam", "cvar", "affect")
 
 
 def _comma_list(allowed, what: str):
@@ -82,7 +84,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "SAM and its variants, for every available fastsam impl against a per-parameter loop of the "
                     "published algorithm (davda54/sam's for SAM) and a torch._foreach version of it; then the "
                     "forward + backward of fastsam.losses.cvar_cross_entropy against a torch.topk composite and "
-                    "the affect paper authors' lambda search.")
+                    "the affect paper authors' lambda search; then whole training steps of the affect MLP (two "
+                    "passes, CVaR, SAM + Adam) against the authors' loop and a stock-PyTorch one.")
     p.add_argument("--tables", type=_comma_list(TABLES, "table"),
                    help=f"comma list of {', '.join(TABLES)} (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
         run_sam(args, result, bandwidth, log)
     if "cvar" in args.tables:
         result["cvar"] = run_cvar(args, log)
+    if "affect" in args.tables:
+        result["affect"] = run_affect(args, log)
     result["load_avg_after"] = os.getloadavg()[0]
     return result
 
@@ -221,6 +226,28 @@ def run_cvar(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
     return out
 
 
+def run_affect(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
+    """Times one training step of the affect MLP per row (:mod:`fastsam.bench.affect_peers`) and returns the
+    record's ``affect`` entry: the setting and a row each with its timings, steps per second and its speed-up
+    over each peer (``speedup_vs_<peer>`` = peer ms / row ms). fp32 whatever ``--dtype`` (the MLP trains in
+    fp32)."""
+    device = torch.device(args.device)
+    timing = dict(CVAR_TIMING[args.quick], reps=args.reps)
+    out: Dict[str, Any] = dict(batch=affect_peers.BATCH, dim=affect_peers.DIM, classes=affect_peers.CLASSES,
+                               alpha=affect_peers.ALPHA, rho=affect_peers.RHO, lr=affect_peers.LR,
+                               peers=list(PEERS), timing=timing, rows=[])
+    for row in affect_peers.affect_rows(device, args.impl):
+        times = time_calls(affect_peers.step_fn(*affect_peers.make_row(row, device)), device, **timing)
+        out["rows"].append(dict(impl=row, kind="peer" if row in PEERS else "fastsam", **_stats(times)))
+        out["rows"][-1]["steps_per_s"] = 1e3 / out["rows"][-1]["median_ms"]
+        print(f"affect    {row:10s} {out['rows'][-1]['median_ms']:10.3f} ms  ({len(times)} reps)", file=log,
+              flush=True)
+    peer_ms = {r["impl"]: r["median_ms"] for r in out["rows"] if r["kind"] == "peer"}
+    for r in out["rows"]:
+        r.update({f"speedup_vs_{peer}": ms / r["median_ms"] for peer, ms in peer_ms.items()})
+    return out
+
+
 def _stats(times: List[float]) -> Dict[str, Any]:
     """A row's timing fields, in ms: reps, median, min, mean and every sample."""
     return dict(reps=len(times), median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
@@ -231,8 +258,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs the benchmark, prints the table, writes the JSON record."""
     args = parse_args(argv)
     result = run(args)
-    tables = ([format_table(result)] if "sam" in args.tables else []) + (
-        [format_cvar_table(result)] if "cvar" in args.tables else [])
+    formats = dict(sam=format_table, cvar=format_cvar_table, affect=format_affect_table)
+    tables = [formats[t](result) for t in TABLES if t in args.tables]
     print("\n\n".join(tables))
     path = write_json(result, args.out or default_out(args.tag or result["host"], torch.device(args.device),
                                                       args.dtype))

@@ -141,6 +141,22 @@ def format_cvar_table(result: Dict[str, Any]) -> str:
     return _columns(head, cols, blocks, right=set(range(len(cols))) - {1})
 
 
+def format_affect_table(result: Dict[str, Any]) -> str:
+    """The affect table: a row per peer and fastsam impl with its median ms per training step, steps per second
+    and its speed-up over each peer (peer ms / row ms)."""
+    affect = result["affect"]
+    peers = affect["peers"]
+    head = (f"Affect MLP training step: batch {affect['batch']} x {affect['dim']} features, {affect['classes']} "
+            f"classes, 2 forward/backward passes, CVaR alpha {affect['alpha']:g}, SAM rho {affect['rho']:g} + "
+            f"Adam, fp32; device {result['device']} ({result['device_name']}, threads={result['threads']}), "
+            f"{_load(result)}\nloop: per-parameter SAM (davda54) + the authors' CVaR (Brent lambda search, a "
+            ".item() per evaluation); foreach: torch._foreach SAM + torch.topk CVaR")
+    cols = ("impl", "ms/step", "steps/s", "reps", *(f"vs {p}" for p in peers))
+    lines = [(row_label(r), _ms(r["median_ms"]), f"{r['steps_per_s']:.1f}", str(r["reps"]),
+              *(f"{r[f'speedup_vs_{p}']:.2f}x" for p in peers)) for r in affect["rows"]]
+    return _columns(head, cols, [lines], right=set(range(1, len(cols))))
+
+
 def write_json(result: Dict[str, Any], path: Path) -> Path:
     """Writes the run record, making the folder if needed."""
     path = Path(path)
