@@ -30,7 +30,8 @@ def _bench(tmp_path, *argv):
 
 
 def test_quick_run_prints_the_table_and_writes_json(tmp_path):
-    """Both tables by default: SAM's, then CVaR's (tests/test_bench_cvar.py checks the latter's contents)."""
+    """All tables by default: SAM's, CVaR's and the affect one's (tests/test_bench_cvar.py and
+    tests/test_bench_affect.py check the latter two's contents)."""
     table, record = _bench(tmp_path, "--methods", "sam", "--cvar-rows", "32")
     expected = rows("cpu")
     labels = {cells[4] for cells in table if cells and cells[0] == "mlp"}
@@ -44,9 +45,11 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path):
     mlp = record["shapes"]["mlp"]
     assert record["bytes_per_param"] == 40 and mlp["loop_ms"] == record["rows"][0]["median_ms"]
     assert mlp["limit_ms"] == pytest.approx(record["rows"][0]["median_ms"] / record["rows"][0]["x_limit"])
-    assert record["tables"] == ["sam", "cvar"]
+    assert record["tables"] == ["sam", "cvar", "affect"]
     assert [(r["n"], r["impl"]) for r in record["cvar"]["rows"]] == [(32, r) for r in cvar_rows("cpu")]
     assert ["CVaR", "losses:"] in [cells[:2] for cells in table]
+    assert [r["impl"] for r in record["affect"]["rows"]] == rows("cpu")
+    assert ["Affect", "MLP"] in [cells[:2] for cells in table]
 
 
 def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
