@@ -34,7 +34,10 @@ def test_sam_matches_davda54_loop(device, impl, adaptive, p, base, make_model):
 def test_asam_matches_official_loop(device, impl, normalization, base):
     cls, kw = BASES[base]
     ref, fast = small_cnn(), small_cnn()
-    data = batches(ref)
+    # 8 steps, not 20: with rho = 0.5 the trajectory passes near ReLU kinks, where a 1-ulp difference between
+    # impls (e.g. summation order) flips an activation and the runs part by ~3e-4 (seen at step 9 of 20 with
+    # triton and one torch thread); up to there every impl agrees to ~6e-8.
+    data = batches(ref, n=8)
     loop_sam(ref, cls(ref.parameters(), **kw), data, 0.5, 2, operator_fn(normalization, 0.01), 1e-16)
     opt = fastsam.ASAM(fast.named_parameters(), cls, rho=0.5, eta=0.01, normalization=normalization, impl=impl, **kw)
     fast_sam(fast, opt, data)
