@@ -156,6 +156,14 @@ class CRSAM(SAM):
         self.third_step(losses=(loss0, loss_plus, loss_minus) if self.mode == "paper" else None)
         return loss_plus if loss0 is None else loss0
 
+    @property
+    def next_pass_at_w(self) -> bool:
+        return super().next_pass_at_w and self._moved is None
+
+    @property
+    def update_uses_grad_at_w(self) -> bool:
+        return True  # g0 enters the combined grad
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._moved = None

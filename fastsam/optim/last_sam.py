@@ -98,6 +98,11 @@ class LastSAM(SAM):
         """True from step ``switch_at`` on: a step then takes two forward/backward passes."""
         return self.steps_done >= self.switch_step
 
+    @property
+    def update_uses_grad_at_w(self) -> bool:
+        # Before the switch the pass at w is the only one; the orthogonal projection uses its grad.
+        return not self.sharpness_active or self.orthogonal
+
     def _combination(self, buckets: List[_buckets.Bucket]) -> Optional[Combination]:
         if not self.orthogonal:
             return None
@@ -139,6 +144,10 @@ class LastSAM(SAM):
         self.steps_done += 1
         self._opt_called = True
         return loss
+
+    def _method_name(self) -> str:
+        # The sharpness method decides the group options (eta, normalization or adaptive).
+        return f"LastSAM({self.sharpness})"
 
     def _own_state(self) -> dict:
         return dict(super()._own_state(), steps_done=self.steps_done)

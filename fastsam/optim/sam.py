@@ -249,32 +249,65 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return second_loss if loss is None else loss
 
+    # ---- where a step stands (for loops that treat the passes differently, e.g. fastsam.distributed) --
+    @property
+    def next_pass_at_w(self) -> bool:
+        """True when no step is under way: the next forward/backward pass is the one at w."""
+        return self._perturbed is None
+
+    @property
+    def update_uses_grad_at_w(self) -> bool:
+        """Whether the base update of the coming step uses the grad of the pass at w, not only the
+        perturbation does (under DDP that pass must then be all-reduced)."""
+        return False
+
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The base optimizer's state dict; its param groups hold SAM's options (rho, ...) as well, and
-        the key "fastsam" the method's own state (e.g. Friendly SAM's EMA) where it has one. Backups and
-        grad copies are scratch space within a step and are not saved."""
+        """The base optimizer's state dict, whose param groups hold the method's options (rho, ...) as
+        well, plus the key "fastsam": {"method": the method (:meth:`_method_name`), "state": the method's
+        own per-parameter state by parameter index (Friendly SAM's EMA), and the method's counters
+        (LastSAM's ``steps_done``)}. Backups and grad copies are scratch space within a step and are not
+        saved: a state dict taken between whole steps resumes bit for bit, also in a new process (on
+        another impl: to rounding)."""
         state_dict = self.base_optimizer.state_dict()
-        own = self._own_state()
-        if own:
-            state_dict["fastsam"] = own
+        state_dict["fastsam"] = self._own_state()
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state dict of the same method, or a base optimizer's (no "fastsam" key): then the
+        method options it lacks keep their current values and the method's own state starts afresh, as
+        in a new optimizer. The method's state is replaced, never merged with what this optimizer had.
+
+        Raises ValueError for a state dict of another method (its options and state mean something
+        else there), before anything is changed."""
+        own = state_dict.get("fastsam")
+        if own is not None and own.get("method") != self._method_name():
+            raise ValueError(f"state_dict was saved by {own.get('method')!r}; this optimizer is "
+                             f"{self._method_name()!r}")
+        current = self.param_groups
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # re-link: the base made new group dicts
+        method_options = set(self.defaults) - set(self.base_optimizer.defaults)
+        for old, new in zip(current, self.param_groups):
+            for k in method_options & set(old):
+                new.setdefault(k, old[k])
         self._plan = None
         self._perturbed = None
-        self._load_own_state(state_dict.get("fastsam", {}))
+        self.state.clear()  # buffers are made again at the next step; the saved ones are loaded below
+        self._load_own_state(own or {})
+
+    def _method_name(self) -> str:
+        """The method a state dict belongs to: a state dict loads only into the same method."""
+        return type(self).__name__
 
     def _own_state(self) -> dict:
         params = [p for g in self.param_groups for p in g["params"]]
         state = {i: {k: self.state[p][k] for k in self._saved_buffers if k in self.state[p]}
                  for i, p in enumerate(params)}
-        state = {i: s for i, s in state.items() if s}
-        return {"state": state} if state else {}
+        return {"method": self._method_name(), "state": {i: s for i, s in state.items() if s}}
 
     def _load_own_state(self, own: dict) -> None:
+        """Loads the "fastsam" entry of a state dict ({} for a base optimizer's state dict)."""
         params = [p for g in self.param_groups for p in g["params"]]
         for i, saved in own.get("state", {}).items():
             p = params[int(i)]
@@ -317,12 +350,14 @@ def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float) -> None:
 
 def _combine_into_grads(bucket: _buckets.Bucket, grads_b: List[Tensor], grads_c: List[Tensor], coef: Tensor) -> None:
     """``p.grad <- coef[0] p.grad + coef[1] g_b + coef[2] g_c`` for the base optimizer's own step (the
-    generic path); parameters without a grad in the last pass keep none."""
+    generic path); parameters without a grad in the last pass keep none. Summed in fp32 and rounded once
+    into ``.grad``, like the fused kernels (fp16/bf16 partial sums would add a rounding per term)."""
     idx = [i for i, p in enumerate(bucket.params) if p.grad is not None]
     grads = [bucket.params[i].grad for i in idx]
     if not grads:
         return
-    torch._foreach_mul_(grads, coef[0])
+    total = torch._foreach_mul([g.float() for g in grads], coef[0])
     for k, more in ((1, grads_b), (2, grads_c)):
         if more:
-            torch._foreach_add_(grads, torch._foreach_mul(take(more, idx), coef[k]))
+            torch._foreach_add_(total, torch._foreach_mul([m.float() for m in take(more, idx)], coef[k]))
+    torch._foreach_copy_(grads, total)
