@@ -17,7 +17,7 @@ Defined results instead of errors (they cannot be checked on a GPU without a hos
 a NaN logit, or on a GPU a class target outside ``[0, C)``, makes the loss, lambda and the gradient of
 every non-ignored entry NaN (a ``GradScaler`` then skips the step); a batch whose targets are all
 ignored gives a NaN loss (as ``F.cross_entropy``'s mean over nothing) and a zero gradient. On the CPU an
-out-of-range class target raises ValueError, as in torch.
+out-of-range class target raises ValueError, as in torch (inside torch.compile it gives NaN instead).
 """
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ class _FusedCVaR(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # The usual loss.backward() passes exactly 1: on the CPU that is free to see, and the saved
         # gradient is then the answer (autograd copies it where it must keep it as a leaf's .grad).
-        if grad_value.device.type == "cpu" and grad_value.item() == 1.0:
+        # Under torch.compile the read would break the graph, and the product fuses there anyway.
+        if (grad_value.device.type == "cpu" and not torch.compiler.is_compiling()
+                and grad_value.item() == 1.0):
             out = grad
         else:
             out = grad * grad_value.to(grad.dtype)
@@ -149,7 +151,8 @@ def cvar_cross_entropy(logits: Tensor, target: Tensor, alpha: float, ignore_inde
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     target = target.to(torch.int64).contiguous()
-    if target.device.type == "cpu" and target.numel():
+    # The check reads the host, which torch.compile cannot trace: compiled, the CPU follows the GPU's NaN rule.
+    if target.device.type == "cpu" and target.numel() and not torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
         if bool(bad.any()):
             value = int(target[bad][0])

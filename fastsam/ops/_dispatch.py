@@ -20,6 +20,10 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+# torch.compile runs this eagerly while tracing and keeps the answer (it depends on the process, not
+# on tensor values): tracing into it would import the extension and register its fakes, which breaks
+# the graph. So a compiled step keeps the implementation FASTSAM_IMPL named when it was compiled.
+@torch.compiler.assume_constant_result
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The concrete implementation ``impl`` means for tensors on ``device``.
 

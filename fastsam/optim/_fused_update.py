@@ -3,8 +3,10 @@ step, for torch.optim.SGD, Adam and AdamW. The base optimizer's state (momentum 
 and step counts) is read and written in torch's own layout, so ``base_optimizer.state_dict()`` and a
 later unfused step see exactly what torch's step would have left.
 
-Anything else (another optimizer, amsgrad, capturable/fused/differentiable flags, tensor lr) takes
-the generic path: restore, then ``base_optimizer.step()``.
+Anything else (another optimizer, amsgrad, capturable/fused/differentiable flags, tensor lr, and Adam
+inside torch.compile) takes the generic path: restore, then ``base_optimizer.step()``. The kernels take
+lr and the Adam step count as floats, so a capturable group (step and lr on the device, read by no
+host) can only be served by torch's own capturable step; fusing it needs ``Tensor`` step/lr arguments.
 """
 from __future__ import annotations
 
@@ -28,13 +30,23 @@ def fused_kind(base: torch.optim.Optimizer) -> str | None:
 
 def group_supported(kind: str, group: dict) -> bool:
     """Whether a param group's options are all covered by the fused kernel."""
-    if group.get("differentiable") or group.get("fused") or group.get("capturable"):
-        return False
-    if not isinstance(group["lr"], (float, int)):
+    if group.get("differentiable") or group.get("fused") or not isinstance(group["lr"], (float, int)):
         return False
     if kind == "adam":
-        return not group.get("amsgrad") and all(isinstance(b, (float, int)) for b in group["betas"])
+        # The kernel takes the step count as a float, so it cannot serve a capturable group (counter on
+        # the device). Under torch.compile each new count would be a new constant, a recompile per step
+        # (a SymFloat read from the counter does not fit the schema): a compiled step restores with the
+        # fused op and lets torch's compile-aware Adam update. A CUDA graph would replay the count it
+        # captured: torch's step then refuses a group that is not capturable.
+        return (not torch.compiler.is_compiling() and not _capturing() and not group.get("capturable")
+                and not group.get("amsgrad") and all(isinstance(b, (float, int)) for b in group["betas"]))
+    # SGD has no capturable option; torch.compile shows every group of a traced optimizer as capturable.
     return True
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _sgd(base, bucket, lists) -> None:
