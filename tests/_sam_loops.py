@@ -125,3 +125,16 @@ BASES = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
     "rmsprop": (torch.optim.RMSprop, dict(lr=1e-3)),  # generic path: restore, then base.step()
 }
+
+
+def sam_step_fn(model, opt):
+    """``step(x, y)``: one SAM step of ``model`` on a batch with cross-entropy (pass at w, ``first_step``, pass at
+    w + e, ``second_step``), returning the detached loss at w + e; for compiled and CUDA-graph-captured steps."""
+    def step(x, y):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.second_step(zero_grad=True)
+        return loss.detach()
+    return step

@@ -13,6 +13,8 @@ import fastsam.ops as ops
 from fastsam import _extension
 from fastsam.losses import functional as F
 
+from _sam_loops import sam_step_fn
+
 pytestmark = pytest.mark.skipif(not _extension.has_extension(), reason="fastsam._C is not built")
 
 # The graph breaks a compiled SAM step may keep, none of them in fastsam's ops:
@@ -83,15 +85,7 @@ def _sam_training_step(base, kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = fastsam.SAM(model.parameters(), base, rho=0.05, impl="cpu", **kwargs)
-
-    def step(x, y):
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.second_step(zero_grad=True)
-        return loss.detach()
-    return model, step
+    return model, sam_step_fn(model, opt)
 
 
 @pytest.mark.parametrize("base, kwargs, allowed", [

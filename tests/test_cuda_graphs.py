@@ -10,6 +10,8 @@ import torch.nn as nn
 import fastsam
 from fastsam import _extension
 
+from _sam_loops import sam_step_fn
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA_IMPLS = [pytest.param(impl, marks=pytest.mark.skipif(
@@ -31,15 +33,7 @@ def _twin(base_name, impl):
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).cuda()
     base, kwargs = BASES[base_name]()
     opt = fastsam.SAM(model.parameters(), base, rho=0.05, impl=impl, **kwargs)
-
-    def step(x, y):
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.second_step(zero_grad=True)
-        return loss.detach()
-    return model, opt, step
+    return model, opt, sam_step_fn(model, opt)
 
 
 def _batches(n):
