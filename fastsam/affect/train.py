@@ -12,7 +12,6 @@ cosine schedule, so it is refused like any other config change; pick another ``o
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -28,7 +27,7 @@ import torch
 import fastsam
 from fastsam.losses import cvar_bce_with_logits, cvar_cross_entropy
 from fastsam.ops import check_impl
-from fastsam.utils import frozen_bn_stats
+from fastsam.distributed import sam_closure
 
 from .metrics import au_predict, expr_predict, score
 from .model import AffectMLP
@@ -176,19 +175,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     Only the first forward pass (at w) updates the BatchNorm running statistics; the SAM family's later
     passes (at w + e, w - e) run with them frozen, so the statistics describe the weights actually kept.
     """
-    calls = 0
+    def compute_loss():
+        return loss_fn(model(x), y)
 
-    def closure():
-        nonlocal calls
-        frozen = frozen_bn_stats(model) if calls else contextlib.nullcontext()
-        calls += 1
-        with frozen:
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss.detach()
+    if isinstance(optimizer, fastsam.SAM):
+        closure = sam_closure(optimizer, model, compute_loss)  # BN frozen in every pass but the one at w
+    else:
+        def closure():
+            loss = compute_loss()
+            loss.backward()
+            return loss
 
     optimizer.zero_grad(set_to_none=True)  # no grads: the step runs the closure at w first
-    return optimizer.step(closure)
+    return optimizer.step(closure).detach()
 
 
 # ---- data ------------------------------------------------------------------------------------------

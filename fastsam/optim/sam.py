@@ -356,8 +356,12 @@ def _combine_into_grads(bucket: _buckets.Bucket, grads_b: List[Tensor], grads_c:
     grads = [bucket.params[i].grad for i in idx]
     if not grads:
         return
-    total = torch._foreach_mul([g.float() for g in grads], coef[0])
+    # fp32 grads are summed in place (.float() is the grad itself); only fp16/bf16 ones get an fp32 copy.
+    total = [g.float() for g in grads]
+    torch._foreach_mul_(total, coef[0])
     for k, more in ((1, grads_b), (2, grads_c)):
         if more:
             torch._foreach_add_(total, torch._foreach_mul([m.float() for m in take(more, idx)], coef[k]))
-    torch._foreach_copy_(grads, total)
+    low = [i for i, (g, t) in enumerate(zip(grads, total)) if t is not g]
+    if low:
+        torch._foreach_copy_(take(grads, low), take(total, low))
