@@ -25,12 +25,24 @@ def _sample_args(name):
         "dot_norm_sq_": (torch.zeros(2), [g], [v]),
         "restore_": ([w], [b]),
         "restore_sgd_": ([w], [g], [b], [m], 0.1, 1e-4, 0.9, 0.0, True, False, False, [v], [], torch.rand(3)),
-        "restore_adam_": ([w], [g], [b], [m], [v.abs()], 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0, [], [], None),
+        "restore_adam_": ([w], [g], [b], [m], [v.abs()], 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0, [], [], None,
+                          None, None, []),
         "cvar_select": (torch.randn(10), 0.3),
         "cvar_cross_entropy": (torch.randn(6, 4), torch.tensor([0, 3, -1, 2, 1, 1]), 0.5, -1, 0.1),
         "cvar_bce_with_logits": (torch.randn(5, 3), torch.tensor([[0.0, 1, -1]] * 5), torch.rand(3) + 0.5, 0.4,
                                  True, -1.0),
     }[name]
+
+
+def _scaled_sample_args(name):
+    """The ops that take a loss scale, with it, a found flag and (Adam) device step counts."""
+    args = _sample_args(name)
+    inv, found = torch.full((), 0.25), torch.zeros(1)
+    if name == "norm_sq_":
+        return args + (inv,)
+    if name == "restore_adam_":
+        return args[:-3] + (inv, found, [torch.tensor(3.0)])
+    return args + (inv, found)
 
 
 @needs_ext
@@ -39,6 +51,13 @@ def test_opcheck(name):
     """Schema, fake kernel and dispatch checks of torch.library for every op on the CPU."""
     assert _extension.has_extension(), _extension.extension_error()
     torch.library.opcheck(getattr(torch.ops.fastsam, name).default, _sample_args(name))
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["norm_sq_", "perturb_", "reflect_", "restore_sgd_", "restore_adam_"])
+def test_opcheck_scaled(name):
+    assert _extension.has_extension(), _extension.extension_error()
+    torch.library.opcheck(getattr(torch.ops.fastsam, name).default, _scaled_sample_args(name))
 
 
 def test_available_impls_lists_what_works():

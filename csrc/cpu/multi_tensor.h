@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -154,6 +155,23 @@ class Check {
                 t.sizes(), " and strides ", t.strides());
   }
 
+  // An optional fp32 scalar that the host reads (inv_scale, found_inf): its value, or nullopt when it is
+  // not given. On the CPU it lies in host memory, so the read is no device sync.
+  std::optional<float> f32_scalar(const std::optional<at::Tensor>& t, const char* name) const {
+    if (!t) return std::nullopt;
+    return scalar_value(*t, name);
+  }
+
+  // An optional list of fp32 scalars (Adam's step counts): empty, or one per lead tensor.
+  std::vector<float> f32_scalars(at::TensorList ts, const char* name) const {
+    TORCH_CHECK(ts.empty() || ts.size() == lead_.size(), op_, ": ", name, " has ", ts.size(),
+                " tensors, expected 0 or ", lead_.size());
+    std::vector<float> out;
+    for (const auto j : c10::irange(ts.size()))
+      out.push_back(scalar_value(ts[j], std::string(name) + "[" + std::to_string(j) + "]"));
+    return out;
+  }
+
   void mode(int64_t mode) const {
     TORCH_CHECK(mode >= kIdentity && mode <= kRow, op_, ": mode must be 0 (identity), 1 (abs) or 2 (row), got ",
                 mode);
@@ -181,6 +199,13 @@ class Check {
   void on_cpu(const at::Tensor& t, const char* name, size_t j) const {
     TORCH_CHECK(t.defined() && t.device().is_cpu(), op_, ": ", name, "[", j, "] must be a defined CPU tensor",
                 t.defined() ? ", got one on " + t.device().str() : std::string());
+  }
+  float scalar_value(const at::Tensor& t, const std::string& name) const {
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1, op_, ": ",
+                name, " must be a float32 tensor with one element on the CPU, got ",
+                t.defined() ? c10::str(t.scalar_type(), " of shape ", t.sizes(), " on ", t.device())
+                            : std::string("an undefined tensor"));
+    return *t.data_ptr<float>();
   }
   // Same position of every element in storage: equal strides on the dims that are not of size 1.
   static bool same_layout(const at::Tensor& a, const at::Tensor& b) {
@@ -304,6 +329,40 @@ void run_chunks(const std::vector<Chunk>& chunks, const F& f) {
     for (int64_t t = tb; t < te; ++t) run(first[t], first[t + 1]);
   });
 }
+
+// dst[j] <- src[j] bit for bit, for lists checked alike.
+inline void copy_tensors(at::TensorList dst, at::TensorList src) {
+  if (dst.empty()) return;
+  const int64_t size = dst[0].element_size();
+  const auto d = data_ptrs<char>(dst);
+  const auto s = data_ptrs<const char>(src);
+  run_chunks(make_chunks(dst), [&](const Chunk& c, int64_t, auto) {
+    std::memcpy(d[c.t] + c.begin * size, s[c.t] + c.begin * size, (c.end - c.begin) * size);
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Loss scaling and skipped steps (see reference.py). The kernels read found_inf on the host and run a
+// copy-only path for a skipped step, so that what it keeps is kept bit for bit.
+
+inline bool skipped(std::optional<float> found_inf) { return found_inf && *found_inf != 0; }
+
+// A read of an op's grads: g, or g * inv_scale in fp32 when kScaled (the multiply before any other use).
+// A compile-time flag, so that loops over unscaled grads do not pay for a multiply by one.
+template <class IO, bool kScaled>
+struct GradIn {
+  const typename IO::S* p;
+  float inv;  // by value: a pointer to it could alias the stores of the loop
+  float operator()(int64_t i) const {
+    if constexpr (kScaled) return IO::ld(p[i]) * inv;
+    else return IO::ld(p[i]);
+  }
+  // The grad to store where an op keeps it: the raw value when unscaled, which copies NaN payloads too.
+  typename IO::S stored(int64_t i) const {
+    if constexpr (kScaled) return IO::st((*this)(i));
+    else return p[i];
+  }
+};
 
 // The sums of the terms f(k), for each f of fs, for k in [b, e), in one pass: 32 fp32 lanes per sum
 // add up blocks of 256 terms (8 per lane), and the blocks are summed in double. Many independent

@@ -33,11 +33,12 @@ float step_scale(const at::Tensor& norm_sq, double rho, double eps) {
 }
 
 void norm_sq(const at::Tensor& acc, at::TensorList grads, at::TensorList params, at::TensorList row_scales,
-             int64_t mode, double eta, at::TensorList ema, double sigma) {
+             int64_t mode, double eta, at::TensorList ema, double sigma, const std::optional<at::Tensor>& inv_scale) {
   const Check check("norm_sq_", params, "params");
   check.like(grads, "grads");
   check.like_or_empty(ema, "ema");
   check.f32_values(acc, "acc", 1);
+  const auto inv = check.f32_scalar(inv_scale, "inv_scale");
   check.mode(mode);
   if (mode == kRow) check.row_vectors(row_scales, "row_scales");
   if (params.empty()) return;
@@ -51,19 +52,22 @@ void norm_sq(const at::Tensor& acc, at::TensorList grads, at::TensorList params,
     const auto g = data_ptrs<const S>(grads), w = data_ptrs<const S>(params), m = data_ptrs<const S>(ema);
     with_int<3>(mode, [&](auto mode_c) {
       with_bool(uses_ema(ema, sigma), [&](auto dir_c) {
-        constexpr int M = decltype(mode_c)::value;
-        constexpr bool kDir = decltype(dir_c)::value;
-        run_chunks(chunks, [&, sigma_f](const Chunk& c, int64_t i, auto) {
-          const S *gp = g[c.t], *wp = w[c.t], *mp = kDir ? m[c.t] : nullptr;
-          double sum = 0;
-          for_t_runs<M>(c, ta, [&](int64_t b, int64_t e, float tc) {
-            sum += sum_range(b, e, [&](int64_t k) {
-              const float gv = IO::ld(gp[k]), d = kDir ? gv - sigma_f * IO::ld(mp[k]) : gv;
-              const float x = t_op<M>(IO::ld(wp[k]), tc) * d;  // no load of w when T = 1
-              return x * x;
+        with_bool(inv.has_value(), [&](auto scaled_c) {
+          constexpr int M = decltype(mode_c)::value;
+          constexpr bool kDir = decltype(dir_c)::value, kScaled = decltype(scaled_c)::value;
+          run_chunks(chunks, [&, sigma_f](const Chunk& c, int64_t i, auto) {
+            const GradIn<IO, kScaled> grad{g[c.t], inv.value_or(1.f)};
+            const S *wp = w[c.t], *mp = kDir ? m[c.t] : nullptr;
+            double sum = 0;
+            for_t_runs<M>(c, ta, [&](int64_t b, int64_t e, float tc) {
+              sum += sum_range(b, e, [&](int64_t k) {
+                const float gv = grad(k), d = kDir ? gv - sigma_f * IO::ld(mp[k]) : gv;
+                const float x = t_op<M>(IO::ld(wp[k]), tc) * d;  // no load of w when T = 1
+                return x * x;
+              });
             });
+            partial[i] = {sum};
           });
-          partial[i] = {sum};
         });
       });
     });
@@ -122,7 +126,8 @@ enum EmaUpdate : int { kNoEma = 0, kCopyGrad = 1, kBlend = 2 };
 
 void perturb(at::TensorList params, at::TensorList grads, at::TensorList backups, at::TensorList row_scales,
              const at::Tensor& norm_sq, double rho, double eps, int64_t mode, double eta, bool sign,
-             at::TensorList ema, double sigma, double lmbda) {
+             at::TensorList ema, double sigma, double lmbda, const std::optional<at::Tensor>& inv_scale,
+             const std::optional<at::Tensor>& found_inf) {
   const Check check("perturb_", params, "params");
   check.like(grads, "grads");
   check.like(backups, "backups");
@@ -130,6 +135,9 @@ void perturb(at::TensorList params, at::TensorList grads, at::TensorList backups
   check.f32_values(norm_sq, "norm_sq", 1);
   check.mode(mode);
   if (mode == kRow) check.row_vectors(row_scales, "row_scales");
+  const auto inv = check.f32_scalar(inv_scale, "inv_scale");
+  // A skipped step still backs w up: the step's later ops restore w from the backups.
+  if (skipped(check.f32_scalar(found_inf, "found_inf"))) return copy_tensors(backups, params);
   if (params.empty()) return;
   const auto chunks = make_chunks(params);
   const TArgs ta(params, row_scales, mode, eta);
@@ -146,26 +154,29 @@ void perturb(at::TensorList params, at::TensorList grads, at::TensorList backups
       with_bool(sign, [&](auto sign_c) {
         with_int<3>(update, [&](auto update_c) {
           with_bool(uses_ema(ema, sigma), [&](auto dir_c) {
-            constexpr int M = decltype(mode_c)::value, kUpdate = decltype(update_c)::value;
-            constexpr bool kSign = decltype(sign_c)::value, kDir = decltype(dir_c)::value;
-            run_chunks(chunks, [&, k](const Chunk& c, int64_t, auto) {
-              S *wp = w[c.t], *bp = b[c.t], *mp = kDir || kUpdate != kNoEma ? m[c.t] : nullptr;
-              const S* gp = g[c.t];
-              for_t_runs<M>(c, ta, [&](int64_t lo, int64_t hi, float tc) {
+            with_bool(inv.has_value(), [&](auto scaled_c) {
+              constexpr int M = decltype(mode_c)::value, kUpdate = decltype(update_c)::value;
+              constexpr bool kSign = decltype(sign_c)::value, kDir = decltype(dir_c)::value;
+              constexpr bool kScaled = decltype(scaled_c)::value;
+              run_chunks(chunks, [&, k](const Chunk& c, int64_t, auto) {
+                S *wp = w[c.t], *bp = b[c.t], *mp = kDir || kUpdate != kNoEma ? m[c.t] : nullptr;
+                const GradIn<IO, kScaled> grad{g[c.t], inv.value_or(1.f)};
+                for_t_runs<M>(c, ta, [&](int64_t lo, int64_t hi, float tc) {
 #pragma omp simd
-                for (int64_t i = lo; i < hi; ++i) {
-                  const S raw = wp[i];
-                  bp[i] = raw;
-                  const float x = IO::ld(raw), t = t_op<M>(x, tc), gv = IO::ld(gp[i]);
-                  const float mv = kDir || kUpdate == kBlend ? IO::ld(mp[i]) : 0.f;
-                  const float d = kDir ? gv - k.sigma * mv : gv;
-                  float e;
-                  if constexpr (kSign) e = (k.rho * t) * (float(d > 0.f) - float(d < 0.f));
-                  else e = (k.scale * (t * t)) * d;
-                  wp[i] = IO::st(x + e);
-                  if constexpr (kUpdate == kCopyGrad) mp[i] = gp[i];
-                  if constexpr (kUpdate == kBlend) mp[i] = IO::st(mv * k.keep + gv * k.take);
-                }
+                  for (int64_t i = lo; i < hi; ++i) {
+                    const S raw = wp[i];
+                    bp[i] = raw;
+                    const float x = IO::ld(raw), t = t_op<M>(x, tc), gv = grad(i);
+                    const float mv = kDir || kUpdate == kBlend ? IO::ld(mp[i]) : 0.f;
+                    const float d = kDir ? gv - k.sigma * mv : gv;
+                    float e;
+                    if constexpr (kSign) e = (k.rho * t) * (float(d > 0.f) - float(d < 0.f));
+                    else e = (k.scale * (t * t)) * d;
+                    wp[i] = IO::st(x + e);
+                    if constexpr (kUpdate == kCopyGrad) mp[i] = grad.stored(i);
+                    if constexpr (kUpdate == kBlend) mp[i] = IO::st(mv * k.keep + gv * k.take);
+                  }
+                });
               });
             });
           });
@@ -176,7 +187,8 @@ void perturb(at::TensorList params, at::TensorList grads, at::TensorList backups
 }
 
 void reflect(at::TensorList params, at::TensorList backups, at::TensorList dirs, const at::Tensor& norm_sq,
-             double rho, double eps, at::TensorList grads, at::TensorList grad_copies) {
+             double rho, double eps, at::TensorList grads, at::TensorList grad_copies,
+             const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
   const Check check("reflect_", params, "params");
   check.like(backups, "backups");
   check.like(dirs, "dirs");
@@ -187,6 +199,9 @@ void reflect(at::TensorList params, at::TensorList backups, at::TensorList dirs,
     check.like(grads, "grads");
     check.like(grad_copies, "grad_copies");
   }
+  const auto inv = check.f32_scalar(inv_scale, "inv_scale");
+  // A skipped step puts w back where it began, and still makes the copies (the grads are kept either way).
+  const bool skip = skipped(check.f32_scalar(found_inf, "found_inf"));
   if (params.empty()) return;
   const auto chunks = make_chunks(params);
   const float scale = step_scale(norm_sq, rho, eps);
@@ -196,15 +211,21 @@ void reflect(at::TensorList params, at::TensorList backups, at::TensorList dirs,
     const auto w = data_ptrs<S>(params), gc = data_ptrs<S>(grad_copies);
     const auto b = data_ptrs<const S>(backups), d = data_ptrs<const S>(dirs), g = data_ptrs<const S>(grads);
     with_bool(copy, [&](auto copy_c) {
-      constexpr bool kCopy = decltype(copy_c)::value;
-      run_chunks(chunks, [&, scale](const Chunk& c, int64_t, auto) {
-        S *wp = w[c.t], *cp = kCopy ? gc[c.t] : nullptr;
-        const S *bp = b[c.t], *dp = d[c.t], *gp = kCopy ? g[c.t] : nullptr;
+      with_bool(skip, [&](auto skip_c) {
+        with_bool(inv.has_value(), [&](auto scaled_c) {
+          constexpr bool kCopy = decltype(copy_c)::value, kSkip = decltype(skip_c)::value;
+          constexpr bool kScaled = decltype(scaled_c)::value;
+          run_chunks(chunks, [&, scale](const Chunk& c, int64_t, auto) {
+            S *wp = w[c.t], *cp = kCopy ? gc[c.t] : nullptr;
+            const S *bp = b[c.t], *dp = d[c.t];
+            const GradIn<IO, kScaled> grad{kCopy ? g[c.t] : nullptr, inv.value_or(1.f)};
 #pragma omp simd
-        for (int64_t i = c.begin; i < c.end; ++i) {
-          wp[i] = IO::st(IO::ld(bp[i]) - scale * IO::ld(dp[i]));
-          if constexpr (kCopy) cp[i] = gp[i];
-        }
+            for (int64_t i = c.begin; i < c.end; ++i) {
+              wp[i] = kSkip ? bp[i] : IO::st(IO::ld(bp[i]) - scale * IO::ld(dp[i]));
+              if constexpr (kCopy) cp[i] = grad.stored(i);
+            }
+          });
+        });
       });
     });
   });
@@ -237,13 +258,7 @@ void dot_norm_sq(const at::Tensor& acc, at::TensorList a, at::TensorList b) {
 void restore(at::TensorList params, at::TensorList backups) {
   const Check check("restore_", params, "params");
   check.like(backups, "backups");
-  if (params.empty()) return;
-  const int64_t size = params[0].element_size();
-  const auto w = data_ptrs<char>(params);
-  const auto b = data_ptrs<const char>(backups);
-  run_chunks(make_chunks(params), [&](const Chunk& c, int64_t, auto) {
-    std::memcpy(w[c.t] + c.begin * size, b[c.t] + c.begin * size, (c.end - c.begin) * size);
-  });
+  copy_tensors(params, backups);
 }
 
 }  // namespace

@@ -34,22 +34,24 @@ struct Grad {
 
 // The grad a fused update uses: coef[0] g + coef[1] g_b + coef[2] g_c, or g without coef; an empty list
 // drops its term. The lists given are packed first (kExtra of them besides g), and maximize's sign is
-// folded into the coefficients, which is exact: negation commutes with every rounding.
+// folded into the coefficients, which is exact: negation commutes with every rounding. inv_scale, which
+// unscales g only (g_b and g_c were kept unscaled), is folded into g's coefficient too, at no cost in the
+// loop: g (inv_scale coef[0]) is the reference's (g inv_scale) coef[0] to rounding, and exact without coef.
 class GradTerms {
  public:
   GradTerms(const Check& check, at::TensorList grads, at::TensorList grads_b, at::TensorList grads_c,
-            const std::optional<at::Tensor>& coef, bool maximize) {
+            const std::optional<at::Tensor>& coef, const std::optional<at::Tensor>& inv_scale, bool maximize) {
     check.like(grads, "grads");
     check.like_or_empty(grads_b, "grads_b");
     check.like_or_empty(grads_c, "grads_c");
-    const float sign = maximize ? -1.f : 1.f;
+    const float sign = maximize ? -1.f : 1.f, inv = check.f32_scalar(inv_scale, "inv_scale").value_or(1.f);
     if (!coef) {
-      add(grads, sign);
+      add(grads, inv * sign);
       return;
     }
     check.f32_values(*coef, "coef", 3);
     const float* cf = coef->data_ptr<float>();
-    add(grads, cf[0] * sign);
+    add(grads, cf[0] * inv * sign);
     if (!grads_b.empty()) add(grads_b, cf[1] * sign);
     if (!grads_c.empty()) add(grads_c, cf[2] * sign);
   }
@@ -74,14 +76,21 @@ class GradTerms {
   int n_ = 0;
 };
 
+// A skipped step (found_inf) only undoes the perturbation: w <- backup, and nothing without backups.
+void restore_only(at::TensorList params, at::TensorList backups) {
+  if (!backups.empty()) copy_tensors(params, backups);
+}
+
 void restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList backups,
                  at::TensorList momentum_buffers, double lr, double weight_decay, double momentum, double dampening,
                  bool nesterov, bool maximize, bool init_momentum, at::TensorList grads_b, at::TensorList grads_c,
-                 const std::optional<at::Tensor>& coef) {
+                 const std::optional<at::Tensor>& coef, const std::optional<at::Tensor>& inv_scale,
+                 const std::optional<at::Tensor>& found_inf) {
   const Check check("restore_sgd_", params, "params");
-  const GradTerms terms(check, grads, grads_b, grads_c, coef, maximize);
+  const GradTerms terms(check, grads, grads_b, grads_c, coef, inv_scale, maximize);
   check.like_or_empty(backups, "backups");
   if (momentum != 0) check.like(momentum_buffers, "momentum_buffers");
+  if (skipped(check.f32_scalar(found_inf, "found_inf"))) return restore_only(params, backups);
   if (params.empty()) return;
   const auto chunks = make_chunks(params);
   struct {
@@ -128,30 +137,39 @@ void restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList bac
 void restore_adam(at::TensorList params, at::TensorList grads, at::TensorList backups, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double weight_decay, double eps,
                   bool decoupled, bool maximize, double step, at::TensorList grads_b, at::TensorList grads_c,
-                  const std::optional<at::Tensor>& coef) {
+                  const std::optional<at::Tensor>& coef, const std::optional<at::Tensor>& inv_scale,
+                  const std::optional<at::Tensor>& found_inf, at::TensorList steps) {
   const Check check("restore_adam_", params, "params");
-  const GradTerms terms(check, grads, grads_b, grads_c, coef, maximize);
+  const GradTerms terms(check, grads, grads_b, grads_c, coef, inv_scale, maximize);
   check.like_or_empty(backups, "backups");
   check.like(exp_avgs, "exp_avgs");
   check.like(exp_avg_sqs, "exp_avg_sqs");
+  const std::vector<float> step_counts = check.f32_scalars(steps, "steps");
+  if (skipped(check.f32_scalar(found_inf, "found_inf"))) return restore_only(params, backups);
   if (params.empty()) return;
   const auto chunks = make_chunks(params);
   // Scalars as torch.optim.Adam derives them: in double, then rounded to fp32 where a tensor op uses them.
-  const double bias_correction1 = 1 - std::pow(beta1, step);
-  const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
+  // The step-dependent ones are per tensor: with `steps`, each tensor has its own count (torch's
+  // capturable layout, where a parameter that joined later has taken fewer steps).
+  struct BiasCorrection {
+    float bc2_sqrt, neg_step_size;
+  };
+  std::vector<BiasCorrection> corrections;
+  for (const auto j : c10::irange(params.size())) {
+    const double s = step_counts.empty() ? step : double(step_counts[j]);
+    corrections.push_back({float(std::sqrt(1 - std::pow(beta2, s))), float(-(lr / (1 - std::pow(beta1, s))))});
+  }
   const float lerp_weight = float(1 - beta1);
   // ATen's lerp: start + w * (end - start) for |w| < 0.5, else end + (w - 1) * (end - start).
   const bool small_weight = std::fabs(lerp_weight) < 0.5f;
   struct {
-    float wd, decay, lerp_coeff, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
+    float wd, decay, lerp_coeff, beta2, one_minus_beta2, eps;
   } const k{float(weight_decay),
             float(1 - lr * weight_decay),
             small_weight ? lerp_weight : lerp_weight - 1.f,
             float(beta2),
             float(1 - beta2),
-            float(bias_correction2_sqrt),
-            float(eps),
-            float(-(lr / bias_correction1))};
+            float(eps)};
   // 0: none; 1: L2 on the gradient (Adam); 2: decoupled decay of w (AdamW)
   const int64_t wd_kind = weight_decay == 0 ? 0 : decoupled ? 2 : 1;
   dispatch_dtype(params[0].scalar_type(), "restore_adam_", [&](auto io) {
@@ -168,6 +186,7 @@ void restore_adam(at::TensorList params, at::TensorList grads, at::TensorList ba
             S *wp = w[c.t], *mp = m[c.t], *vp = v[c.t];
             const S* bp = b[c.t];
             const auto grad = terms.of<IO, kExtra>(c.t);
+            const BiasCorrection bc = corrections[c.t];  // a copy: the loop's stores cannot alias it
 #pragma omp simd
             for (int64_t i = c.begin; i < c.end; ++i) {
               float x = IO::ld(bp[i]);
@@ -179,8 +198,8 @@ void restore_adam(at::TensorList params, at::TensorList grads, at::TensorList ba
               const float v1 = isa.fma(k.one_minus_beta2 * gv, gv, IO::ld(vp[i]) * k.beta2);
               mp[i] = IO::st(m1);
               vp[i] = IO::st(v1);
-              const float denom = std::sqrt(v1) / k.bc2_sqrt + k.eps;
-              wp[i] = IO::st(x + k.neg_step_size * m1 / denom);
+              const float denom = std::sqrt(v1) / bc.bc2_sqrt + k.eps;
+              wp[i] = IO::st(x + bc.neg_step_size * m1 / denom);
             }
           });
         });

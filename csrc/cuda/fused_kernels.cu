@@ -102,6 +102,31 @@ __device__ __forceinline__ void group_sum(float (&v)[K], int g) {
   }
 }
 
+// AmpArgs as the kernels use them, read once per block by load() (in the op's bind). Without inv_scale,
+// grad() is the plain read and stored() the raw element, through selects on a kernel argument, so the call
+// keeps the math (and bit-exact copies) of a call without loss scaling at no cost in these bandwidth-bound
+// loops; without found_inf, skip stays false.
+struct Amp {
+  AmpArgs args;
+  float inv = 1.f;
+  bool skip = false;
+
+  __device__ void load() {
+    if (args.inv_scale) inv = __ldg(args.inv_scale);
+    if (args.found_inf) skip = __ldg(args.found_inf) != 0.f;  // NaN skips too, as in the reference
+  }
+  // An element of the op's grads list in fp32: one multiply by inv_scale before any other use.
+  template <typename T>
+  __device__ float grad(T g) const {
+    return args.inv_scale ? to_f(g) * inv : to_f(g);
+  }
+  // The same where the op stores the grad.
+  template <typename T>
+  __device__ T stored(T g) const {
+    return args.inv_scale ? from_f<T>(to_f(g) * inv) : g;
+  }
+};
+
 // rho / (||d|| + eps) of the p = 2 SAM step, from the squared norm on the device.
 __device__ __forceinline__ float sam_scale(const float* norm_sq, float rho, float eps) {
   return __fdiv_rn(rho, __fsqrt_rn(*norm_sq) + eps);
@@ -117,7 +142,7 @@ struct TOp {
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>& m, int slot) {
-    row_scale = m.row_scale[slot];
+    row_scale = m.aux[slot];
     inner = m.inner[slot];
     narrow = m.n[slot] <= 0xffffffffLL;
   }
@@ -130,12 +155,20 @@ struct TOp {
 };
 
 struct OpBase {
+  static constexpr bool kSkips = false;
   template <int L>
   __device__ void bind(const TensorListMeta<L>&, int) {}
   __device__ void finish() {}
 };
 
-// Body of every element-wise op: one block per chunk.
+// Base of the ops that take a found_inf (in their Amp `amp`): when it is set, the block runs the op's
+// skipped(m, slot) instead, which keeps w where the step began.
+struct SkippingOpBase : OpBase {
+  static constexpr bool kSkips = true;
+};
+
+// Body of every element-wise op: one block per chunk. A skipped step is decided per block from the flag on
+// the device (apex's noop flag), so the host never reads it.
 template <typename T, class Op>
 struct Elementwise {
   Op op;
@@ -144,6 +177,9 @@ struct Elementwise {
     const int slot = m.block_tensor[blockIdx.x];
     Op o = op;
     o.bind(m, slot);
+    if constexpr (Op::kSkips) {
+      if (o.amp.skip) return o.skipped(m, slot);
+    }
     for_each_element<T>(m, slot, o);
     o.finish();
   }
@@ -186,13 +222,15 @@ struct NormSqOp : PartialSums<1> {
   static constexpr unsigned kLoad = 0b001 | (MODE == kModeAbs ? 0b010u : 0u) | (SUB ? 0b100u : 0u), kStore = 0;
   TOp<MODE> t;
   float sigma;
+  Amp amp;  // inv_scale only
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>& m, int slot) {
     t.bind(m, slot);
+    amp.load();
   }
   __device__ void operator()(T (&x)[3], int64_t i) {
-    float w = 0.f, d = to_f(x[0]);
+    float w = 0.f, d = amp.grad(x[0]);
     if constexpr (MODE == kModeAbs) w = to_f(x[1]);
     if constexpr (SUB) d -= sigma * to_f(x[2]);
     const float v = t(w, i) * d;
@@ -211,9 +249,19 @@ struct DotNormSqOp : PartialSums<2> {
   }
 };
 
+// x[DST] <- x[SRC]: a raw copy, bit-exact for every dtype (NaN payloads included).
+template <typename T, int DST, int SRC>
+struct CopyOp : OpBase {
+  static constexpr unsigned kLoad = 1u << SRC, kStore = 1u << DST;
+  template <int L>
+  __device__ void operator()(T (&x)[L], int64_t) const {
+    x[DST] = x[SRC];
+  }
+};
+
 // Lists {params, grads, backups, ema}.
 template <typename T, int MODE, bool SIGN, EmaKind EMA>
-struct PerturbOp : OpBase {
+struct PerturbOp : SkippingOpBase {
   static constexpr unsigned kEma = 0b1000;
   static constexpr unsigned kLoad = 0b0011 | (EMA == EmaKind::kFull ? kEma : 0u);
   static constexpr unsigned kStore = 0b0101 | (EMA != EmaKind::kNone ? kEma : 0u);
@@ -221,76 +269,97 @@ struct PerturbOp : OpBase {
   const float* norm_sq;
   float rho, eps;
   EmaArgs ema;
+  Amp amp;
   float scale = 0.f;
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>& m, int slot) {
     t.bind(m, slot);
+    amp.load();
     scale = SIGN ? rho : sam_scale(norm_sq, rho, eps);
+  }
+  // The backups are written all the same: the caller restores from them at the end of the step.
+  template <int L>
+  __device__ void skipped(const TensorListMeta<L>& m, int slot) const {
+    CopyOp<T, 2, 0> backup;
+    for_each_element<T>(m, slot, backup);
   }
   __device__ void operator()(T (&x)[4], int64_t i) const {
     x[2] = x[0];
-    const float w = to_f(x[0]), g = to_f(x[1]), tw = t(w, i);
+    const float w = to_f(x[0]), g = amp.grad(x[1]), tw = t(w, i);
     float d = g;
-    // m <- g is a copy of the raw element: exact for every dtype, and sigma == 0 keeps d = g even where m is
-    // not finite.
+    // Without inv_scale, m <- g is a copy of the raw element: exact for every dtype, and sigma == 0 keeps
+    // d = g even where m is not finite.
     if constexpr (EMA == EmaKind::kFull) {
       const float m = to_f(x[3]);
       if (ema.sub) d = g - ema.sigma * m;
-      x[3] = ema.copy ? x[1] : from_f<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
+      x[3] = ema.copy ? amp.stored(x[1]) : from_f<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
     } else if constexpr (EMA == EmaKind::kCopy) {
-      x[3] = x[1];
+      x[3] = amp.stored(x[1]);
     }
     const float e = SIGN ? scale * tw * float((d > 0.f) - (d < 0.f)) : scale * (tw * tw) * d;
     x[0] = from_f<T>(w + e);
   }
 };
 
-// Lists {params, backups, dirs, grads, grad_copies}; COPY: grad_copies <- grads, raw, so bit-exact.
-template <typename T, bool COPY>
-struct ReflectOp : OpBase {
-  static constexpr unsigned kLoad = 0b00110 | (COPY ? 0b01000u : 0u), kStore = 0b00001 | (COPY ? 0b10000u : 0u);
+// Lists {params, backups, dirs, grads, grad_copies}; COPY: grad_copies <- grads (unscaled with inv_scale,
+// else raw, so bit-exact). SKIPPED: the op of a skipped step, w <- backup (dirs unread), the copies made all
+// the same.
+template <typename T, bool COPY, bool SKIPPED = false>
+struct ReflectOp : std::conditional_t<SKIPPED, OpBase, SkippingOpBase> {
+  static constexpr unsigned kLoad = (SKIPPED ? 0b00010u : 0b00110u) | (COPY ? 0b01000u : 0u);
+  static constexpr unsigned kStore = 0b00001 | (COPY ? 0b10000u : 0u);
+  Amp amp;
   const float* norm_sq;
   float rho, eps;
   float scale = 0.f;
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>&, int) {
+    amp.load();
     scale = sam_scale(norm_sq, rho, eps);
   }
-  __device__ void operator()(T (&x)[5], int64_t) const {
-    x[0] = from_f<T>(to_f(x[1]) - scale * to_f(x[2]));
-    if constexpr (COPY) x[4] = x[3];
+  template <int L>
+  __device__ void skipped(const TensorListMeta<L>& m, int slot) const {
+    ReflectOp<T, COPY, true> op{{}, amp};
+    for_each_element<T>(m, slot, op);
   }
-};
-
-// Lists {params, backups}: a raw copy, bit-exact for every dtype (NaN payloads included).
-template <typename T>
-struct RestoreOp : OpBase {
-  static constexpr unsigned kLoad = 0b10, kStore = 0b01;
-  __device__ void operator()(T (&x)[2], int64_t) const { x[0] = x[1]; }
+  __device__ void operator()(T (&x)[5], int64_t) const {
+    if constexpr (SKIPPED) x[0] = x[1];
+    else x[0] = from_f<T>(to_f(x[1]) - scale * to_f(x[2]));
+    if constexpr (COPY) x[4] = amp.stored(x[3]);
+  }
 };
 
 // The lists {params, grads, backups, grads_b, grads_c} the fused updates start with, and their grad
 // (reference._grad_combination) in the reference's order of operations. w is read from backups: without a
 // restore, the host passes the params there.
-template <unsigned TERMS>
-struct UpdateBase : OpBase {
+template <typename T, unsigned TERMS>
+struct UpdateBase : SkippingOpBase {
   static constexpr unsigned kLoad = 0b00110 | (TERMS & kTermB ? 0b01000u : 0u) | (TERMS & kTermC ? 0b10000u : 0u);
   static constexpr unsigned kStore = 0b00001;
   const float* coef;
+  Amp amp;  // inv_scale scales grads only: grads_b and grads_c were stored unscaled
   float c[3] = {};
 
   template <int L>
   __device__ void bind(const TensorListMeta<L>&, int) {
+    amp.load();
     if constexpr (TERMS != 0) {
 #pragma unroll
       for (int k = 0; k < 3; ++k) c[k] = __ldg(coef + k);
     }
   }
-  template <typename T, int L>
+  // Only the restore, and nothing without one: then backups holds the params themselves.
+  template <int L>
+  __device__ void skipped(const TensorListMeta<L>& m, int slot) const {
+    if (m.ptr[2][slot] == m.ptr[0][slot]) return;
+    CopyOp<T, 0, 2> restore;
+    for_each_element<T>(m, slot, restore);
+  }
+  template <int L>
   __device__ float grad(const T (&x)[L]) const {
-    float g = to_f(x[1]);
+    float g = amp.grad(x[1]);
     if constexpr (TERMS != 0) {
       g *= c[0];
       if constexpr ((TERMS & kTermB) != 0) g += to_f(x[3]) * c[1];
@@ -302,8 +371,8 @@ struct UpdateBase : OpBase {
 
 // Lists {params, grads, backups, grads_b, grads_c, momentum_buffers}.
 template <typename T, unsigned TERMS, bool MOMENTUM>
-struct SgdOp : UpdateBase<TERMS> {
-  using Base = UpdateBase<TERMS>;
+struct SgdOp : UpdateBase<T, TERMS> {
+  using Base = UpdateBase<T, TERMS>;
   static constexpr unsigned kBuf = MOMENTUM ? 0b100000 : 0;
   static constexpr unsigned kLoad = Base::kLoad | kBuf, kStore = Base::kStore | kBuf;
   SgdArgs a;
@@ -324,10 +393,16 @@ struct SgdOp : UpdateBase<TERMS> {
 
 // Lists {params, grads, backups, grads_b, grads_c, exp_avgs, exp_avg_sqs}.
 template <typename T, unsigned TERMS>
-struct AdamOp : UpdateBase<TERMS> {
-  using Base = UpdateBase<TERMS>;
+struct AdamOp : UpdateBase<T, TERMS> {
+  using Base = UpdateBase<T, TERMS>;
   static constexpr unsigned kLoad = Base::kLoad | 0b1100000, kStore = Base::kStore | 0b1100000;
   AdamArgs a;
+
+  template <int L>
+  __device__ void bind(const TensorListMeta<L>& m, int slot) {
+    Base::bind(m, slot);
+    if (a.device_steps) a.set_step(__ldg(m.aux[slot]));
+  }
   __device__ void operator()(T (&x)[7], int64_t) const {
     float w = to_f(x[2]), g = this->grad(x);
     if (a.maximize) g = -g;
@@ -406,13 +481,14 @@ void launch_reduction(const TensorArgs* t, int n, float* partials, float* acc, c
 }  // namespace
 
 void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
-                    float* partials, float* acc, cudaStream_t stream) {
+                    const float* inv_scale, float* partials, float* acc, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sub, [&](auto sb) {
         using Op = NormSqOp<T, decltype(md)::value, decltype(sb)::value>;
-        launch_reduction<3, T>(t, n, partials, acc, stream, [&](float* p) { return Op{{{}, p}, {eta}, sigma}; });
+        launch_reduction<3, T>(t, n, partials, acc, stream,
+                               [&](float* p) { return Op{{{}, p}, {eta}, sigma, {{inv_scale, nullptr}}}; });
       });
     });
   });
@@ -439,14 +515,14 @@ void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream
 }
 
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
-                    float eta, bool sign, const EmaArgs& ema, cudaStream_t stream) {
+                    float eta, bool sign, const EmaArgs& ema, const AmpArgs& amp, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sign, [&](auto sg) {
         dispatch_ema(ema.kind, [&](auto ek) {
           using Op = PerturbOp<T, decltype(md)::value, decltype(sg)::value, decltype(ek)::value>;
-          launch_elementwise<4, T>(t, n, stream, Op{{}, {eta}, norm_sq, rho, eps, ema});
+          launch_elementwise<4, T>(t, n, stream, Op{{}, {eta}, norm_sq, rho, eps, ema, {amp}});
         });
       });
     });
@@ -454,11 +530,11 @@ void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, 
 }
 
 void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
-                    cudaStream_t stream) {
+                    const AmpArgs& amp, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_bool(copy, [&](auto cp) {
-      launch_elementwise<5, T>(t, n, stream, ReflectOp<T, decltype(cp)::value>{{}, norm_sq, rho, eps});
+      launch_elementwise<5, T>(t, n, stream, ReflectOp<T, decltype(cp)::value>{{}, {amp}, norm_sq, rho, eps});
     });
   });
 }
@@ -466,29 +542,29 @@ void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, 
 void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_elementwise<2, T>(t, n, stream, RestoreOp<T>{});
+    launch_elementwise<2, T>(t, n, stream, CopyOp<T, 0, 1>{});
   });
 }
 
 void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
-                        cudaStream_t stream) {
+                        const AmpArgs& amp, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_terms(g.terms, [&](auto terms) {
       dispatch_bool(a.use_momentum, [&](auto mom) {
         using Op = SgdOp<T, decltype(terms)::value, decltype(mom)::value>;
-        launch_elementwise<6, T>(t, n, stream, Op{{{}, g.coef}, a});
+        launch_elementwise<6, T>(t, n, stream, Op{{{}, g.coef, {amp}}, a});
       });
     });
   });
 }
 
 void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
-                         cudaStream_t stream) {
+                         const AmpArgs& amp, cudaStream_t stream) {
   dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_terms(g.terms, [&](auto terms) {
-      launch_elementwise<7, T>(t, n, stream, AdamOp<T, decltype(terms)::value>{{{}, g.coef}, a});
+      launch_elementwise<7, T>(t, n, stream, AdamOp<T, decltype(terms)::value>{{{}, g.coef, {amp}}, a});
     });
   });
 }

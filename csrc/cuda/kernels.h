@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace fastsam {
@@ -24,7 +25,9 @@ struct TensorArgs {
   void* ptr[kMaxLists];     // ptr[l]: the tensor's data in list l, all of the param dtype except where noted
   int64_t n;                // elements; rows for row_norm_
   int64_t inner;            // elements per row (slice along dim 0): MODE_ROW and row_norm_
-  const float* row_scale;   // MODE_ROW only: one fp32 scale per row
+  // fp32, read by the kernels: one scale per row under MODE_ROW (row_scales[j]), the step count of
+  // restore_adam_ with device steps (steps[j]); null otherwise
+  const float* aux;
 };
 
 inline int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
@@ -36,6 +39,13 @@ inline int64_t reduction_blocks(const TensorArgs* t, int n) {
   for (int j = 0; j < n; ++j) total += chunks_of(t[j].n);
   return total;
 }
+
+// Loss scaling and skipped steps (reference.py's module docstring): fp32 one-element device tensors, null
+// when not given. Read in the kernels, never on the host, so a step stays capturable in a CUDA graph.
+struct AmpArgs {
+  const float* inv_scale;  // every read of the op's grads list is g * inv_scale
+  const float* found_inf;  // nonzero: the step is skipped, w stays (or is put back) where it began
+};
 
 // The EMA list of perturb_. The kind decides which memory the kernel touches, so it is a compile-time
 // switch; sigma == 0 and lmbda == 0 within kFull are uniform selects, free in a bandwidth-bound loop.
@@ -70,31 +80,44 @@ struct AdamArgs {
   float decay_factor;    // 1 - lr * weight_decay (decoupled)
   float eps, neg_step_size, bias_correction2_sqrt;
   bool decoupled, maximize;
+  // Each tensor's step count is on the device (TensorArgs::aux): each block calls set_step with it, so the
+  // host's neg_step_size and bias_correction2_sqrt are not used.
+  bool device_steps;
+  struct {
+    double lr, beta1, beta2;
+  } exact;  // set_step's inputs as the host has them (the float beta2 above is rounded)
+
+  // The bias corrections at a step count (after increment), in double as reference.restore_adam_ computes
+  // them; one definition for the host's float step and the kernels' device steps.
+  __host__ __device__ void set_step(double step) {
+    neg_step_size = float(-(exact.lr / (1 - pow(exact.beta1, step))));
+    bias_correction2_sqrt = float(sqrt(1 - pow(exact.beta2, step)));
+  }
 };
 
 // Lists {grads, params, ema}; acc[0] += sum (T d)^2 with d = g - sigma ema when `sub`, else g (ema unused).
-// `partials`: reduction_blocks(t, n) floats of scratch.
+// `inv_scale`: device pointer or null, as AmpArgs. `partials`: reduction_blocks(t, n) floats of scratch.
 void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
-                    float* partials, float* acc, cudaStream_t stream);
+                    const float* inv_scale, float* partials, float* acc, cudaStream_t stream);
 // Lists {a, b}; acc[0] += sum a b, acc[1] += sum b^2. `partials`: 2 * reduction_blocks(t, n) floats.
 void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream);
 // Lists {params, out (fp32)}; t[j].n = rows, t[j].inner = elements per row. out[r] = ||w[r]|| + eta.
 void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream_t stream);
 // Lists {params, grads, backups, ema}. `norm_sq` is a device pointer, read only when !sign.
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
-                    float eta, bool sign, const EmaArgs& ema, cudaStream_t stream);
+                    float eta, bool sign, const EmaArgs& ema, const AmpArgs& amp, cudaStream_t stream);
 // Lists {params, backups, dirs, grads, grad_copies}; the last two are used when `copy`. `norm_sq`: device.
 void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
-                    cudaStream_t stream);
+                    const AmpArgs& amp, cudaStream_t stream);
 // Lists {params, backups}.
 void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream);
 // Lists {params, grads, backups, grads_b, grads_c, momentum_buffers}; lists that `g` and `a` leave out are
-// unused. Without a restore, backups holds the params themselves.
+// unused. Without a restore, backups holds the params themselves. inv_scale scales grads alone.
 void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
-                        cudaStream_t stream);
+                        const AmpArgs& amp, cudaStream_t stream);
 // Lists {params, grads, backups, grads_b, grads_c, exp_avgs, exp_avg_sqs}; as launch_restore_sgd.
 void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
-                         cudaStream_t stream);
+                         const AmpArgs& amp, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsam

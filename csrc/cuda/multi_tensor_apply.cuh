@@ -29,7 +29,7 @@ struct TensorListMeta {
   void* ptr[L][kMaxTensors];
   int64_t n[kMaxTensors];
   int64_t inner[kMaxTensors];
-  const float* row_scale[kMaxTensors];
+  const float* aux[kMaxTensors];
   int32_t block_unit[kMaxBlocks];   // 2^31 chunks of kChunk elements is far beyond any device's memory
   uint8_t block_tensor[kMaxBlocks];
 };
@@ -59,7 +59,7 @@ void multi_tensor_apply(const TensorArgs* t, int n, Units units, Launch launch) 
       for (int l = 0; l < L; ++l) m.ptr[l][nt] = t[j].ptr[l];
       m.n[nt] = t[j].n;
       m.inner[nt] = t[j].inner;
-      m.row_scale[nt] = t[j].row_scale;
+      m.aux[nt] = t[j].aux;
       for (; c < u && nb < Meta::kMaxBlocks; ++c, ++nb) {
         m.block_tensor[nb] = static_cast<uint8_t>(nt);
         m.block_unit[nb] = static_cast<int32_t>(c);

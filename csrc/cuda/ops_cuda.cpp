@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <ostream>
@@ -111,6 +110,27 @@ class Checker {
                 ", got shape ", t.sizes());
   }
 
+  // An optional fp32 one-element tensor (inv_scale, found_inf): its device pointer, null when not given.
+  const float* optional_scalar(const std::optional<Tensor>& t, const char* what) const {
+    if (!t.has_value()) return nullptr;
+    fp32(*t, what, 1);
+    return t->data_ptr<float>();
+  }
+
+  // A list that may be left empty of one fp32 one-element tensor per tensor (restore_adam_'s steps);
+  // returns whether it is given.
+  bool optional_scalars(TensorList l, const char* what) const {
+    if (l.empty()) return false;
+    TORCH_CHECK(l.size() == params_.size(), op_, ": ", what, " has ", l.size(), " tensors, expected none or ",
+                params_.size());
+    for (size_t j = 0; j < l.size(); ++j) {
+      tensor(l[j], {what, int64_t(j)}, at::kFloat);
+      TORCH_CHECK(l[j].numel() == 1, op_, ": ", Label{what, int64_t(j)}, " must have 1 element, got shape ",
+                  l[j].sizes());
+    }
+    return true;
+  }
+
  private:
   void length(TensorList l, const char* what) const {
     TORCH_CHECK(l.size() == params_.size(), op_, ": ", what, " has ", l.size(), " tensors, expected ",
@@ -131,8 +151,8 @@ class Checker {
 };
 
 // TensorArgs of the tensors that have elements; lists[l][j] is tensor j of list l (null pointers for an
-// empty list: one the call leaves out), n and inner come from lists[0][j].
-std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, TensorList row_scales = {}) {
+// empty list: one the call leaves out), n and inner come from lists[0][j], aux from `aux` (fp32) when given.
+std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, TensorList aux = {}) {
   TORCH_INTERNAL_ASSERT(lists.size() <= size_t(fc::kMaxLists));
   const TensorList first = *lists.begin();
   std::vector<fc::TensorArgs> out;
@@ -144,7 +164,7 @@ std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, Tens
     for (const TensorList& list : lists) a.ptr[l++] = list.empty() ? nullptr : list[j].data_ptr();
     a.n = first[j].numel();
     a.inner = inner_of(first[j]);
-    a.row_scale = row_scales.empty() ? nullptr : row_scales[j].data_ptr<float>();
+    a.aux = aux.empty() ? nullptr : aux[j].data_ptr<float>();
     out.push_back(a);
   }
   return out;
@@ -168,8 +188,14 @@ fc::GradArgs grad_terms(const Checker& c, TensorList grads_b, TensorList grads_c
   return {terms, coef->data_ptr<float>()};
 }
 
+// Loss scaling and skipped steps: the tensors stay on the device, read by the kernels only.
+fc::AmpArgs amp_args(const Checker& c, const std::optional<Tensor>& inv_scale,
+                     const std::optional<Tensor>& found_inf) {
+  return {c.optional_scalar(inv_scale, "inv_scale"), c.optional_scalar(found_inf, "found_inf")};
+}
+
 void norm_sq_cuda(const Tensor& acc, TensorList grads, TensorList params, TensorList row_scales, int64_t mode,
-                  double eta, TensorList ema, double sigma) {
+                  double eta, TensorList ema, double sigma, const std::optional<Tensor>& inv_scale) {
   check_mode("norm_sq_", mode);
   if (no_tensors("norm_sq_", {"params", params}, {{"grads", grads}})) return;
   const Checker c("norm_sq_", params);
@@ -178,10 +204,11 @@ void norm_sq_cuda(const Tensor& acc, TensorList grads, TensorList params, Tensor
   const bool row = mode == fc::kModeRow;
   if (row) c.per_row(row_scales, "row_scales");
   const bool sub = c.optional_like(ema, "ema") && sigma != 0;
+  const float* inv = c.optional_scalar(inv_scale, "inv_scale");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto args = gather({grads, params, sub ? ema : TensorList()}, row ? row_scales : TensorList());
   const Tensor partials = reduction_scratch(args, 1, acc);
-  fc::launch_norm_sq(c.dtype(), args.data(), int(args.size()), int(mode), float(eta), sub, float(sigma),
+  fc::launch_norm_sq(c.dtype(), args.data(), int(args.size()), int(mode), float(eta), sub, float(sigma), inv,
                      partials.data_ptr<float>(), acc.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -208,7 +235,8 @@ void row_norm_cuda(TensorList out, TensorList params, double eta) {
 
 void perturb_cuda(TensorList params, TensorList grads, TensorList backups, TensorList row_scales,
                   const Tensor& norm_sq, double rho, double eps, int64_t mode, double eta, bool sign,
-                  TensorList ema, double sigma, double lmbda) {
+                  TensorList ema, double sigma, double lmbda, const std::optional<Tensor>& inv_scale,
+                  const std::optional<Tensor>& found_inf) {
   check_mode("perturb_", mode);
   if (no_tensors("perturb_", {"params", params}, {{"grads", grads}, {"backups", backups}})) return;
   const Checker c("perturb_", params);
@@ -219,15 +247,17 @@ void perturb_cuda(TensorList params, TensorList grads, TensorList backups, Tenso
   if (!sign) c.fp32(norm_sq, "norm_sq", 1);
   fc::EmaArgs e{fc::EmaKind::kNone, sigma != 0, lmbda == 0, float(sigma), float(lmbda), float(1 - lmbda)};
   if (c.optional_like(ema, "ema")) e.kind = e.sub || !e.copy ? fc::EmaKind::kFull : fc::EmaKind::kCopy;
+  const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto args = gather({params, grads, backups, ema}, row ? row_scales : TensorList());
   fc::launch_perturb(c.dtype(), args.data(), int(args.size()), sign ? nullptr : norm_sq.data_ptr<float>(),
-                     float(rho), float(eps), int(mode), float(eta), sign, e, current_stream());
+                     float(rho), float(eps), int(mode), float(eta), sign, e, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void reflect_cuda(TensorList params, TensorList backups, TensorList dirs, const Tensor& norm_sq, double rho,
-                  double eps, TensorList grads, TensorList grad_copies) {
+                  double eps, TensorList grads, TensorList grad_copies, const std::optional<Tensor>& inv_scale,
+                  const std::optional<Tensor>& found_inf) {
   if (no_tensors("reflect_", {"params", params}, {{"backups", backups}, {"dirs", dirs}})) return;
   const Checker c("reflect_", params);
   c.like(backups, "backups");
@@ -236,10 +266,11 @@ void reflect_cuda(TensorList params, TensorList backups, TensorList dirs, const 
   const bool copy = c.optional_like(grads, "grads"), copies = c.optional_like(grad_copies, "grad_copies");
   TORCH_CHECK(copy == copies, "reflect_: grads and grad_copies must both be given or both be empty, got ",
               grads.size(), " and ", grad_copies.size(), " tensors");
+  const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto args = gather({params, backups, dirs, grads, grad_copies});
   fc::launch_reflect(c.dtype(), args.data(), int(args.size()), norm_sq.data_ptr<float>(), float(rho), float(eps),
-                     copy, current_stream());
+                     copy, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -273,7 +304,8 @@ TensorList backups_or(TensorList backups, TensorList params) { return backups.em
 void restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups, TensorList momentum_buffers,
                       double lr, double weight_decay, double momentum, double dampening, bool nesterov,
                       bool maximize, bool init_momentum, TensorList grads_b, TensorList grads_c,
-                      const std::optional<Tensor>& coef) {
+                      const std::optional<Tensor>& coef, const std::optional<Tensor>& inv_scale,
+                      const std::optional<Tensor>& found_inf) {
   if (no_tensors("restore_sgd_", {"params", params}, {{"grads", grads}})) return;
   const Checker c("restore_sgd_", params);
   c.like(grads, "grads");
@@ -281,20 +313,22 @@ void restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups, T
   const bool use_momentum = momentum != 0;
   if (use_momentum) c.like(momentum_buffers, "momentum_buffers");  // ignored otherwise, as in the reference
   const fc::GradArgs g = grad_terms(c, grads_b, grads_c, coef);
+  const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
                             g.terms & fc::kTermC ? grads_c : TensorList(),
                             use_momentum ? momentum_buffers : TensorList()});
   const fc::SgdArgs a{float(lr),     float(weight_decay), float(momentum), float(1 - dampening),
                       use_momentum, nesterov,            maximize,        init_momentum};
-  fc::launch_restore_sgd(c.dtype(), args.data(), int(args.size()), g, a, current_stream());
+  fc::launch_restore_sgd(c.dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, TensorList exp_avgs,
                        TensorList exp_avg_sqs, double lr, double beta1, double beta2, double weight_decay,
                        double eps, bool decoupled, bool maximize, double step, TensorList grads_b,
-                       TensorList grads_c, const std::optional<Tensor>& coef) {
+                       TensorList grads_c, const std::optional<Tensor>& coef, const std::optional<Tensor>& inv_scale,
+                       const std::optional<Tensor>& found_inf, TensorList steps) {
   if (no_tensors("restore_adam_", {"params", params},
                  {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}))
     return;
@@ -304,18 +338,21 @@ void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, 
   c.like(exp_avgs, "exp_avgs");
   c.like(exp_avg_sqs, "exp_avg_sqs");
   const fc::GradArgs g = grad_terms(c, grads_b, grads_c, coef);
+  const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
+  const bool device_steps = c.optional_scalars(steps, "steps");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
-                            g.terms & fc::kTermC ? grads_c : TensorList(), exp_avgs, exp_avg_sqs});
-  // Bias corrections in double once per call, as the reference computes them in Python.
-  const double bias_correction1 = 1 - std::pow(beta1, step);
-  const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
-  const fc::AdamArgs a{float(1 - beta1), float(beta2),
-                       float(1 - beta2), float(weight_decay),
-                       float(1 - lr * weight_decay), float(eps),
-                       float(-(lr / bias_correction1)), float(bias_correction2_sqrt),
-                       decoupled, maximize};
-  fc::launch_restore_adam(c.dtype(), args.data(), int(args.size()), g, a, current_stream());
+                            g.terms & fc::kTermC ? grads_c : TensorList(), exp_avgs, exp_avg_sqs},
+                           steps);
+  fc::AdamArgs a{float(1 - beta1), float(beta2),
+                 float(1 - beta2), float(weight_decay),
+                 float(1 - lr * weight_decay), float(eps),
+                 0.f, 0.f,  // set_step
+                 decoupled, maximize,
+                 device_steps, {lr, beta1, beta2}};
+  // With device steps each block sets them from its tensor's step instead.
+  if (!device_steps) a.set_step(step);
+  fc::launch_restore_adam(c.dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -27,10 +27,10 @@ def _run(name: str, impl: str, first: List[Tensor], *args) -> None:
 
 def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales: List[Tensor],
              mode: int, eta: float, ema: Optional[List[Tensor]] = None, sigma: float = 0.0,
-             *, impl: str = "auto") -> None:
+             inv_scale: Optional[Tensor] = None, *, impl: str = "auto") -> None:
     """``acc += sum_j ||T_j d_j||^2`` (fp32 ``acc`` of shape [1]), ``d = g - sigma * ema`` (``g`` without
-    ``ema``); see reference.norm_sq_."""
-    _run("norm_sq_", impl, grads, acc, grads, params, row_scales, mode, eta, ema or [], sigma)
+    ``ema``), with the grads unscaled by ``inv_scale`` when given; see reference.norm_sq_."""
+    _run("norm_sq_", impl, grads, acc, grads, params, row_scales, mode, eta, ema or [], sigma, inv_scale)
 
 
 def row_norm_(out: List[Tensor], params: List[Tensor], eta: float, *, impl: str = "auto") -> None:
@@ -41,19 +41,24 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float, *, impl: str 
 def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], row_scales: List[Tensor],
              norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool,
              ema: Optional[List[Tensor]] = None, sigma: float = 0.0, lmbda: float = 0.0,
+             inv_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
              *, impl: str = "auto") -> None:
     """Back up w and move it to ``w + e`` along ``d = g - sigma * ema``; update the EMA
-    ``ema <- lmbda * ema + (1 - lmbda) * g`` (with ``lmbda=0``: a copy of g); see reference.perturb_."""
+    ``ema <- lmbda * ema + (1 - lmbda) * g`` (with ``lmbda=0``: a copy of g). ``inv_scale`` unscales the
+    grads; a nonzero ``found_inf`` leaves w and the EMA as they are; see reference.perturb_."""
     _run("perturb_", impl, params, params, grads, backups, row_scales, norm_sq, rho, eps, mode, eta, sign,
-         ema or [], sigma, lmbda)
+         ema or [], sigma, lmbda, inv_scale, found_inf)
 
 
 def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], norm_sq: Tensor, rho: float,
              eps: float, grads: Optional[List[Tensor]] = None, grad_copies: Optional[List[Tensor]] = None,
+             inv_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
              *, impl: str = "auto") -> None:
-    """``w <- backup - rho / (sqrt(norm_sq) + eps) * dir`` (CR-SAM's ``w - e``), and copy ``grads`` into
-    ``grad_copies`` in the same pass; see reference.reflect_."""
-    _run("reflect_", impl, params, params, backups, dirs, norm_sq, rho, eps, grads or [], grad_copies or [])
+    """``w <- backup - rho / (sqrt(norm_sq) + eps) * dir`` (CR-SAM's ``w - e``; ``w <- backup`` when
+    ``found_inf`` is nonzero), and copy ``grads`` (unscaled by ``inv_scale``) into ``grad_copies`` in the
+    same pass; see reference.reflect_."""
+    _run("reflect_", impl, params, params, backups, dirs, norm_sq, rho, eps, grads or [], grad_copies or [],
+         inv_scale, found_inf)
 
 
 def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor], *, impl: str = "auto") -> None:
@@ -70,19 +75,27 @@ def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                  momentum_buffers: List[Tensor], lr: float, weight_decay: float, momentum: float,
                  dampening: float, nesterov: bool, maximize: bool, init_momentum: bool,
                  grads_b: Optional[List[Tensor]] = None, grads_c: Optional[List[Tensor]] = None,
-                 coef: Optional[Tensor] = None, *, impl: str = "auto") -> None:
+                 coef: Optional[Tensor] = None, inv_scale: Optional[Tensor] = None,
+                 found_inf: Optional[Tensor] = None, *, impl: str = "auto") -> None:
     """Restore w (unless ``backups`` is empty), then one torch.optim.SGD step with the grad
-    ``coef[0] g + coef[1] g_b + coef[2] g_c`` (``g`` without ``coef``); see reference.restore_sgd_."""
+    ``coef[0] g + coef[1] g_b + coef[2] g_c`` (``g`` without ``coef``; ``g`` unscaled by ``inv_scale``),
+    unless ``found_inf`` is nonzero; see reference.restore_sgd_."""
     _run("restore_sgd_", impl, params, params, grads, backups, momentum_buffers, lr, weight_decay,
-         momentum, dampening, nesterov, maximize, init_momentum, grads_b or [], grads_c or [], coef)
+         momentum, dampening, nesterov, maximize, init_momentum, grads_b or [], grads_c or [], coef,
+         inv_scale, found_inf)
 
 
 def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], exp_avgs: List[Tensor],
                   exp_avg_sqs: List[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float,
                   eps: float, decoupled: bool, maximize: bool, step: float,
                   grads_b: Optional[List[Tensor]] = None, grads_c: Optional[List[Tensor]] = None,
-                  coef: Optional[Tensor] = None, *, impl: str = "auto") -> None:
+                  coef: Optional[Tensor] = None, inv_scale: Optional[Tensor] = None,
+                  found_inf: Optional[Tensor] = None, steps: Optional[List[Tensor]] = None,
+                  *, impl: str = "auto") -> None:
     """Restore w (unless ``backups`` is empty), then one torch.optim.Adam / AdamW step with the grad
-    ``coef[0] g + coef[1] g_b + coef[2] g_c``; see reference.restore_adam_."""
+    ``coef[0] g + coef[1] g_b + coef[2] g_c`` (``g`` unscaled by ``inv_scale``), unless ``found_inf`` is
+    nonzero; the step counts are ``steps`` (device tensors) when given, else ``step``; see
+    reference.restore_adam_."""
     _run("restore_adam_", impl, params, params, grads, backups, exp_avgs, exp_avg_sqs, lr, beta1, beta2,
-         weight_decay, eps, decoupled, maximize, step, grads_b or [], grads_c or [], coef)
+         weight_decay, eps, decoupled, maximize, step, grads_b or [], grads_c or [], coef, inv_scale, found_inf,
+         steps or [])

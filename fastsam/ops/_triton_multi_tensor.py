@@ -10,6 +10,10 @@ A launch covers every tensor of its lists. Program ``pid`` reads row ``pid`` of 
   whose first word is the tensor's offset in the packed block.
 * row tables (row_norm_): the same, in units of dim-0 rows instead of elements.
 
+A list holds, per tensor of the first list, a tensor of its shape (ELEMENTS), one fp32 value per dim-0 row
+(ROWS: row_scales) or a one-element tensor (ONE: Adam's per-tensor step counts), which the kernels load as
+a scalar of their tensor's row.
+
 Tables are cached by what their content is a function of (device, dtype, the numels of the first list, or
 its shapes where rows matter, the data_ptrs of every list), so steps over the same tensors neither rebuild
 nor upload anything. Grads are keyed too: with ``zero_grad(set_to_none=True)`` they are reallocated each
@@ -45,6 +49,8 @@ CACHE_SIZE = 64
 PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Same-width integers: restore_ copies bits, whatever they hold.
 BITS = {torch.float32: tl.int32, torch.bfloat16: tl.int16, torch.float16: tl.int16}
+# What a list holds per tensor of the first list (see the module docstring).
+ELEMENTS, ROWS, ONE = "elements", "rows", "one"
 
 
 def device_fn(fn):
@@ -61,15 +67,16 @@ _cache: "OrderedDict[tuple, Table]" = OrderedDict()
 
 
 def table(specs, rows: bool = False) -> Table:
-    """The (cached) table of ``specs``: ``(name, tensor list or None, dtype, per_row)`` tuples.
+    """The (cached) table of ``specs``: ``(name, tensor list or None, dtype, per)`` tuples, ``per`` one of
+    ELEMENTS, ROWS, ONE.
 
-    The first list gives the shapes; a ``per_row`` list holds one fp32 value per dim-0 row of them
-    (row_scales, row_norm_'s out). ``rows=True`` cuts tensors into blocks of rows instead of elements.
+    The first list gives the shapes; a ROWS list holds one fp32 value per dim-0 row of them (row_scales,
+    row_norm_'s out). ``rows=True`` cuts tensors into blocks of rows instead of elements.
     """
     first = specs[0][1]
     # Flat element-wise ops see numels only; dim 0 matters where a per-row list is read. (torch.Size objects
     # cost twice as much to get as numels: on a hit the key is the whole host cost.)
-    by_row = rows or any(per_row and lst is not None for _, lst, _, per_row in specs)
+    by_row = rows or any(per == ROWS and lst is not None for _, lst, _, per in specs)
     key = (rows, first[0].device, first[0].dtype, tuple(t.shape for t in first) if by_row
            else tuple(map(Tensor.numel, first))) + tuple(
         None if lst is None else tuple(map(Tensor.data_ptr, lst)) for _, lst, _, _ in specs)
@@ -93,8 +100,9 @@ def _build(specs, rows: bool) -> Table:
     numel = [t.numel() for t in first]
     nrows = [t.shape[0] if t.dim() else 1 for t in first]
     inner = [n // r if r else 1 for n, r in zip(numel, nrows)]
-    ptrs = []
-    for name, lst, dtype, per_row in specs:
+    ptrs, vector = [], []  # vector: the lists read a block at a time (not ONE), whose alignment matters
+    for name, lst, dtype, per in specs:
+        vector.append(per != ONE)
         if lst is None:
             ptrs.append([0] * len(first))
             continue
@@ -105,14 +113,16 @@ def _build(specs, rows: bool) -> Table:
                 raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
             if not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous")
-            if t.numel() != nrows[i] if per_row else t.shape != f.shape:
-                want = f"{nrows[i]} elements" if per_row else f"shape {tuple(f.shape)}"
+            want = {ROWS: nrows[i], ONE: 1}.get(per)
+            if t.shape != f.shape if want is None else t.numel() != want:
+                want = f"shape {tuple(f.shape)}" if want is None else f"{want} element{'s' * (want != 1)}"
                 raise ValueError(f"{name}[{i}] must have {want}, got shape {tuple(t.shape)}")
         ptrs.append([t.data_ptr() for t in lst])
     tab = Table()
     tab.device, tab.width, tab.scratch, tab.cols = device, 3 + len(ptrs), None, 1
-    # Every pointer is a multiple of this many bytes (at most 16): the kernels hint it for vector access.
-    tab.align = reduce(math.gcd, (p for col in ptrs for p in col), 16)
+    # Every pointer is a multiple of this many bytes (at most 16): the kernels hint it for vector access. A
+    # ONE tensor is a scalar load, and may be a view into a bigger tensor: it would only lower the hint.
+    tab.align = reduce(math.gcd, (p for col, v in zip(ptrs, vector) if v for p in col), 16)
     sizes = nrows if rows else numel
     if rows:
         tab.cols = _pow2(max(inner), 1, MAX_COLS)
@@ -202,7 +212,8 @@ def lanes(table, row, start, numel, W: tl.constexpr, BLOCK: tl.constexpr, PACK_L
 @device_fn
 def ptr_of(row, k: tl.constexpr, DT: tl.constexpr, ALIGN: tl.constexpr):
     """Data pointer(s), typed ``DT``, in list ``k`` of the tensor(s) of ``row`` (a row or a row per lane).
-    Every data pointer is a multiple of ALIGN bytes, checked on the host."""
+    Every data pointer is a multiple of ALIGN bytes, checked on the host (the table's align; for a ONE list,
+    which the table's align does not cover, the size of DT)."""
     return tl.multiple_of(tl.load(row + (3 + k)).to(tl.pointer_type(DT)), ALIGN)
 
 

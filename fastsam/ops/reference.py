@@ -27,6 +27,19 @@ Contract shared by every implementation (reference, cpu, cuda, triton):
   ``coef`` (fp32, shape ``[3]``, on the device: no host sync) is given; an empty ``grads_b`` or
   ``grads_c`` list drops its term. An empty ``backups`` list means there is nothing to restore (a
   param group that was not perturbed): the update starts from the current ``w``.
+* Loss scaling (torch.amp.GradScaler) and skipped steps, without a host sync. ``inv_scale`` and
+  ``found_inf`` are None or fp32 one-element tensors on the device of the tensors:
+
+  ``inv_scale``
+      The op's ``grads`` list holds loss-scaled grads: every read of it is ``g.float() * inv_scale``
+      (one fp32 multiply, before any other use), also where the op stores the grad (the EMA and its
+      ``lmbda == 0`` copy, :func:`reflect_`'s copies). Kept grads (``grads_b``, ``grads_c``, ``ema``,
+      ``dirs``) are not rescaled: they were stored unscaled. Without it the grads are read as they are.
+  ``found_inf``
+      Nonzero: a non-finite grad was found somewhere in the step, which is skipped. The op then only
+      keeps ``w`` where the step began: :func:`perturb_` writes the backups and leaves ``w`` and the EMA
+      as they are; :func:`reflect_` and the fused updates set ``w`` to the backup (the updates write
+      nothing else: momentum and moments keep their values).
 """
 from __future__ import annotations
 
@@ -57,6 +70,21 @@ def _row(row_scales: List[Tensor], j: int, mode: int) -> Tensor | None:
     return row_scales[j] if mode == MODE_ROW else None
 
 
+def _grad(g: Tensor, inv_scale: Tensor | None) -> Tensor:
+    """The grad in fp32, unscaled when ``inv_scale`` is given (may be ``g`` itself: not to be modified)."""
+    return g.float() if inv_scale is None else g.float() * inv_scale.reshape(())
+
+
+def _skip(found_inf: Tensor | None) -> Tensor | None:
+    """A 0-dim bool tensor, True when the step is skipped (no host read: used with torch.where)."""
+    return None if found_inf is None else found_inf.reshape(()) != 0
+
+
+def _keep_if(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
+    """``old`` where the step is skipped, else ``new``."""
+    return new if skip is None else torch.where(skip, old, new)
+
+
 def _direction(g32: Tensor, ema: List[Tensor], j: int, sigma: float) -> Tensor:
     """``g - sigma * m_j`` in fp32 (``g`` itself without an EMA or with ``sigma == 0``)."""
     if not ema or sigma == 0:
@@ -65,9 +93,9 @@ def _direction(g32: Tensor, ema: List[Tensor], j: int, sigma: float) -> Tensor:
 
 
 def _grad_combination(grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
-                      coef: Tensor | None, j: int) -> Tensor:
+                      coef: Tensor | None, j: int, inv_scale: Tensor | None) -> Tensor:
     """The grad a fused update uses for tensor j, in fp32 (may be ``grads[j]`` itself: not to be modified)."""
-    g32 = grads[j].float()
+    g32 = _grad(grads[j], inv_scale)
     if coef is None:
         return g32
     g32 = g32 * coef[0]
@@ -88,14 +116,16 @@ def norm_sq_(
     eta: float,
     ema: List[Tensor],
     sigma: float,
+    inv_scale: Tensor | None = None,
 ) -> None:
     """``acc += sum_j ||T_j d_j||_2^2`` with the direction ``d = g - sigma * ema`` (``g`` without ``ema``).
 
     acc: fp32, shape ``[1]``, on the device of the tensors. grads/params/ema: matching shapes.
+    A non-finite grad makes ``acc`` non-finite (the optimizers' found_inf of the pass at w).
     """
     total = torch.zeros((), dtype=torch.float32, device=acc.device)
     for j, g in enumerate(grads):
-        d = _direction(g.float(), ema, j, sigma)
+        d = _direction(_grad(g, inv_scale), ema, j, sigma)
         if mode == MODE_IDENTITY:
             tg2 = d.square()
         else:
@@ -129,6 +159,8 @@ def perturb_(
     ema: List[Tensor],
     sigma: float,
     lmbda: float,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Back up ``w`` and move it to the SAM point ``w + e``; update the EMA of the grads.
 
@@ -142,16 +174,20 @@ def perturb_(
 
     norm_sq: fp32 shape ``[1]``, the global ``sum ||T d||^2`` from :func:`norm_sq_`.
     ema: empty, or tensors like ``params``.
+    inv_scale, found_inf: see the module docstring (skipped: backups written, ``w`` and ``ema`` kept).
     """
     scale = rho / (norm_sq[0].sqrt() + eps)  # 0-dim, so that 0-dim parameters keep their shape
+    skip = _skip(found_inf)
     for j, (w, g, b) in enumerate(zip(params, grads, backups)):
         b.copy_(w)
-        w32 = w.float()  # fp32 params: w itself, updated in place below
+        w32 = w.float()  # fp32 params: w itself, updated in place below (the backup keeps the old w)
         t = _t_operator(w32, _row(row_scales, j, mode), mode, eta)
-        g32 = _direction(g.float(), ema, j, sigma)
+        g_raw = _grad(g, inv_scale)
+        g32 = _direction(g_raw, ema, j, sigma)
         if ema:
             m = ema[j]
-            m.copy_(g if lmbda == 0 else m.float() * lmbda + g.float() * (1 - lmbda))
+            new_m = (g if inv_scale is None else g_raw) if lmbda == 0 else m.float() * lmbda + g_raw * (1 - lmbda)
+            m.copy_(_keep_if(skip, m, new_m.to(m.dtype)))
         if sign:
             e = torch.sign(g32).mul_(rho)
             w32.add_(e if mode == MODE_IDENTITY else e.mul_(t))
@@ -159,7 +195,7 @@ def perturb_(
             w32.addcmul_(g32, scale)
         else:
             w32.add_((t * t).mul_(scale).mul_(g32))
-        w.copy_(w32)
+        w.copy_(_keep_if(skip, b, w32.to(w.dtype)))
 
 
 @torch.no_grad()
@@ -172,18 +208,22 @@ def reflect_(
     eps: float,
     grads: List[Tensor],
     grad_copies: List[Tensor],
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Move to the opposite SAM point, from the backup: ``w <- backup - rho / (sqrt(norm_sq) + eps) * dir``
     (CR-SAM's ``w - e``), and, when ``grad_copies`` is given, ``grad_copies[j] <- grads[j]`` exactly.
 
     dirs: the direction the first step used (T = 1). norm_sq: fp32 shape ``[1]``, its squared norm.
     grads, grad_copies: both empty, or tensors like ``params``.
+    inv_scale, found_inf: see the module docstring (skipped: ``w <- backup``; the copies are still made).
     """
     scale = rho / (norm_sq[0].sqrt() + eps)
+    skip = _skip(found_inf)
     for j, (w, b, d) in enumerate(zip(params, backups, dirs)):
-        w.copy_(b.float() - scale * d.float())
+        w.copy_(_keep_if(skip, b, (b.float() - scale * d.float()).to(w.dtype)))
         if grad_copies:
-            grad_copies[j].copy_(grads[j])
+            grad_copies[j].copy_(grads[j] if inv_scale is None else _grad(grads[j], inv_scale))
 
 
 @torch.no_grad()
@@ -222,18 +262,22 @@ def restore_sgd_(
     grads_b: List[Tensor],
     grads_c: List[Tensor],
     coef: Tensor | None,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Restore ``w`` from the backup, then one ``torch.optim.SGD`` step with the given grads.
 
     ``momentum_buffers`` is empty when ``momentum == 0``. ``init_momentum=True`` means the buffers
     hold garbage and are set to ``d_p`` (torch's first step: ``buf = clone(d_p)``). ``backups`` empty:
     no restore. ``coef`` given: the grad is ``coef[0] g + coef[1] g_b + coef[2] g_c``.
+    inv_scale, found_inf: see the module docstring (skipped: only the restore).
     """
+    skip = _skip(found_inf)
     for j, w in enumerate(params):
         if backups:
             w.copy_(backups[j])
         w32 = w.float()
-        d_p = _grad_combination(grads, grads_b, grads_c, coef, j)
+        d_p = _grad_combination(grads, grads_b, grads_c, coef, j, inv_scale)
         if maximize:
             d_p = -d_p
         if weight_decay != 0:
@@ -244,9 +288,9 @@ def restore_sgd_(
                 buf32 = d_p.clone()
             else:
                 buf32 = buf.float().mul(momentum).add_(d_p, alpha=1 - dampening)
-            buf.copy_(buf32)
+            buf.copy_(_keep_if(skip, buf, buf32.to(buf.dtype)))
             d_p = d_p.add(buf32, alpha=momentum) if nesterov else buf32
-        w.copy_(w32.add(d_p, alpha=-lr))
+        w.copy_(_keep_if(skip, w, w32.add(d_p, alpha=-lr).to(w.dtype)))
 
 
 @torch.no_grad()
@@ -267,19 +311,33 @@ def restore_adam_(
     grads_b: List[Tensor],
     grads_c: List[Tensor],
     coef: Tensor | None,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    steps: List[Tensor] | None = None,
 ) -> None:
     """Restore ``w`` from the backup, then one ``torch.optim.Adam`` (``decoupled=False``) or
     ``AdamW`` (``decoupled=True``) step, amsgrad off. ``step`` is the step count after increment
-    (1 at the first step). ``backups``, ``grads_b``, ``grads_c`` and ``coef``: as for
-    :func:`restore_sgd_`."""
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-    step_size = lr / bias_correction1
+    (1 at the first step). ``backups``, ``grads_b``, ``grads_c``, ``coef``, ``inv_scale`` and
+    ``found_inf``: as for :func:`restore_sgd_`.
+
+    steps: empty, or one fp32 one-element tensor per parameter on its device (torch's capturable
+    layout), holding that parameter's step count after increment: then ``step`` is ignored and the
+    bias corrections of tensor j come from ``steps[j]``, read on the device (in fp64 math, as the
+    float path does on the host). The op does not change ``steps``.
+    """
+    skip = _skip(found_inf)
     for j, w in enumerate(params):
+        if steps:
+            s = steps[j].reshape(()).double()  # the host's float math, on the device
+            step_size = (lr / (1 - beta1**s)).float()
+            bias_correction2_sqrt = (1 - beta2**s).sqrt().float()
+        else:
+            step_size = lr / (1 - beta1**step)
+            bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         if backups:
             w.copy_(backups[j])
         w32 = w.float()
-        g32 = _grad_combination(grads, grads_b, grads_c, coef, j)
+        g32 = _grad_combination(grads, grads_b, grads_c, coef, j, inv_scale)
         if maximize:
             g32 = -g32
         if weight_decay != 0:
@@ -287,9 +345,14 @@ def restore_adam_(
                 w32 = w32.mul(1 - lr * weight_decay)
             else:
                 g32 = g32.add(w32, alpha=weight_decay)
-        m32 = exp_avgs[j].float().lerp(g32, 1 - beta1)
-        v32 = exp_avg_sqs[j].float().mul(beta2).addcmul_(g32, g32, value=1 - beta2)
-        exp_avgs[j].copy_(m32)
-        exp_avg_sqs[j].copy_(v32)
+        m, v = exp_avgs[j], exp_avg_sqs[j]
+        m32 = m.float().lerp(g32, 1 - beta1)
+        v32 = v.float().mul(beta2).addcmul_(g32, g32, value=1 - beta2)
+        m.copy_(_keep_if(skip, m, m32.to(m.dtype)))
+        v.copy_(_keep_if(skip, v, v32.to(v.dtype)))
         denom = (v32.sqrt() / bias_correction2_sqrt).add_(eps)
-        w.copy_(w32.addcdiv(m32, denom, value=-step_size))
+        if steps:
+            new_w = w32 + m32 * -step_size / denom  # addcdiv's order: (value * m) / denom
+        else:
+            new_w = w32.addcdiv(m32, denom, value=-step_size)
+        w.copy_(_keep_if(skip, w, new_w.to(w.dtype)))

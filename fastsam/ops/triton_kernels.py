@@ -2,7 +2,9 @@
 
 Every op is O(1) launches whatever the number of tensors (see _triton_multi_tensor for the tables).
 Math is fp32 with one rounding per store; reductions are fp32 and deterministic (no atomics). Device
-scalars (norm_sq, acc, coef) are read and written by the kernels only: no host synchronisation.
+scalars (norm_sq, acc, coef, inv_scale, found_inf, Adam's steps) are read and written by the kernels only:
+no host synchronisation, so a step stays capturable in a CUDA graph. An absent inv_scale or found_inf is a
+kernel variant of its own (UNSCALE, MAY_SKIP), which reads nothing for it.
 Triton is imported here (and in _triton_multi_tensor) only, when impl="triton" is first used.
 """
 import math
@@ -13,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastsam.ops._triton_multi_tensor import (BITS, INTERPRET, PARAM_DTYPES, block_of, device_fn, lanes, launch, ld,
-                                              ptr_of, table)
+from fastsam.ops._triton_multi_tensor import (BITS, ELEMENTS, INTERPRET, ONE, PARAM_DTYPES, ROWS, block_of, device_fn,
+                                              lanes, launch, ld, ptr_of, table)
 
 _F32 = torch.float32
 
@@ -55,10 +57,52 @@ def _t_operator(row, start, offs, mask, w, eta, K_ROW: tl.constexpr, MODE: tl.co
     return t
 
 
+# Loss scaling and skipped steps (see reference.py): a grad of the op's ``grads`` list is unscaled as it is
+# read, before any other use; a skipped step (found_inf nonzero) stores only w where the step began.
+
 @device_fn
-def _norm_sq_block(row, start, offs, mask, eta, sigma, DT: tl.constexpr, MODE: tl.constexpr, DIR: tl.constexpr,
-                   BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    d = ld(ptr_of(row, 0, DT, ALIGN), offs, mask)
+def _unscaled(g, inv_scale, UNSCALE: tl.constexpr):
+    """The fp32 grad ``g`` as the op uses it: times inv_scale (loss scaling) when there is one."""
+    if UNSCALE:
+        g = g * tl.load(inv_scale)
+    return g
+
+
+@device_fn
+def _taken(found_inf, offs, MAY_SKIP: tl.constexpr):
+    """Whether the step is taken (found_inf is 0), as a uniform block like ``offs``; always, without found_inf."""
+    if MAY_SKIP:
+        # broadcast before comparing: the interpreter cannot broadcast a scalar comparison's result
+        go = tl.broadcast_to(tl.load(found_inf), offs.shape) == 0
+    else:
+        go = True
+    return go
+
+
+@device_fn
+def _commit(p, x, mask, go, MAY_SKIP: tl.constexpr):
+    """Store x unless the step is skipped: the old values stay without being read (a uniform mask keeps the
+    store vectorized)."""
+    if MAY_SKIP:
+        if mask is None:
+            mask = go
+        else:
+            mask = mask & go
+    tl.store(p, x, mask=mask)
+
+
+@device_fn
+def _or_start(go, new, start, MAY_SKIP: tl.constexpr):
+    """``new``, or ``start`` (where w began: fp32 from the param dtype, so exact) when the step is skipped."""
+    if MAY_SKIP:
+        new = tl.where(go, new, start)
+    return new
+
+
+@device_fn
+def _norm_sq_block(row, start, offs, mask, eta, sigma, inv_scale, DT: tl.constexpr, MODE: tl.constexpr,
+                   DIR: tl.constexpr, UNSCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    d = _unscaled(ld(ptr_of(row, 0, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
     if DIR:
         d = d - sigma * ld(ptr_of(row, 3, DT, ALIGN), offs, mask)
     w = d
@@ -69,14 +113,16 @@ def _norm_sq_block(row, start, offs, mask, eta, sigma, DT: tl.constexpr, MODE: t
 
 
 @triton.jit
-def _norm_sq_kernel(table, partials, eta, sigma, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
-                    PACK_LOG: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr, DIR: tl.constexpr):
+def _norm_sq_kernel(table, partials, eta, sigma, inv_scale, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                    W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr, DIR: tl.constexpr,
+                    UNSCALE: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        s = _norm_sq_block(row, start, start + tl.arange(0, BLOCK), None, eta, sigma, DT, MODE, DIR, BLOCK, ALIGN)
+        s = _norm_sq_block(row, start, start + tl.arange(0, BLOCK), None, eta, sigma, inv_scale, DT, MODE, DIR,
+                           UNSCALE, BLOCK, ALIGN)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        s = _norm_sq_block(rows, start, offs, mask, eta, sigma, DT, MODE, DIR, BLOCK, ALIGN)
+        s = _norm_sq_block(rows, start, offs, mask, eta, sigma, inv_scale, DT, MODE, DIR, UNSCALE, BLOCK, ALIGN)
     tl.store(partials + tl.program_id(0), s)
 
 
@@ -136,16 +182,18 @@ def _sam_scale(norm_sq, rho, eps):
 
 
 @device_fn
-def _perturb_block(row, start, offs, mask, norm_sq, rho, eps, eta, sigma, lmbda, one_m_lmbda, DT: tl.constexpr,
-                   MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
-                   BLEND: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+def _perturb_block(row, start, offs, mask, norm_sq, inv_scale, found_inf, rho, eps, eta, sigma, lmbda, one_m_lmbda,
+                   DT: tl.constexpr, MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
+                   BLEND: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr, BLOCK: tl.constexpr,
+                   ALIGN: tl.constexpr):
     wp = ptr_of(row, 0, DT, ALIGN) + offs
     w_raw = tl.load(wp, mask=mask)
-    tl.store(ptr_of(row, 2, DT, ALIGN) + offs, w_raw, mask=mask)
+    tl.store(ptr_of(row, 2, DT, ALIGN) + offs, w_raw, mask=mask)  # skipped steps too: the caller restores from it
     w = w_raw.to(tl.float32)
     g_raw = tl.load(ptr_of(row, 1, DT, ALIGN) + offs, mask=mask)
-    g = g_raw.to(tl.float32)
+    g = _unscaled(g_raw.to(tl.float32), inv_scale, UNSCALE)
     d = g
+    go = _taken(found_inf, offs, MAY_SKIP)
     if EMA:
         mp = ptr_of(row, 4, DT, ALIGN) + offs
         if DIR or BLEND:
@@ -153,31 +201,34 @@ def _perturb_block(row, start, offs, mask, norm_sq, rho, eps, eta, sigma, lmbda,
         if DIR:
             d = g - sigma * m
         if BLEND:
-            tl.store(mp, (lmbda * m + one_m_lmbda * g).to(DT), mask=mask)
+            _commit(mp, (lmbda * m + one_m_lmbda * g).to(DT), mask, go, MAY_SKIP)
+        elif UNSCALE:
+            _commit(mp, g.to(DT), mask, go, MAY_SKIP)
         else:
-            tl.store(mp, g_raw, mask=mask)  # lmbda = 0: the grad's own bits, not a round trip through fp32
+            # lmbda = 0: the grad's own bits, not a round trip through fp32
+            _commit(mp, g_raw, mask, go, MAY_SKIP)
     t = _t_operator(row, start, offs, mask, w, eta, 3, MODE, BLOCK, ALIGN)
     if SIGN:
         # sign(0) = 0 and NaN stays NaN, as torch.sign
         e = rho * t * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
     else:
         e = _sam_scale(norm_sq, rho, eps) * (t * t) * d
-    tl.store(wp, (w + e).to(DT), mask=mask)
+    _commit(wp, (w + e).to(DT), mask, go, MAY_SKIP)
 
 
 @triton.jit
-def _perturb_kernel(table, norm_sq, rho, eps, eta, sigma, lmbda, one_m_lmbda, BLOCK: tl.constexpr,
-                    ALIGN: tl.constexpr, W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr,
-                    MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
-                    BLEND: tl.constexpr):
+def _perturb_kernel(table, norm_sq, inv_scale, found_inf, rho, eps, eta, sigma, lmbda, one_m_lmbda,
+                    BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr, PACK_LOG: tl.constexpr,
+                    DT: tl.constexpr, MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
+                    BLEND: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _perturb_block(row, start, start + tl.arange(0, BLOCK), None, norm_sq, rho, eps, eta, sigma, lmbda,
-                       one_m_lmbda, DT, MODE, SIGN, DIR, EMA, BLEND, BLOCK, ALIGN)
+        _perturb_block(row, start, start + tl.arange(0, BLOCK), None, norm_sq, inv_scale, found_inf, rho, eps, eta,
+                       sigma, lmbda, one_m_lmbda, DT, MODE, SIGN, DIR, EMA, BLEND, UNSCALE, MAY_SKIP, BLOCK, ALIGN)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _perturb_block(rows, start, offs, mask, norm_sq, rho, eps, eta, sigma, lmbda, one_m_lmbda, DT, MODE, SIGN,
-                       DIR, EMA, BLEND, BLOCK, ALIGN)
+        _perturb_block(rows, start, offs, mask, norm_sq, inv_scale, found_inf, rho, eps, eta, sigma, lmbda,
+                       one_m_lmbda, DT, MODE, SIGN, DIR, EMA, BLEND, UNSCALE, MAY_SKIP, BLOCK, ALIGN)
 
 
 @device_fn
@@ -187,23 +238,32 @@ def _copy(row, offs, mask, K_DST: tl.constexpr, K_SRC: tl.constexpr, DT: tl.cons
 
 
 @device_fn
-def _reflect_block(row, offs, mask, norm_sq, rho, eps, DT: tl.constexpr, ALIGN: tl.constexpr, COPY: tl.constexpr):
+def _reflect_block(row, offs, mask, norm_sq, inv_scale, found_inf, rho, eps, DT: tl.constexpr, ALIGN: tl.constexpr,
+                   COPY: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr):
     b = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
     d = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, (b - _sam_scale(norm_sq, rho, eps) * d).to(DT), mask=mask)
+    w = _or_start(_taken(found_inf, offs, MAY_SKIP), b - _sam_scale(norm_sq, rho, eps) * d, b, MAY_SKIP)
+    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, w.to(DT), mask=mask)
     if COPY:
-        _copy(row, offs, mask, 4, 3, DT, ALIGN)
+        if UNSCALE:
+            g = _unscaled(ld(ptr_of(row, 3, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
+            tl.store(ptr_of(row, 4, DT, ALIGN) + offs, g.to(DT), mask=mask)
+        else:
+            _copy(row, offs, mask, 4, 3, DT, ALIGN)
 
 
 @triton.jit
-def _reflect_kernel(table, norm_sq, rho, eps, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
-                    PACK_LOG: tl.constexpr, DT: tl.constexpr, COPY: tl.constexpr):
+def _reflect_kernel(table, norm_sq, inv_scale, found_inf, rho, eps, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                    W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr, COPY: tl.constexpr,
+                    UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _reflect_block(row, start + tl.arange(0, BLOCK), None, norm_sq, rho, eps, DT, ALIGN, COPY)
+        _reflect_block(row, start + tl.arange(0, BLOCK), None, norm_sq, inv_scale, found_inf, rho, eps, DT, ALIGN,
+                       COPY, UNSCALE, MAY_SKIP)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _reflect_block(rows, offs, mask, norm_sq, rho, eps, DT, ALIGN, COPY)
+        _reflect_block(rows, offs, mask, norm_sq, inv_scale, found_inf, rho, eps, DT, ALIGN, COPY, UNSCALE,
+                       MAY_SKIP)
 
 
 @triton.jit
@@ -218,14 +278,16 @@ def _restore_kernel(table, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.const
 
 
 # The fused updates share their first five lists: params, grads, backups (params themselves when there is
-# nothing to restore), grads_b, grads_c; their optimizer state follows.
+# nothing to restore), grads_b, grads_c; their optimizer state follows. Skipped, they store w where the
+# update starts from (the backup) and leave their state as it is.
 
 @device_fn
-def _update_inputs(row, offs, mask, coef, DT: tl.constexpr, ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
-    """(w the update starts from, its fp32 grad: ``g`` or ``coef[0] g + coef[1] g_b + coef[2] g_c``)."""
+def _update_inputs(row, offs, mask, coef, inv_scale, DT: tl.constexpr, ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr, UNSCALE: tl.constexpr):
+    """(w the update starts from, its fp32 grad: ``g`` or ``coef[0] g + coef[1] g_b + coef[2] g_c``, ``g``
+    unscaled; g_b and g_c were stored unscaled)."""
     w = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
-    g = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
+    g = _unscaled(ld(ptr_of(row, 1, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
     if COEF:
         g = tl.load(coef) * g
         if GB:
@@ -238,10 +300,12 @@ def _update_inputs(row, offs, mask, coef, DT: tl.constexpr, ALIGN: tl.constexpr,
 
 
 @device_fn
-def _sgd_block(row, offs, mask, coef, lr, weight_decay, momentum, damp1, DT: tl.constexpr, ALIGN: tl.constexpr,
-               MAXIMIZE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               INIT: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
-    w, d = _update_inputs(row, offs, mask, coef, DT, ALIGN, MAXIMIZE, COEF, GB, GC)
+def _sgd_block(row, offs, mask, coef, inv_scale, found_inf, lr, weight_decay, momentum, damp1, DT: tl.constexpr,
+               ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr,
+               NESTEROV: tl.constexpr, INIT: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr,
+               UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr):
+    w, d = _update_inputs(row, offs, mask, coef, inv_scale, DT, ALIGN, MAXIMIZE, COEF, GB, GC, UNSCALE)
+    go = _taken(found_inf, offs, MAY_SKIP)
     if WD:
         d = d + weight_decay * w
     if MOMENTUM:
@@ -250,41 +314,63 @@ def _sgd_block(row, offs, mask, coef, lr, weight_decay, momentum, damp1, DT: tl.
             buf = d
         else:
             buf = tl.load(bp, mask=mask).to(tl.float32) * momentum + damp1 * d
-        tl.store(bp, buf.to(DT), mask=mask)
+        _commit(bp, buf.to(DT), mask, go, MAY_SKIP)
         if NESTEROV:
             d = d + momentum * buf
         else:
             d = buf
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, (w - lr * d).to(DT), mask=mask)
+    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, _or_start(go, w - lr * d, w, MAY_SKIP).to(DT), mask=mask)
 
 
 @triton.jit
-def _sgd_kernel(table, coef, lr, weight_decay, momentum, damp1, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-                W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr, MAXIMIZE: tl.constexpr,
-                WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, INIT: tl.constexpr,
-                COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
+def _sgd_kernel(table, coef, inv_scale, found_inf, lr, weight_decay, momentum, damp1, BLOCK: tl.constexpr,
+                ALIGN: tl.constexpr, W: tl.constexpr, PACK_LOG: tl.constexpr, DT: tl.constexpr,
+                MAXIMIZE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                INIT: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr, UNSCALE: tl.constexpr,
+                MAY_SKIP: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _sgd_block(row, start + tl.arange(0, BLOCK), None, coef, lr, weight_decay, momentum, damp1, DT, ALIGN,
-                   MAXIMIZE, WD, MOMENTUM, NESTEROV, INIT, COEF, GB, GC)
+        _sgd_block(row, start + tl.arange(0, BLOCK), None, coef, inv_scale, found_inf, lr, weight_decay, momentum,
+                   damp1, DT, ALIGN, MAXIMIZE, WD, MOMENTUM, NESTEROV, INIT, COEF, GB, GC, UNSCALE, MAY_SKIP)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _sgd_block(rows, offs, mask, coef, lr, weight_decay, momentum, damp1, DT, ALIGN, MAXIMIZE, WD, MOMENTUM,
-                   NESTEROV, INIT, COEF, GB, GC)
+        _sgd_block(rows, offs, mask, coef, inv_scale, found_inf, lr, weight_decay, momentum, damp1, DT, ALIGN,
+                   MAXIMIZE, WD, MOMENTUM, NESTEROV, INIT, COEF, GB, GC, UNSCALE, MAY_SKIP)
 
 
 @device_fn
-def _adam_block(row, offs, mask, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
-                DT: tl.constexpr, ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr,
-                DECOUPLED: tl.constexpr, LERP_LO: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr,
-                GC: tl.constexpr):
-    w, g = _update_inputs(row, offs, mask, coef, DT, ALIGN, MAXIMIZE, COEF, GB, GC)
+def _one_minus_pow(one_m_beta, s):
+    """``1 - beta^s`` in fp64 (``1 - beta`` given: exact in fp64 from fp32, unlike beta itself)."""
+    return 1.0 - tl.exp(s * tl.log(1.0 - tl.cast(one_m_beta, tl.float64)))
+
+
+@device_fn
+def _bias_corrections(row, lr, lerp_w, one_m_beta2, step_size, bc2_sqrt, STEPS: tl.constexpr):
+    """(step size ``lr / (1 - beta1^s)``, ``sqrt(1 - beta2^s)``): the host's, of the float step; with STEPS
+    (torch's capturable step tensors, column 7), from this tensor's own step count, in fp64 as on the host."""
+    if STEPS:
+        s = tl.load(ptr_of(row, 7, tl.float32, 4)).to(tl.float64)
+        step_size = (tl.cast(lr, tl.float64) / _one_minus_pow(lerp_w, s)).to(tl.float32)
+        bc2_sqrt = tl.sqrt(_one_minus_pow(one_m_beta2, s)).to(tl.float32)
+    return step_size, bc2_sqrt
+
+
+@device_fn
+def _adam_block(row, offs, mask, coef, inv_scale, found_inf, lr, lerp_w, beta2, one_m_beta2, weight_decay, decay,
+                eps, step_size, bc2_sqrt, DT: tl.constexpr, ALIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
+                WD: tl.constexpr, DECOUPLED: tl.constexpr, LERP_LO: tl.constexpr, COEF: tl.constexpr,
+                GB: tl.constexpr, GC: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr,
+                STEPS: tl.constexpr):
+    w0, g = _update_inputs(row, offs, mask, coef, inv_scale, DT, ALIGN, MAXIMIZE, COEF, GB, GC, UNSCALE)
+    go = _taken(found_inf, offs, MAY_SKIP)
+    step_size, bc2_sqrt = _bias_corrections(row, lr, lerp_w, one_m_beta2, step_size, bc2_sqrt, STEPS)
     mp, vp = ptr_of(row, 5, DT, ALIGN) + offs, ptr_of(row, 6, DT, ALIGN) + offs
+    w = w0
     if WD:
         if DECOUPLED:
-            w = w * decay
+            w = w0 * decay
         else:
-            g = g + weight_decay * w
+            g = g + weight_decay * w0
     m = tl.load(mp, mask=mask).to(tl.float32)
     # torch.lerp's two formulas, picked by |weight| < 0.5 as torch does
     if LERP_LO:
@@ -292,25 +378,29 @@ def _adam_block(row, offs, mask, coef, lerp_w, beta2, one_m_beta2, weight_decay,
     else:
         m = g - (g - m) * (1.0 - lerp_w)
     v = tl.load(vp, mask=mask).to(tl.float32) * beta2 + one_m_beta2 * g * g
-    tl.store(mp, m.to(DT), mask=mask)
-    tl.store(vp, v.to(DT), mask=mask)
+    _commit(mp, m.to(DT), mask, go, MAY_SKIP)
+    _commit(vp, v.to(DT), mask, go, MAY_SKIP)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, (w - step_size * tl.div_rn(m, denom)).to(DT), mask=mask)
+    w = _or_start(go, w - step_size * tl.div_rn(m, denom), w0, MAY_SKIP)
+    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, w.to(DT), mask=mask)
 
 
 @triton.jit
-def _adam_kernel(table, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt,
-                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr, PACK_LOG: tl.constexpr,
-                 DT: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                 LERP_LO: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr):
+def _adam_kernel(table, coef, inv_scale, found_inf, lr, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps,
+                 step_size, bc2_sqrt, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.constexpr,
+                 PACK_LOG: tl.constexpr, DT: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr,
+                 DECOUPLED: tl.constexpr, LERP_LO: tl.constexpr, COEF: tl.constexpr, GB: tl.constexpr,
+                 GC: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr, STEPS: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _adam_block(row, start + tl.arange(0, BLOCK), None, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay,
-                    eps, step_size, bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO, COEF, GB, GC)
+        _adam_block(row, start + tl.arange(0, BLOCK), None, coef, inv_scale, found_inf, lr, lerp_w, beta2,
+                    one_m_beta2, weight_decay, decay, eps, step_size, bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED,
+                    LERP_LO, COEF, GB, GC, UNSCALE, MAY_SKIP, STEPS)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _adam_block(rows, offs, mask, coef, lerp_w, beta2, one_m_beta2, weight_decay, decay, eps, step_size,
-                    bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO, COEF, GB, GC)
+        _adam_block(rows, offs, mask, coef, inv_scale, found_inf, lr, lerp_w, beta2, one_m_beta2, weight_decay,
+                    decay, eps, step_size, bc2_sqrt, DT, ALIGN, MAXIMIZE, WD, DECOUPLED, LERP_LO, COEF, GB, GC,
+                    UNSCALE, MAY_SKIP, STEPS)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -356,10 +446,19 @@ def _reduce(kernel, tab, acc: Tensor, k: int, *args, **constexprs) -> None:
     launch(_sum_kernel, tab, tab.scratch, tab.nb, acc, grid=(1,), R=_sum_block(tab.nb), K=k)
 
 
+def _loss_scaling(like: Tensor, inv_scale: Optional[Tensor], found_inf: Optional[Tensor] = None) -> dict:
+    """The UNSCALE and MAY_SKIP switches of the given device scalars (read by the kernels only)."""
+    for name, t in (("inv_scale", inv_scale), ("found_inf", found_inf)):
+        if t is not None:
+            _scalar(name, t, like)
+    return dict(UNSCALE=inv_scale is not None, MAY_SKIP=found_inf is not None)
+
+
 def _update_lists(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], grads_b: List[Tensor],
-                  grads_c: List[Tensor], coef: Optional[Tensor]):
+                  grads_c: List[Tensor], coef: Optional[Tensor], inv_scale: Optional[Tensor],
+                  found_inf: Optional[Tensor]):
     """The param dtype, the table specs of the lists every fused update reads (in _update_inputs' column
-    order) and the update's COEF, GB, GC switches."""
+    order) and the update's COEF, GB, GC, UNSCALE, MAY_SKIP switches."""
     dt = _param_dtype("params", params)
     if coef is None:
         grads_b = grads_c = []  # not read
@@ -367,9 +466,11 @@ def _update_lists(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
         _count(len(params), optional=True, grads_b=grads_b, grads_c=grads_c)
         _scalar("coef", coef, params[0], 3)
     # Nothing to restore: w is read where it is written, with no kernel variant of its own.
-    specs = (("params", params, dt, False), ("grads", grads, dt, False), ("backups", backups or params, dt, False),
-             ("grads_b", grads_b or None, dt, False), ("grads_c", grads_c or None, dt, False))
-    return dt, specs, dict(COEF=coef is not None, GB=bool(grads_b), GC=bool(grads_c))
+    specs = (("params", params, dt, ELEMENTS), ("grads", grads, dt, ELEMENTS),
+             ("backups", backups or params, dt, ELEMENTS), ("grads_b", grads_b or None, dt, ELEMENTS),
+             ("grads_c", grads_c or None, dt, ELEMENTS))
+    return dt, specs, dict(COEF=coef is not None, GB=bool(grads_b), GC=bool(grads_c),
+                           **_loss_scaling(params[0], inv_scale, found_inf))
 
 
 def _uses_ema(ema: List[Tensor], sigma: float) -> bool:
@@ -381,7 +482,7 @@ def _uses_ema(ema: List[Tensor], sigma: float) -> bool:
 
 @torch.no_grad()
 def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales: List[Tensor],
-             mode: int, eta: float, ema: List[Tensor], sigma: float) -> None:
+             mode: int, eta: float, ema: List[Tensor], sigma: float, inv_scale: Optional[Tensor]) -> None:
     n = len(grads)
     _count(n, params=params)
     _count(n, optional=True, ema=ema)
@@ -391,10 +492,11 @@ def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales:
     dt = _param_dtype("grads", grads)
     _scalar("acc", acc, grads[0])
     direction = _uses_ema(ema, sigma)
-    tab = table((("grads", grads, dt, False), ("params", params if mode == 1 else None, dt, False),
-                 ("row_scales", row_scales if mode == 2 else None, _F32, True),
-                 ("ema", ema if direction else None, dt, False)))
-    _reduce(_norm_sq_kernel, tab, acc, 1, float(eta), float(sigma), DT=PARAM_DTYPES[dt], MODE=mode, DIR=direction)
+    tab = table((("grads", grads, dt, ELEMENTS), ("params", params if mode == 1 else None, dt, ELEMENTS),
+                 ("row_scales", row_scales if mode == 2 else None, _F32, ROWS),
+                 ("ema", ema if direction else None, dt, ELEMENTS)))
+    _reduce(_norm_sq_kernel, tab, acc, 1, float(eta), float(sigma), inv_scale, DT=PARAM_DTYPES[dt], MODE=mode,
+            DIR=direction, **_loss_scaling(grads[0], inv_scale))
 
 
 @torch.no_grad()
@@ -404,14 +506,14 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
     if n == 0:
         return
     dt = _param_dtype("params", params)
-    tab = table((("params", params, dt, False), ("out", out, _F32, True)), rows=True)
+    tab = table((("params", params, dt, ELEMENTS), ("out", out, _F32, ROWS)), rows=True)
     launch(_row_norm_kernel, tab, float(eta), DT=PARAM_DTYPES[dt], COLS=tab.cols)
 
 
 @torch.no_grad()
 def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], row_scales: List[Tensor],
              norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool, ema: List[Tensor],
-             sigma: float, lmbda: float) -> None:
+             sigma: float, lmbda: float, inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     n = len(params)
     _count(n, grads=grads, backups=backups)
     _count(n, optional=True, ema=ema)
@@ -420,17 +522,19 @@ def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], r
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
-    tab = table((("params", params, dt, False), ("grads", grads, dt, False), ("backups", backups, dt, False),
-                 ("row_scales", row_scales if mode == 2 else None, _F32, True), ("ema", ema or None, dt, False)))
+    tab = table((("params", params, dt, ELEMENTS), ("grads", grads, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS),
+                 ("row_scales", row_scales if mode == 2 else None, _F32, ROWS), ("ema", ema or None, dt, ELEMENTS)))
     has_ema = bool(ema)  # without it every EMA switch is off: no kernel variant differs in unused switches only
-    launch(_perturb_kernel, tab, norm_sq, float(rho), float(eps), float(eta), float(sigma), float(lmbda),
-           float(1 - lmbda), DT=PARAM_DTYPES[dt], MODE=mode, SIGN=bool(sign), DIR=_uses_ema(ema, sigma),
-           EMA=has_ema, BLEND=has_ema and lmbda != 0)
+    launch(_perturb_kernel, tab, norm_sq, inv_scale, found_inf, float(rho), float(eps), float(eta), float(sigma),
+           float(lmbda), float(1 - lmbda), DT=PARAM_DTYPES[dt], MODE=mode, SIGN=bool(sign),
+           DIR=_uses_ema(ema, sigma), EMA=has_ema, BLEND=has_ema and lmbda != 0,
+           **_loss_scaling(params[0], inv_scale, found_inf))
 
 
 @torch.no_grad()
 def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], norm_sq: Tensor, rho: float,
-             eps: float, grads: List[Tensor], grad_copies: List[Tensor]) -> None:
+             eps: float, grads: List[Tensor], grad_copies: List[Tensor], inv_scale: Optional[Tensor],
+             found_inf: Optional[Tensor]) -> None:
     n = len(params)
     _count(n, backups=backups, dirs=dirs)
     if len(grads) != len(grad_copies):
@@ -441,9 +545,12 @@ def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], no
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
-    tab = table((("params", params, dt, False), ("backups", backups, dt, False), ("dirs", dirs, dt, False),
-                 ("grads", grads or None, dt, False), ("grad_copies", grad_copies or None, dt, False)))
-    launch(_reflect_kernel, tab, norm_sq, float(rho), float(eps), DT=PARAM_DTYPES[dt], COPY=bool(grads))
+    tab = table((("params", params, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS), ("dirs", dirs, dt, ELEMENTS),
+                 ("grads", grads or None, dt, ELEMENTS), ("grad_copies", grad_copies or None, dt, ELEMENTS)))
+    if not grads:
+        inv_scale = None  # read by the copies only: no kernel variant differs in unused arguments only
+    launch(_reflect_kernel, tab, norm_sq, inv_scale, found_inf, float(rho), float(eps), DT=PARAM_DTYPES[dt],
+           COPY=bool(grads), **_loss_scaling(params[0], inv_scale, found_inf))
 
 
 @torch.no_grad()
@@ -454,7 +561,7 @@ def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
         return
     dt = _param_dtype("a", a)
     _scalar("acc", acc, a[0], 2)
-    tab = table((("a", a, dt, False), ("b", b, dt, False)))
+    tab = table((("a", a, dt, ELEMENTS), ("b", b, dt, ELEMENTS)))
     _reduce(_dot_norm_sq_kernel, tab, acc, 2, DT=PARAM_DTYPES[dt])
 
 
@@ -465,7 +572,7 @@ def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
     if n == 0:
         return
     dt = _param_dtype("params", params)
-    tab = table((("params", params, dt, False), ("backups", backups, dt, False)))
+    tab = table((("params", params, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS)))
     launch(_restore_kernel, tab, DT=BITS[dt])
 
 
@@ -473,35 +580,39 @@ def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
 def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], momentum_buffers: List[Tensor],
                  lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
                  maximize: bool, init_momentum: bool, grads_b: List[Tensor], grads_c: List[Tensor],
-                 coef: Optional[Tensor]) -> None:
+                 coef: Optional[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     n = len(params)
     _count(n, grads=grads, **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
     _count(n, optional=True, backups=backups)
     if n == 0:
         return
-    dt, specs, terms = _update_lists(params, grads, backups, grads_b, grads_c, coef)
-    tab = table(specs + (("momentum_buffers", momentum_buffers if momentum != 0 else None, dt, False),))
-    launch(_sgd_kernel, tab, coef, float(lr), float(weight_decay), float(momentum), float(1 - dampening),
-           DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize), WD=weight_decay != 0, MOMENTUM=momentum != 0,
-           NESTEROV=bool(nesterov), INIT=bool(init_momentum), **terms)
+    dt, specs, switches = _update_lists(params, grads, backups, grads_b, grads_c, coef, inv_scale, found_inf)
+    tab = table(specs + (("momentum_buffers", momentum_buffers if momentum != 0 else None, dt, ELEMENTS),))
+    launch(_sgd_kernel, tab, coef, inv_scale, found_inf, float(lr), float(weight_decay), float(momentum),
+           float(1 - dampening), DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize), WD=weight_decay != 0,
+           MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), INIT=bool(init_momentum), **switches)
 
 
 @torch.no_grad()
 def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], exp_avgs: List[Tensor],
                   exp_avg_sqs: List[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float,
                   eps: float, decoupled: bool, maximize: bool, step: float, grads_b: List[Tensor],
-                  grads_c: List[Tensor], coef: Optional[Tensor]) -> None:
+                  grads_c: List[Tensor], coef: Optional[Tensor], inv_scale: Optional[Tensor],
+                  found_inf: Optional[Tensor], steps: List[Tensor]) -> None:
     n = len(params)
     _count(n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    _count(n, optional=True, backups=backups)
+    _count(n, optional=True, backups=backups, steps=steps)
     if n == 0:
         return
-    dt, specs, terms = _update_lists(params, grads, backups, grads_b, grads_c, coef)
-    tab = table(specs + (("exp_avgs", exp_avgs, dt, False), ("exp_avg_sqs", exp_avg_sqs, dt, False)))
+    dt, specs, switches = _update_lists(params, grads, backups, grads_b, grads_c, coef, inv_scale, found_inf)
+    tab = table(specs + (("exp_avgs", exp_avgs, dt, ELEMENTS), ("exp_avg_sqs", exp_avg_sqs, dt, ELEMENTS),
+                         ("steps", steps or None, _F32, ONE)))
     # Scalars in double on the host, as the reference; the kernel gets them rounded to fp32 once (floats:
-    # Triton would make an int argument equal to 1 a compile-time constant).
+    # Triton would make an int argument equal to 1 a compile-time constant). With device step counts the
+    # kernel computes the bias corrections ("step" is ignored, and may be 0).
     lerp_w = float(1 - beta1)
-    scalars = (lerp_w, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, eps, lr / (1 - beta1**step),
-               math.sqrt(1 - beta2**step))
-    launch(_adam_kernel, tab, coef, *map(float, scalars), DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize),
-           WD=weight_decay != 0, DECOUPLED=bool(decoupled), LERP_LO=abs(lerp_w) < 0.5, **terms)
+    corrections = (0.0, 0.0) if steps else (lr / (1 - beta1**step), math.sqrt(1 - beta2**step))
+    scalars = (lr, lerp_w, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, eps) + corrections
+    launch(_adam_kernel, tab, coef, inv_scale, found_inf, *map(float, scalars), DT=PARAM_DTYPES[dt],
+           MAXIMIZE=bool(maximize), WD=weight_decay != 0, DECOUPLED=bool(decoupled), LERP_LO=abs(lerp_w) < 0.5,
+           STEPS=bool(steps), **switches)
