@@ -21,8 +21,8 @@ CUDA_IMPLS = [pytest.param(impl, marks=pytest.mark.skipif(
 BASES = {
     # SGD: the fused restore+update kernel (lr, momentum are constants of the graph, as in torch).
     "sgd": lambda: (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-    # capturable Adam: step count and lr live on the device; the restore is fused, torch's capturable
-    # step updates (the fused kernel takes them as host floats).
+    # capturable Adam: step counts live on the device. With a float lr the fused kernel reads them there;
+    # a tensor lr takes torch's capturable step after the fused restore.
     "adam-capturable": lambda: (torch.optim.Adam, dict(lr=torch.tensor(1e-2, device="cuda"), capturable=True)),
     "adamw-capturable": lambda: (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2, capturable=True)),
 }

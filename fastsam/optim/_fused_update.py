@@ -3,14 +3,18 @@ step, for torch.optim.SGD, Adam and AdamW. The base optimizer's state (momentum 
 and step counts) is read and written in torch's own layout, so ``base_optimizer.state_dict()`` and a
 later unfused step see exactly what torch's step would have left.
 
-Anything else (another optimizer, amsgrad, capturable/fused/differentiable flags, tensor lr, and Adam
-inside torch.compile) takes the generic path: restore, then ``base_optimizer.step()``. The kernels take
-lr and the Adam step count as floats, so a capturable group (step and lr on the device, read by no
-host) can only be served by torch's own capturable step; fusing it needs ``Tensor`` step/lr arguments.
+Adam's step counts: a plain step keeps torch's layout (one CPU tensor per parameter, read by no
+kernel: the kernel gets the count as a float, cached per bucket). A capturable group, and a gated step
+(GradScaler or the nonfinite policy, whose skip is decided on the device), keep the counts on the
+parameters' device instead (torch's capturable layout); the kernel reads each one there, and a skipped
+step takes its increment back on the device.
+
+Anything else (another optimizer, amsgrad, fused/differentiable flags, tensor lr, and Adam inside
+torch.compile) takes the generic path: restore, then ``base_optimizer.step()``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,12 +37,11 @@ def group_supported(kind: str, group: dict) -> bool:
     if group.get("differentiable") or group.get("fused") or not isinstance(group["lr"], (float, int)):
         return False
     if kind == "adam":
-        # The kernel takes the step count as a float, so it cannot serve a capturable group (counter on
-        # the device). Under torch.compile each new count would be a new constant, a recompile per step
-        # (a SymFloat read from the counter does not fit the schema): a compiled step restores with the
-        # fused op and lets torch's compile-aware Adam update. A CUDA graph would replay the count it
-        # captured: torch's step then refuses a group that is not capturable.
-        return (not torch.compiler.is_compiling() and not _capturing() and not group.get("capturable")
+        # Under torch.compile torch shows every group as capturable, and the counter increments of the
+        # fused call would be traced apart from torch's compile-aware step: a compiled step restores with
+        # the fused op and lets torch's Adam update. A CUDA graph replays what it captured: a group that
+        # is not capturable keeps its count on the host, which torch's step then refuses as well.
+        return (not torch.compiler.is_compiling() and (group.get("capturable") or not _capturing())
                 and not group.get("amsgrad") and all(isinstance(b, (float, int)) for b in group["betas"]))
     # SGD has no capturable option; torch.compile shows every group of a traced optimizer as capturable.
     return True
@@ -49,18 +52,26 @@ def _capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def _sgd(base, bucket, lists) -> None:
+# (inv_scale, found_inf) of a gated step on the bucket's device, or None.
+GateArgs = Optional[Tuple[Optional[Tensor], Tensor]]
+
+
+def _sgd(base, bucket, lists, gate: GateArgs) -> None:
     group, params, impl = bucket.group, bucket.params, bucket.impl
     grads, backups, grads_b, grads_c, coef = lists
+    scaling = gate or (None, None)
     momentum = group["momentum"]
     args = (group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
     if momentum == 0:
-        ops.restore_sgd_(params, grads, backups, [], *args, False, grads_b, grads_c, coef, impl=impl)
+        ops.restore_sgd_(params, grads, backups, [], *args, False, grads_b, grads_c, coef, *scaling, impl=impl)
         return
     states = [base.state[p] for p in params]
     new = [i for i, s in enumerate(states) if s.get("momentum_buffer") is None]
     for i in new:
-        states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+        # A gated first step may be skipped on the device, leaving the buffer unwritten, and the next one
+        # takes it as initialized: zeros make that step torch's first step exactly when dampening is 0.
+        make = torch.zeros_like if gate is not None else torch.empty_like
+        states[i]["momentum_buffer"] = make(params[i], memory_format=torch.preserve_format)
     bufs = [s["momentum_buffer"] for s in states]
     # First step of some parameters: torch sets their buffer to d_p; the kernel does that in place.
     calls = [(None, False)] if not new else [(sorted(set(range(len(params))) - set(new)), False), (new, True)]
@@ -68,19 +79,34 @@ def _sgd(base, bucket, lists) -> None:
         if idx == []:
             continue
         ops.restore_sgd_(take(params, idx), take(grads, idx), take(backups, idx), take(bufs, idx), *args, init,
-                         take(grads_b, idx), take(grads_c, idx), coef, impl=impl)
+                         take(grads_b, idx), take(grads_c, idx), coef, *scaling, impl=impl)
 
 
-def _adam(base, bucket, lists) -> None:
+def _adam(base, bucket, lists, gate: GateArgs) -> None:
     group, params, impl = bucket.group, bucket.params, bucket.impl
     grads, backups, grads_b, grads_c, coef = lists
     states = [base.state[p] for p in params]
+    on_device = gate is not None or bool(group.get("capturable"))
     for p, s in zip(params, states):
         if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
             s["step"] = torch.tensor(0.0, dtype=torch.float32)
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if on_device and s["step"].device != p.device:
+            s["step"] = s["step"].to(p.device)
     steps = [s["step"] for s in states]
+    beta1, beta2 = group["betas"]
+    decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
+    tensors = (params, grads, backups, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+    hyper = (group["lr"], beta1, beta2, group["weight_decay"], group["eps"], decoupled, group["maximize"])
+    if on_device:
+        bucket.adam_steps = None  # the counts are not known on the host any more
+        torch._foreach_add_(steps, 1)
+        inv_scale, found_inf = gate or (None, None)
+        ops.restore_adam_(*tensors, *hyper, 0.0, grads_b, grads_c, coef, inv_scale, found_inf, steps, impl=impl)
+        if found_inf is not None:  # a skipped step does not count
+            torch._foreach_add_(steps, found_inf.reshape(()), alpha=-1)
+        return
     # Parameters that joined later have fewer steps: one call per distinct count (usually one). The
     # grouping is cached; one counter read checks that nothing else stepped these parameters.
     cached = bucket.adam_steps
@@ -91,19 +117,17 @@ def _adam(base, bucket, lists) -> None:
         cached = list(by_step.items())
     torch._foreach_add_(steps, 1)
     bucket.adam_steps = cached = [(step + 1, idx) for step, idx in cached]
-    beta1, beta2 = group["betas"]
-    decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
-    tensors = (params, grads, backups, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
     for step, idx in cached:
         idx = idx if len(cached) > 1 else None
-        ops.restore_adam_(*(take(ts, idx) for ts in tensors), group["lr"], beta1, beta2, group["weight_decay"],
-                          group["eps"], decoupled, group["maximize"], step, take(grads_b, idx), take(grads_c, idx),
+        ops.restore_adam_(*(take(ts, idx) for ts in tensors), *hyper, step, take(grads_b, idx), take(grads_c, idx),
                           coef, impl=impl)
 
 
 def restore_and_update(kind: str, base, bucket, grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
-                       coef: Optional[Tensor]) -> None:
-    """w <- backup (when the bucket was perturbed), then the base optimizer's step for the parameters of
-    ``bucket`` (one device and dtype) with the grad ``coef[0] g + coef[1] g_b + coef[2] g_c``
-    (``g`` when ``coef`` is None)."""
-    (_sgd if kind == "sgd" else _adam)(base, bucket, (grads, bucket.backups, grads_b, grads_c, coef))
+                       coef: Optional[Tensor], gate: GateArgs = None, restore: bool = True) -> None:
+    """w <- backup (when the bucket was perturbed and ``restore``), then the base optimizer's step for the
+    parameters of ``bucket`` (one device and dtype) with the grad ``coef[0] g + coef[1] g_b + coef[2] g_c``
+    (``g`` when ``coef`` is None). ``gate``: (inv_scale, found_inf) on the bucket's device: ``g`` is
+    unscaled in the kernel, and a set flag leaves only the restore."""
+    backups = bucket.backups if restore else []
+    (_sgd if kind == "sgd" else _adam)(base, bucket, (grads, backups, grads_b, grads_c, coef), gate)

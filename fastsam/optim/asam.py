@@ -31,7 +31,7 @@ class ASAM(SAM):
     which is exact only up to rounding).
 
     Args:
-        params, base_optimizer, impl, **base_kwargs: as for :class:`fastsam.SAM`.
+        params, base_optimizer, impl, nonfinite, **base_kwargs: as for :class:`fastsam.SAM`.
         rho: radius (default 0.5). eta: the operator's offset (default 0.01).
         normalization: "elementwise" or "filterwise". p: 2 or ``math.inf``.
     """
@@ -40,11 +40,12 @@ class ASAM(SAM):
     _operator_options = ("eta", "normalization", "normalize")
 
     def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01,
-                 normalization: str = "elementwise", p: float = 2, impl: str = "auto", **base_kwargs):
+                 normalization: str = "elementwise", p: float = 2, impl: str = "auto",
+                 nonfinite: Optional[str] = None, **base_kwargs):
         defaults = dict(rho=_check_nonneg("rho", rho), eta=_check_nonneg("eta", eta),
                         normalization=_check_normalization(normalization), normalize=True, p=_check_p(p),
                         perturb=True)
-        self._init_sam(params, base_optimizer, impl, defaults, base_kwargs)
+        self._init_sam(params, base_optimizer, impl, defaults, base_kwargs, nonfinite)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

@@ -37,7 +37,7 @@ class CRSAM(SAM):
     grads still enter the combination.
 
     Args:
-        params, base_optimizer, impl, **base_kwargs: as for :class:`fastsam.SAM`.
+        params, base_optimizer, impl, nonfinite, **base_kwargs: as for :class:`fastsam.SAM`.
         rho: radius (default 0.1). gamma: curvature (trace) weight (default 0.1). beta: gradient-norm
             weight (default 0.1; the authors' training script uses 0.01). mode: "authors" or "paper".
 
@@ -56,7 +56,7 @@ class CRSAM(SAM):
     _buffers = ("grad0", "grad_plus")
 
     def __init__(self, params, base_optimizer, rho: float = 0.1, gamma: float = 0.1, beta: float = 0.1,
-                 mode: str = "authors", impl: str = "auto", **base_kwargs):
+                 mode: str = "authors", impl: str = "auto", nonfinite: Optional[str] = None, **base_kwargs):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
@@ -66,7 +66,7 @@ class CRSAM(SAM):
         self._coef_key: Dict[torch.device, tuple] = {}
         self._moved: Optional[List[_buckets.Bucket]] = None  # buckets at w - e, between second and third step
         defaults = dict(rho=_check_nonneg("rho", rho), adaptive=False, p=2.0, perturb=True)
-        self._init_sam(params, base_optimizer, impl, defaults, base_kwargs)
+        self._init_sam(params, base_optimizer, impl, defaults, base_kwargs, nonfinite)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -82,11 +82,17 @@ class CRSAM(SAM):
                 if b.perturbed:
                     ops.restore_(b.params, b.backups, impl=b.impl)
             raise RuntimeError("CRSAM: every parameter that had a grad at w needs one at w + e (w was restored)")
+        gate = self._gate
+        if gate is not None:  # g+ joins the step's found flag before w - e is computed from it
+            self._flag_pass(gate, buckets)
         for b in buckets:
             grads, copies = b.grads(), b.buffers["grad_plus"]
+            inv_scale, found_inf = gate.on(b.params[0].device) if gate else (None, None)
             if b.perturbed:
                 ops.reflect_(b.params, b.backups, b.buffers["grad0"], self._acc[b.params[0].device],
-                             b.group["rho"], self._eps_norm, grads, copies, impl=b.impl)
+                             b.group["rho"], self._eps_norm, grads, copies, inv_scale, found_inf, impl=b.impl)
+            elif inv_scale is not None:
+                torch._foreach_copy_(copies, torch._foreach_mul([g.float() for g in grads], inv_scale))
             else:
                 torch._foreach_copy_(copies, grads)
         self._moved = buckets
@@ -132,15 +138,21 @@ class CRSAM(SAM):
             self._coef[d] = coef.to(d, non_blocking=True)
             self._coef_key[d] = None
 
-    def _combination(self, buckets: List[_buckets.Bucket]) -> Combination:
+    def _combination(self, buckets: List[_buckets.Bucket], inv=None) -> Combination:
         # The last pass's grad is g-; grads_b = g+, grads_c = g0.
         return (lambda b: (b.buffers["grad_plus"], b.buffers["grad0"])), self._coef
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, losses: Optional[Sequence] = None):
         """A whole CR-SAM step. ``closure`` runs forward and backward and returns the loss. It runs at w
         first when no parameter has a grad yet, and always in paper mode (which needs the loss at w).
-        Returns the loss at w when this call computed it, otherwise the loss at w + e."""
+        Returns the loss at w when this call computed it, otherwise the loss at w + e.
+
+        Without a closure, after ``second_step``: the third step (what ``scaler.step(opt, losses=...)``
+        calls; ``losses`` as for :meth:`third_step`)."""
+        if closure is None and self._moved is not None:
+            self.third_step(losses=losses)
+            return None
         if closure is None:
             raise RuntimeError("CRSAM.step() needs a closure that runs forward and backward; "
                                "or call first_step(), second_step() and third_step() yourself")

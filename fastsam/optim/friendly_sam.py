@@ -1,7 +1,7 @@
 """Friendly SAM (Li et al., CVPR 2024): SAM whose perturbation leaves out the full-gradient component."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from fastsam.optim import _buckets
 from fastsam.optim.sam import SAM, Direction, _check_nonneg, _check_number
@@ -28,7 +28,7 @@ class FriendlySAM(SAM):
     the second pass accumulates into it). The EMA is saved by ``state_dict``.
 
     Args:
-        params, base_optimizer, impl, **base_kwargs: as for :class:`fastsam.SAM`.
+        params, base_optimizer, impl, nonfinite, **base_kwargs: as for :class:`fastsam.SAM`.
         rho: radius (default 0.05). sigma: weight of the removed full-gradient estimate (default 1.0).
         lmbda: EMA decay in [0, 1) (default 0.9). adaptive: :math:`T = |w|`.
         sigma, lmbda and rho are param-group options.
@@ -47,10 +47,10 @@ class FriendlySAM(SAM):
     _saved_buffers = ("ema",)
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9,
-                 adaptive: bool = False, impl: str = "auto", **base_kwargs):
+                 adaptive: bool = False, impl: str = "auto", nonfinite: Optional[str] = None, **base_kwargs):
         defaults = dict(rho=_check_nonneg("rho", rho), sigma=_check_number("sigma", sigma), lmbda=_check_lmbda(lmbda),
                         adaptive=bool(adaptive), p=2.0, perturb=True)
-        self._init_sam(params, base_optimizer, impl, defaults, base_kwargs)
+        self._init_sam(params, base_optimizer, impl, defaults, base_kwargs, nonfinite)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

@@ -37,7 +37,7 @@ class LastSAM(SAM):
     other base optimizers writes :math:`g_\perp` into ``.grad``).
 
     Args:
-        params, base_optimizer, impl: as for :class:`fastsam.SAM`.
+        params, base_optimizer, impl, nonfinite: as for :class:`fastsam.SAM`.
         switch_at: the step (count of completed steps, an int >= 0) at which the sharpness phase
             starts, or a float in (0, 1): that fraction of ``total_steps`` (rounded down).
         sharpness: "asam" (default) or "sam".
@@ -61,7 +61,8 @@ class LastSAM(SAM):
     """
 
     def __init__(self, params, base_optimizer, switch_at, sharpness: str = "asam", orthogonal: bool = False,
-                 rho: Optional[float] = None, impl: str = "auto", total_steps: Optional[int] = None, **kwargs):
+                 rho: Optional[float] = None, impl: str = "auto", total_steps: Optional[int] = None,
+                 nonfinite: Optional[str] = None, **kwargs):
         if sharpness not in _SHARPNESS:
             raise ValueError(f"sharpness must be one of {_SHARPNESS}, got {sharpness!r}")
         self.sharpness = sharpness
@@ -82,7 +83,7 @@ class LastSAM(SAM):
         self._eps_norm = self._method._eps_norm
         self._operator_options = self._method._operator_options
         self._buffers = ("grad0",) if self.orthogonal else ()
-        self._init_sam(params, base_optimizer, impl, defaults, kwargs)
+        self._init_sam(params, base_optimizer, impl, defaults, kwargs, nonfinite)
 
     # The operator T and the group checks are those of the sharpness method.
     def _operator(self, p: Tensor, name: Optional[str], group: dict):
@@ -103,8 +104,8 @@ class LastSAM(SAM):
         # Before the switch the pass at w is the only one; the orthogonal projection uses its grad.
         return not self.sharpness_active or self.orthogonal
 
-    def _combination(self, buckets: List[_buckets.Bucket]) -> Optional[Combination]:
-        if not self.orthogonal:
+    def _combination(self, buckets: List[_buckets.Bucket], inv=None) -> Optional[Combination]:
+        if not self.orthogonal or not self.sharpness_active:
             return None
         # coef = (1, -(g_sam . g) / (||g||^2 + eps), 0), from one fused reduction over all buckets.
         dots = _zeroed(self._dot, {b.params[0].device for b in buckets}, 2)
@@ -120,6 +121,8 @@ class LastSAM(SAM):
             torch.add(acc[1:2], _EPS_ORTHO, out=c)
             torch.div(acc[0:1], c, out=c)
             c.neg_()
+            if inv is not None:  # g_sam is still scaled (the kernel unscales it), g was kept unscaled
+                c.mul_(inv[d])
         return (lambda b: (b.buffers["grad0"], [])), self._coef
 
     @torch.no_grad()
@@ -138,9 +141,12 @@ class LastSAM(SAM):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.base_optimizer.step()
-        for b in self._plan or ():
-            b.adam_steps = None  # the base's own step moved the Adam counters
+        if getattr(self, "found_inf", None) is not None or self.nonfinite is not None:
+            self._update(self._buckets(), restore=False)  # gated: unscaled and skipped on the device
+        else:
+            self.base_optimizer.step()
+            for b in self._plan or ():
+                b.adam_steps = None  # the base's own step moved the Adam counters
         self.steps_done += 1
         self._opt_called = True
         return loss

@@ -9,7 +9,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam._checks import _check_bool, _check_nonneg, _check_number  # noqa: F401  (re-exported to the family)
-from fastsam.optim import _buckets, _fused_update
+from fastsam.optim import _buckets, _fused_update, _gate
 from fastsam.optim._buckets import take
 
 # (indices of a bucket's params or None for all, ema, sigma, lmbda): one perturb call; see reference.perturb_.
@@ -56,6 +56,12 @@ class SAM(torch.optim.Optimizer):
         adaptive: use :math:`T = |w|` (davda54's ASAM variant; no eta).
         p: 2 or ``math.inf``.
         impl: "auto", "cuda", "triton", "cpu" or "torch" (see :func:`fastsam.available_impls`).
+        nonfinite: what a step does when a grad is inf or NaN and no GradScaler handles it: None (the
+            default, as torch's optimizers: no check, the NaN spreads), "skip" (the step is skipped:
+            parameters, base optimizer state and the method's state stay as they were; counted in
+            :attr:`skipped_steps`; no host sync) or "raise" (skipped, then FloatingPointError: one host
+            read of the flag per pass checked). A step begun with ``first_step(grad_scaler=...)``
+            follows the scaler instead: it skips, and ``scaler.update()`` backs off.
         **base_kwargs: the base optimizer's arguments (lr, momentum, ...).
 
     Example::
@@ -66,18 +72,37 @@ class SAM(torch.optim.Optimizer):
         with fastsam.utils.frozen_bn_stats(model):
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
+
+    With ``torch.amp.GradScaler`` (the grads are unscaled inside the kernels, and a non-finite grad in
+    either pass skips the whole step on the device)::
+
+        scaler.scale(loss_fn(model(x), y)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        with fastsam.utils.frozen_bn_stats(model):
+            scaler.scale(loss_fn(model(x), y)).backward()
+        scaler.step(opt)  # calls opt.step(), which finishes the SAM step
+        scaler.update()
+        opt.zero_grad()
     """
 
     _eps_norm = 1e-12
+    # GradScaler.step hands a step its grad_scale / found_inf instead of unscaling and syncing itself.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, p: float = 2,
-                 impl: str = "auto", **base_kwargs):
+                 impl: str = "auto", nonfinite: Optional[str] = None, **base_kwargs):
         self._init_sam(params, base_optimizer, impl, dict(rho=_check_nonneg("rho", rho), adaptive=bool(adaptive),
-                                                          p=_check_p(p), perturb=True), base_kwargs)
+                                                          p=_check_p(p), perturb=True), base_kwargs, nonfinite)
 
     # ---- construction ------------------------------------------------------------------------
-    def _init_sam(self, params, base_optimizer, impl: str, defaults: dict, base_kwargs: dict) -> None:
+    def _init_sam(self, params, base_optimizer, impl: str, defaults: dict, base_kwargs: dict,
+                  nonfinite: Optional[str] = None) -> None:
         self.impl = ops.check_impl(impl)
+        self.nonfinite = _gate.check_nonfinite(nonfinite)
+        self._gate: Optional[_gate.Gate] = None  # the found flags of the step under way, when it is gated
+        self._found: Dict[torch.device, Tensor] = {}  # their buffers
+        self._check: Dict[torch.device, Tensor] = {}  # scratch sums of the checks of later passes
+        self._skipped: Optional[Tensor] = None  # skipped steps, counted on the device
         self._plan: Optional[List[_buckets.Bucket]] = None
         self._plan_key: Optional[tuple] = None
         self._plan_grads: Optional[tuple] = None  # which parameters had a grad in the last first_step
@@ -134,8 +159,11 @@ class SAM(torch.optim.Optimizer):
         "grad0" buffer, the first-pass grad is copied there in the same pass (ema with lmbda = 0)."""
         return [(None, bucket.buffers.get("grad0", []), 0.0, 0.0)]
 
-    def _combination(self, buckets: List[_buckets.Bucket]) -> Optional[Combination]:
-        """The grad of the base step as a combination of kept grads; None: the grad of the last pass."""
+    def _combination(self, buckets: List[_buckets.Bucket],
+                     inv: Optional[Dict[torch.device, Tensor]] = None) -> Optional[Combination]:
+        """The grad of the base step as a combination of kept grads; None: the grad of the last pass.
+        ``inv``: the inverse loss scale of the last pass's grads, which the update unscales in the kernel
+        (kept grads are stored unscaled)."""
         return None
 
     # ---- the normalization operator ------------------------------------------------------------
@@ -161,36 +189,82 @@ class SAM(torch.optim.Optimizer):
 
     # ---- the two steps -----------------------------------------------------------------------
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Back up w and move every parameter with a grad to w + e (see the class docstring)."""
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """Back up w and move every parameter with a grad to w + e (see the class docstring).
+
+        ``grad_scaler``: the GradScaler whose scaled loss gave these grads. They are unscaled inside the
+        kernels, and a non-finite one leaves w where it is and flags the step, which ``scaler.step(opt)``
+        then skips (``scaler.update()`` backs off). Finish such a step with ``scaler.step(opt)``."""
+        scaler = _gate.active_scaler(grad_scaler)
         buckets = self._buckets()
+        devices = {b.params[0].device for b in buckets}
+        inv = _gate.scaler_inverse_scales(scaler, devices) if scaler is not None else None
         for b in buckets:
             if b.perturbed and b.mode == ops.MODE_ROW:
                 ops.row_norm_(b.row_scales, b.params, b.eta, impl=b.impl)
         grads = [b.grads() for b in buckets]
-        norm_sq = self._global_norm_sq(buckets, grads)
+        norm_sq = self._global_norm_sq(buckets, grads, inv)
+        gate = None
+        if scaler is not None or self.nonfinite is not None:
+            gate = _gate.Gate(self._found_at_w(buckets, grads, norm_sq), inv, scaler)
         for b, g in zip(buckets, grads):
+            inv_scale, found_inf = gate.on(b.params[0].device) if gate else (None, None)
             for idx, ema, sigma, lmbda in self._directions(b):
                 if b.perturbed:
                     ops.perturb_(take(b.params, idx), take(g, idx), take(b.backups, idx), take(b.row_scales, idx),
                                  norm_sq[b.params[0].device], b.group["rho"], self._eps_norm, b.mode, b.eta,
-                                 b.group["p"] == math.inf, take(ema, idx), sigma, lmbda, impl=b.impl)
+                                 b.group["p"] == math.inf, take(ema, idx), sigma, lmbda, inv_scale, found_inf,
+                                 impl=b.impl)
                 elif ema:  # not perturbed, but the kept grads (EMA, copy) follow every step
-                    _ema_update(take(ema, idx), take(g, idx), lmbda)
+                    _ema_update(take(ema, idx), take(g, idx), lmbda, inv_scale, found_inf)
             b.fresh = []
-        self._perturbed = buckets
+        self._perturbed, self._gate = buckets, gate
+        if gate is not None and scaler is None and self.nonfinite == "raise" and _any_found(gate):
+            self._perturbed = self._gate = None  # w was not moved: the step simply did not happen
+            raise FloatingPointError("a grad of the pass at w is inf or NaN (nonfinite='raise'); "
+                                     "the step was not taken")
         if zero_grad:
             self.zero_grad()
 
-    def _global_norm_sq(self, buckets, grads) -> Dict[torch.device, Tensor]:
-        """sum ||T d||^2 over all perturbed p=2 buckets, as an fp32 [1] tensor on every device involved."""
+    def _global_norm_sq(self, buckets, grads, inv=None) -> Dict[torch.device, Tensor]:
+        """sum ||T d||^2 over all perturbed p=2 buckets, as an fp32 [1] tensor on every device involved
+        (``inv``: the inverse loss scale of the grads, by device)."""
         accs = _zeroed(self._acc, {b.params[0].device for b in buckets}, 1)
         for b, g in zip(buckets, grads):
             if b.perturbed and b.group["p"] != math.inf:
+                d = b.params[0].device
                 for idx, ema, sigma, _ in self._directions(b):
-                    ops.norm_sq_(accs[b.params[0].device], take(g, idx), take(b.params, idx),
-                                 take(b.row_scales, idx), b.mode, b.eta, take(ema, idx), sigma, impl=b.impl)
+                    ops.norm_sq_(accs[d], take(g, idx), take(b.params, idx), take(b.row_scales, idx), b.mode,
+                                 b.eta, take(ema, idx), sigma, None if inv is None else inv[d], impl=b.impl)
         return _sum_over_devices(accs)
+
+    def _found_at_w(self, buckets, grads, norm_sq) -> Dict[torch.device, Tensor]:
+        """The found flags of the pass at w: the norm already summed the grads of the perturbed p=2
+        buckets (a non-finite grad makes it non-finite); the other grads get a sum of their own."""
+        covered = [b.perturbed and b.group["p"] != math.inf for b in buckets]
+        found = self._nonfinite_sums(self._found, [(b, g) for b, g, c in zip(buckets, grads, covered) if not c],
+                                     {b.params[0].device for b in buckets})
+        for d, f in found.items():
+            f.add_(norm_sq[d])
+            _gate.flag_nonfinite_(f)
+        return found
+
+    def _nonfinite_sums(self, buffers, pairs, devices) -> Dict[torch.device, Tensor]:
+        """Into ``buffers`` (zeroed first), by device: sum g^2 over the given (bucket, grads) pairs (a
+        read of the grads), summed over devices: non-finite iff one of the grads is."""
+        sums = _zeroed(buffers, devices, 1)
+        for b, g in pairs:
+            idx = [i for i, t in enumerate(g) if t is not None]
+            ops.norm_sq_(sums[b.params[0].device], take(g, idx), take(b.params, idx), [], ops.MODE_IDENTITY, 0.0,
+                         impl=b.impl)
+        return _sum_over_devices(sums)
+
+    def _flag_pass(self, gate: _gate.Gate, buckets) -> None:
+        """Adds the found flag of the grads of the pass just done to ``gate`` (the nonfinite policy's
+        check: one read of the grads)."""
+        checks = self._nonfinite_sums(self._check, [(b, b.grads()) for b in buckets], set(gate.found))
+        for d, f in gate.found.items():
+            f.add_(_gate.flag_nonfinite_(checks[d])).clamp_(max=1.0)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -205,39 +279,102 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(f"{this}() called without a {before}() before it")
         return perturbed
 
-    def _update(self, perturbed: List[_buckets.Bucket]) -> None:
-        """Restore w exactly, then step the base optimizer with the grad of the last pass, or the
-        method's combination of kept grads."""
-        combination = self._combination(perturbed)
+    def _update(self, perturbed: List[_buckets.Bucket], restore: bool = True) -> None:
+        """Restore w exactly (``restore=False``: there is nothing to restore, LastSAM before its switch),
+        then step the base optimizer with the grad of the last pass, or the method's combination of kept
+        grads. A gated step skips the update on the device when its found flag is set."""
+        gate = self._finish_gate(perturbed, restore)
         kind = self._fused_kind
         same_params = _buckets.grad_signature(self.param_groups) == self._plan_grads
         if kind is not None and same_params and all(
                 _fused_update.group_supported(kind, b.group) for b in perturbed) and all(
                 b.impl != "torch" for b in perturbed):
+            combination = self._combination(perturbed, gate.inv if gate else None)
             for b in perturbed:
                 more, coef = ([], []), None
                 if combination is not None:
                     more, coef = combination[0](b), combination[1][b.params[0].device]
-                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), *more, coef)
+                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), *more, coef,
+                                                 gate.on(b.params[0].device) if gate else None, restore)
         else:
             # Every perturbed parameter is restored, also one that got no grad in this pass.
             for b in perturbed:
-                if b.perturbed:
+                if restore and b.perturbed:
                     ops.restore_(b.params, b.backups, impl=b.impl)
                 b.adam_steps = None  # the base's own step moves the counters of some parameters
-                if combination is not None:
+                if gate is not None and gate.inv is not None:
+                    grads = [g for g in b.grads() if g is not None]
+                    if grads:
+                        torch._foreach_mul_(grads, gate.inv[b.params[0].device])
+            combination = self._combination(perturbed, None)
+            if combination is not None:
+                for b in perturbed:
                     _combine_into_grads(b, *combination[0](b), combination[1][b.params[0].device])
-            self.base_optimizer.step()
+            # torch's own step cannot read a found flag on the device: here a gated step reads it.
+            if gate is None or not _any_found(gate):
+                self.base_optimizer.step()
+        if gate is not None:
+            self._count_skipped(gate)
         # An LR scheduler on SAM counts calls of SAM.step; in an explicit loop the last step is that step.
         self._opt_called = True
+        if gate is not None and gate.scaler is None and self.nonfinite == "raise" and _any_found(gate):
+            raise FloatingPointError("a grad of this step is inf or NaN (nonfinite='raise'); the step was not "
+                                     "taken (parameters and optimizer state are as before it)")
+
+    def _finish_gate(self, perturbed: List[_buckets.Bucket], restore: bool) -> Optional[_gate.Gate]:
+        """The gate of the update: the step's found flags with those of the last pass added (GradScaler's
+        ``found_inf`` when ``scaler.step`` called, else the nonfinite policy's check), and the inverse
+        scale of the last pass's grads. None: the step is not gated."""
+        at_w, self._gate = self._gate, None
+        scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step around its call of step()
+        scaled_at_w = at_w is not None and at_w.scaler is not None
+        if restore and scaled_at_w != (scaler_found is not None):
+            for b in perturbed:  # not left at w + e
+                if b.perturbed:
+                    ops.restore_(b.params, b.backups, impl=b.impl)
+            if scaled_at_w:
+                raise RuntimeError("first_step() got a grad_scaler: finish the step with scaler.step(optimizer), "
+                                   "not second_step() (w was restored)")
+            raise RuntimeError("scaler.step(optimizer) after a first_step() without grad_scaler: pass "
+                               "grad_scaler=scaler to first_step() (w was restored)")
+        if scaler_found is None and self.nonfinite is None:
+            return None
+        devices = {b.params[0].device for b in perturbed}
+        if at_w is None:  # LastSAM's base step: no pass at w before this one
+            at_w = _gate.Gate(_zeroed(self._found, devices, 1))
+        if scaler_found is None:
+            self._flag_pass(at_w, perturbed)
+            return at_w
+        if at_w.scaler is not None:
+            _gate.report_to_scaler(at_w.scaler, self, at_w.found)
+        for d, f in at_w.found.items():  # kept 0 or 1: a skipped Adam step takes back one increment
+            f.add_(scaler_found.to(d, non_blocking=True).reshape(1)).clamp_(max=1.0)
+        grad_scale = getattr(self, "grad_scale", None)  # None: the user unscaled the grads (scaler.unscale_)
+        inv = None if grad_scale is None else _gate.inverse_scales(grad_scale, devices)
+        return _gate.Gate(at_w.found, inv, at_w.scaler)
+
+    def _count_skipped(self, gate: _gate.Gate) -> None:
+        flag = next(iter(gate.found.values()))
+        if self._skipped is None:
+            self._skipped = torch.zeros(1, dtype=torch.float32, device=flag.device)
+        self._skipped += flag > 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite grad (GradScaler or ``nonfinite``); reading it syncs the device."""
+        return 0 if self._skipped is None else int(self._skipped.item())
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """A whole SAM step. ``closure`` runs forward and backward and returns the loss; it need not
         zero the grads (the step does between the passes). If no parameter has a grad yet, the closure
         first runs at w (the first pass). Returns the loss at w when this call computed it, otherwise
-        the loss at w + e."""
+        the loss at w + e. Without a closure, after ``first_step``: finishes the step (what
+        ``scaler.step(opt)`` calls)."""
         if closure is None:
+            if self._perturbed is not None:  # after first_step: GradScaler.step's call, or a loop's own
+                self.second_step()
+                return None
             raise RuntimeError("SAM.step() needs a closure that runs forward and backward; "
                                "or call first_step() and second_step() yourself")
         closure = torch.enable_grad()(closure)
@@ -339,13 +476,29 @@ def _sum_over_devices(accs: Dict[torch.device, Tensor]) -> Dict[torch.device, Te
     return accs
 
 
-def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float) -> None:
-    """``m <- lmbda m + (1 - lmbda) g`` (``m <- g`` for ``lmbda = 0``) outside a fused perturb."""
-    if lmbda == 0:
-        torch._foreach_copy_(ema, grads)
-    else:
-        torch._foreach_mul_(ema, lmbda)
-        torch._foreach_add_(ema, grads, alpha=1 - lmbda)
+def _any_found(gate: _gate.Gate) -> bool:
+    """Whether the step's found flag is set (a host read: only where torch's own step or the raise policy
+    needs it)."""
+    return bool(next(iter(gate.found.values())).item())
+
+
+def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float, inv_scale: Optional[Tensor] = None,
+                found_inf: Optional[Tensor] = None) -> None:
+    """``m <- lmbda m + (1 - lmbda) g`` (``m <- g`` for ``lmbda = 0``) outside a fused perturb; ``g``
+    unscaled by ``inv_scale``, and ``m`` kept when ``found_inf`` is set (see reference.perturb_)."""
+    if inv_scale is None and found_inf is None:
+        if lmbda == 0:
+            torch._foreach_copy_(ema, grads)
+        else:
+            torch._foreach_mul_(ema, lmbda)
+            torch._foreach_add_(ema, grads, alpha=1 - lmbda)
+        return
+    g = [t.float() for t in grads] if inv_scale is None else torch._foreach_mul([t.float() for t in grads], inv_scale)
+    new = g if lmbda == 0 else torch._foreach_add(torch._foreach_mul([m.float() for m in ema], lmbda), g,
+                                                  alpha=1 - lmbda)
+    skip = found_inf.reshape(()) != 0 if found_inf is not None else torch.zeros((), dtype=torch.bool)
+    for m, n in zip(ema, new):
+        m.copy_(torch.where(skip.to(m.device), m, n.to(m.dtype)))
 
 
 def _combine_into_grads(bucket: _buckets.Bucket, grads_b: List[Tensor], grads_c: List[Tensor], coef: Tensor) -> None:
