@@ -288,6 +288,18 @@ def test_nonfinite_raise(device, impl, method, poison):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_skipped_steps_resume():
+    model, opt = run("sam", "sgd", "torch", 1, nonfinite="skip")
+    train_step(opt, model, *make_model()[1:], poison=1)
+    saved = opt.state_dict()
+    assert saved["fastsam"]["skipped_steps"] == 1
+    fresh = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, impl="torch", nonfinite="skip")
+    fresh.load_state_dict(saved)
+    assert fresh.skipped_steps == 1
+    train_step(fresh, model, *make_model()[1:], poison=2)
+    assert fresh.skipped_steps == 2
+
+
 def test_nonfinite_none_is_torchs_behaviour():
     """The default checks nothing (no extra pass over the grads): a NaN spreads, as with torch's optimizers."""
     model, opt = run("sam", "sgd", "torch", 1)

@@ -355,8 +355,9 @@ class SAM(torch.optim.Optimizer):
 
     def _count_skipped(self, gate: _gate.Gate) -> None:
         flag = next(iter(gate.found.values()))
-        if self._skipped is None:
-            self._skipped = torch.zeros(1, dtype=torch.float32, device=flag.device)
+        if self._skipped is None or self._skipped.device != flag.device:  # first count, or loaded on the CPU
+            self._skipped = torch.zeros(1, dtype=torch.float32, device=flag.device) + (
+                0 if self._skipped is None else self._skipped.to(flag.device))
         self._skipped += flag > 0
 
     @property
@@ -403,7 +404,7 @@ class SAM(torch.optim.Optimizer):
         """The base optimizer's state dict, whose param groups hold the method's options (rho, ...) as
         well, plus the key "fastsam": {"method": the method (:meth:`_method_name`), "state": the method's
         own per-parameter state by parameter index (Friendly SAM's EMA), and the method's counters
-        (LastSAM's ``steps_done``)}. Backups and grad copies are scratch space within a step and are not
+        (LastSAM's ``steps_done``; ``skipped_steps`` once a step was gated)}. Backups and grad copies are scratch space within a step and are not
         saved: a state dict taken between whole steps resumes bit for bit, also in a new process (on
         another impl: to rounding)."""
         state_dict = self.base_optimizer.state_dict()
@@ -441,11 +442,16 @@ class SAM(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         state = {i: {k: self.state[p][k] for k in self._saved_buffers if k in self.state[p]}
                  for i, p in enumerate(params)}
-        return {"method": self._method_name(), "state": {i: s for i, s in state.items() if s}}
+        own = {"method": self._method_name(), "state": {i: s for i, s in state.items() if s}}
+        if self._skipped is not None:
+            own["skipped_steps"] = self.skipped_steps
+        return own
 
     def _load_own_state(self, own: dict) -> None:
         """Loads the "fastsam" entry of a state dict ({} for a base optimizer's state dict)."""
         params = [p for g in self.param_groups for p in g["params"]]
+        skipped = own.get("skipped_steps")
+        self._skipped = None if skipped is None else torch.tensor([float(skipped)])
         for i, saved in own.get("state", {}).items():
             p = params[int(i)]
             for k, v in saved.items():
