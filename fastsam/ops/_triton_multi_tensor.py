@@ -26,6 +26,7 @@ import math
 from collections import OrderedDict
 from functools import reduce
 from itertools import accumulate
+from typing import List
 
 import torch
 import triton
@@ -60,10 +61,13 @@ def device_fn(fn):
 
 
 class Table:
-    __slots__ = ("device", "meta", "nb", "width", "block", "pack_log", "cols", "align", "scratch")
+    __slots__ = ("device", "meta", "host", "nb", "width", "block", "pack_log", "cols", "align", "scratch")
 
 
 _cache: "OrderedDict[tuple, Table]" = OrderedDict()
+# A CUDA graph that captured a table's upload copies it again from the same pinned host buffer at every
+# replay: those buffers stay alive for the life of the process, even when their table leaves the cache.
+_replayed_uploads: List[Tensor] = []
 
 
 def table(specs, rows: bool = False) -> Table:
@@ -156,8 +160,12 @@ def _build(specs, rows: bool) -> Table:
         parts += [torch.tensor(heads, dtype=torch.int64), torch.tensor(recs, dtype=torch.int64)]
     tab.pack_log = max((len(g) - 1).bit_length() for g in groups) if groups else 0
     meta = torch.cat(parts).flatten()
+    tab.host = None
     if device.type != "cpu":
-        meta = meta.pin_memory().to(device, non_blocking=True)
+        tab.host = meta.pin_memory()  # kept with the table: the async copy reads it after this returns
+        if torch.cuda.is_current_stream_capturing():
+            _replayed_uploads.append(tab.host)
+        meta = tab.host.to(device, non_blocking=True)
     tab.meta = meta
     return tab
 
