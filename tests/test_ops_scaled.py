@@ -232,3 +232,17 @@ def test_restore_adam_scaled(device, impl, dtype, case, decoupled, combo, found,
             assert torch.equal(a, e)
     if steps:
         assert [float(s) for s in steps] == [float(1 + (j * 5) % 9) for j in range(len(shapes))]  # not changed
+
+
+@pytest.mark.parametrize("device,impl", OP_IMPLS)
+@pytest.mark.parametrize("name", ["inv_scale", "found_inf"])
+def test_loss_scale_arguments_are_checked(device, impl, name):
+    params = make([(5,)], torch.float32, device, 0)
+    bad = {"inv_scale": None, "found_inf": None, name: torch.ones(2, device=device)}
+    with pytest.raises((ValueError, RuntimeError), match=name):
+        O.restore_sgd_(params, clone(params), clone(params), [], 0.1, 0.0, 0.0, 0.0, False, False, False,
+                       impl=impl, **bad)
+    bad[name] = torch.ones(1, dtype=torch.float64, device=device)
+    with pytest.raises((TypeError, RuntimeError), match=name):
+        O.restore_sgd_(params, clone(params), clone(params), [], 0.1, 0.0, 0.0, 0.0, False, False, False,
+                       impl=impl, **bad)

@@ -451,6 +451,8 @@ def _loss_scaling(like: Tensor, inv_scale: Optional[Tensor], found_inf: Optional
     for name, t in (("inv_scale", inv_scale), ("found_inf", found_inf)):
         if t is not None:
             _scalar(name, t, like)
+            if t.numel() != 1:  # one value, as the other impls require: a longer tensor is a mistake upstream
+                raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
     return dict(UNSCALE=inv_scale is not None, MAY_SKIP=found_inf is not None)
 
 
