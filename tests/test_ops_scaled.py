@@ -9,7 +9,7 @@ import torch
 import fastsam.ops as O
 from fastsam.ops import reference as R
 
-from _impls import assert_close
+from _impls import TOL, assert_close
 from test_ops import DTYPES, MODES, OP_IMPLS, clone, make, row_scales_for, skip_row_on_scalars
 
 CASES = {
@@ -168,12 +168,7 @@ def test_reflect_scaled(device, impl, dtype, case, found):
     O.reflect_(got[0], backups, dirs, norm_sq, 0.05, 1e-12, grads, got[1], _inv(device), scalar(found, device),
                impl=impl)
     for a, b in zip(sum(got, []), sum(want, [])):
-        torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **_tol(dtype))
-
-
-def _tol(dtype):
-    from _impls import TOL
-    return TOL[dtype]
+        torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **TOL[dtype])
 
 
 def _combination(shapes, dtype, device, combo):

@@ -73,10 +73,11 @@ def flag_nonfinite_(total: Tensor) -> Tensor:
 
 
 def report_to_scaler(scaler, optimizer, found: Dict[torch.device, Tensor]) -> None:
-    """Adds the found flags of earlier passes to the scaler's, so that ``scaler.update()`` backs off."""
+    """Adds the found flag of earlier passes (every device holds the same total) to the scaler's, so that
+    ``scaler.update()`` backs off."""
+    flag = next(iter(found.values()))
     per_device = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    for flag in found.values():
-        if not per_device:
-            per_device[flag.device] = torch.zeros((), dtype=torch.float32, device=flag.device)
-        for d, theirs in per_device.items():
-            theirs.add_(flag.to(theirs.device, non_blocking=True).reshape(theirs.shape))
+    if not per_device:
+        per_device[flag.device] = torch.zeros((), dtype=torch.float32, device=flag.device)
+    for theirs in per_device.values():
+        theirs.add_(flag.to(theirs.device, non_blocking=True).reshape(theirs.shape))

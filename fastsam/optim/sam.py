@@ -355,9 +355,10 @@ class SAM(torch.optim.Optimizer):
 
     def _count_skipped(self, gate: _gate.Gate) -> None:
         flag = next(iter(gate.found.values()))
-        if self._skipped is None or self._skipped.device != flag.device:  # first count, or loaded on the CPU
-            self._skipped = torch.zeros(1, dtype=torch.float32, device=flag.device) + (
-                0 if self._skipped is None else self._skipped.to(flag.device))
+        if self._skipped is None:
+            self._skipped = torch.zeros(1, dtype=torch.float32, device=flag.device)
+        elif self._skipped.device != flag.device:  # loaded from a state dict, on the CPU
+            self._skipped = self._skipped.to(flag.device)
         self._skipped += flag > 0
 
     @property
