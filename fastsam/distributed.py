@@ -65,7 +65,8 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
         model: the trained module, usually the ``DistributedDataParallel`` wrapper.
         compute_loss: runs the forward pass on this rank's batch and returns the loss, a scalar tensor.
         sync_first_pass: all-reduce the grad of the pass at w too (the full-batch perturbation).
-        freeze_bn: keep BatchNorm running statistics unchanged in the passes away from w.
+        freeze_bn: keep BatchNorm running statistics unchanged in the passes away from w. ``step(closure)``
+            already does that unless ``optimizer.freeze_bn`` is False; ``freeze_bn=False`` needs that too.
 
     Returns:
         A closure returning the loss (a scalar tensor, as ``compute_loss`` returned it) after backward.
@@ -78,6 +79,9 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
         raise TypeError(f"compute_loss must be callable, got {type(compute_loss).__name__}")
     _check_bool("sync_first_pass", sync_first_pass)
     _check_bool("freeze_bn", freeze_bn)
+    if not freeze_bn and optimizer.freeze_bn:
+        raise ValueError("freeze_bn=False, but the optimizer's step(closure) freezes BatchNorm statistics in the "
+                         "passes away from w: set optimizer.freeze_bn = False as well")
     is_ddp = isinstance(model, DistributedDataParallel)
 
     def closure() -> Tensor:

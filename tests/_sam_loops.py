@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn as nn
 
+import fastsam
 from fastsam.utils import frozen_bn_stats
 
 from _impls import impl_params
@@ -102,6 +103,30 @@ def closure_for(model, batch, calls):
         loss.backward()
         return loss
     return closure
+
+
+def explicit_step(model, opt, batch):
+    """One step of the documented explicit loop of any fastsam optimizer (README "Use it"): the backward at w,
+    first_step, the later passes with BatchNorm statistics frozen, second_step (CR-SAM: second_step, pass 3,
+    third_step with the three losses); LastSAM before its switch: one pass and step()."""
+    if isinstance(opt, fastsam.LastSAM) and not opt.sharpness_active:
+        loss_at(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        return
+    loss0 = loss_at(model, batch)
+    loss0.backward()
+    opt.first_step(zero_grad=True)
+    with frozen_bn_stats(model):
+        loss_plus = loss_at(model, batch)
+        loss_plus.backward()
+        if isinstance(opt, fastsam.CRSAM):
+            opt.second_step(zero_grad=True)
+            loss_minus = loss_at(model, batch)
+            loss_minus.backward()
+            opt.third_step(zero_grad=True, losses=(loss0, loss_plus, loss_minus))
+        else:
+            opt.second_step(zero_grad=True)
 
 
 def fast_sam(model, opt, data):

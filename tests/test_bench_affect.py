@@ -34,7 +34,7 @@ def test_fastsam_row_trains_as_the_foreach_row(impl):
     # in g and magnify rounding noise in the zero-mean grads of the Linear biases before BatchNorm.)
     (got, got_g), (want, want_g) = _one_step(impl), _one_step("foreach")
     assert set(got_g) == {n for n, _ in got.named_parameters()}
-    torch.testing.assert_close(got_g, want_g, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-4, atol=1e-6)  # atol: the fp32 standard (TOL)
     # BatchNorm statistics moved once (pass 1 only), and the step moved the weights.
     torch.testing.assert_close(dict(got.named_buffers()), dict(want.named_buffers()), rtol=1e-5, atol=1e-6)
     assert all(int(b) == 1 for n, b in got.named_buffers() if n.endswith("num_batches_tracked"))

@@ -184,6 +184,10 @@ def test_arguments_are_checked():
         sam_closure(opt, net, loss, sync_first_pass=1)
     with pytest.raises(TypeError, match="freeze_bn"):
         sam_closure(opt, net, loss, freeze_bn=None)
+    with pytest.raises(ValueError, match="optimizer.freeze_bn = False"):
+        sam_closure(opt, net, loss, freeze_bn=False)  # step(closure) would freeze them anyway
+    opt.freeze_bn = False
+    sam_closure(opt, net, loss, freeze_bn=False)
     with pytest.raises(TypeError, match="compute_loss"):
         opt.step(sam_closure(opt, net, lambda: net(torch.ones(2, 4))))
 

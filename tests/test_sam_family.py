@@ -7,8 +7,8 @@ import torch
 import fastsam
 from fastsam.utils import frozen_bn_stats
 
-from _sam_loops import (BASES, CPU_IMPLS, assert_models_close, batches, closure_for, fast_sam, loop_sam, loss_at,
-                        operator_fn, second_pass_and_restore, small_cnn, small_mlp)
+from _sam_loops import (BASES, CPU_IMPLS, assert_models_close, batches, closure_for, explicit_step, fast_sam, loop_sam,
+                        loss_at, operator_fn, second_pass_and_restore, small_cnn, small_mlp)
 
 MODELS = [small_cnn, small_mlp]
 MODEL_IDS = ["cnn", "mlp"]
@@ -79,16 +79,7 @@ def loop_crsam(model, base, data, rho, gamma, beta, mode):
 
 def fast_crsam(model, opt, data):
     for batch in data:
-        loss0 = loss_at(model, batch)
-        loss0.backward()
-        opt.first_step(zero_grad=True)
-        with frozen_bn_stats(model):
-            loss_plus = loss_at(model, batch)
-            loss_plus.backward()
-            opt.second_step(zero_grad=True)
-            loss_minus = loss_at(model, batch)
-            loss_minus.backward()
-        opt.third_step(zero_grad=True, losses=(loss0, loss_plus, loss_minus))
+        explicit_step(model, opt, batch)
 
 
 # ---- Friendly SAM ----------------------------------------------------------------------------------

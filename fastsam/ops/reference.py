@@ -5,6 +5,8 @@ Contract shared by every implementation (reference, cpu, cuda, triton):
 * All ops are in place and return ``None``. Every tensor list holds tensors of one device and
   one dtype (the "param dtype": fp32, bf16 or fp16); ``acc``, ``norm_sq`` and ``row_scales`` are fp32.
 * Math is done in fp32 whatever the param dtype, with one rounding to the param dtype at each store.
+  This reference also takes fp64 tensors (the compiled kernels do not), and computes them in fp64;
+  the optimizers hand it complex parameters as real views (``torch.view_as_real``).
 * Reductions accumulate in fp32. The order of accumulation is free, so implementations agree with
   this reference to rounding, not bit for bit.
 * The normalization operator ``T`` of (A)SAM is selected by ``mode``:
@@ -70,9 +72,15 @@ def _row(row_scales: List[Tensor], j: int, mode: int) -> Tensor | None:
     return row_scales[j] if mode == MODE_ROW else None
 
 
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in the compute dtype: fp32 for fp16/bf16, ``t`` itself for fp32 and fp64 (fp64 parameters, which
+    only this implementation takes, keep their precision)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _grad(g: Tensor, inv_scale: Tensor | None) -> Tensor:
     """The grad in fp32, unscaled when ``inv_scale`` is given (may be ``g`` itself: not to be modified)."""
-    return g.float() if inv_scale is None else g.float() * inv_scale.reshape(())
+    return upcast(g) if inv_scale is None else upcast(g) * inv_scale.reshape(())
 
 
 def _skip(found_inf: Tensor | None) -> Tensor | None:
@@ -89,7 +97,7 @@ def _direction(g32: Tensor, ema: List[Tensor], j: int, sigma: float) -> Tensor:
     """``g - sigma * m_j`` in fp32 (``g`` itself without an EMA or with ``sigma == 0``)."""
     if not ema or sigma == 0:
         return g32
-    return g32 - sigma * ema[j].float()
+    return g32 - sigma * upcast(ema[j])
 
 
 def _grad_combination(grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
@@ -100,9 +108,9 @@ def _grad_combination(grads: List[Tensor], grads_b: List[Tensor], grads_c: List[
         return g32
     g32 = g32 * coef[0]
     if grads_b:
-        g32.add_(grads_b[j].float() * coef[1])
+        g32.add_(upcast(grads_b[j]) * coef[1])
     if grads_c:
-        g32.add_(grads_c[j].float() * coef[2])
+        g32.add_(upcast(grads_c[j]) * coef[2])
     return g32
 
 
@@ -129,7 +137,7 @@ def norm_sq_(
         if mode == MODE_IDENTITY:
             tg2 = d.square()
         else:
-            tg2 = _t_operator(params[j].float(), _row(row_scales, j, mode), mode, eta).mul_(d).square_()
+            tg2 = _t_operator(upcast(params[j]), _row(row_scales, j, mode), mode, eta).mul_(d).square_()
         total += tg2.sum()  # torch's cascade sum: accurate in fp32 (a norm, then squared, is not)
     acc.add_(total)
 
@@ -141,7 +149,7 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
     out[j]: fp32, shape ``[params[j].shape[0]]``.
     """
     for o, w in zip(out, params):
-        o.copy_(w.float().reshape(w.shape[0], -1).norm(dim=1) + eta)
+        o.copy_(upcast(w).reshape(w.shape[0], -1).norm(dim=1) + eta)
 
 
 @torch.no_grad()
@@ -180,13 +188,13 @@ def perturb_(
     skip = _skip(found_inf)
     for j, (w, g, b) in enumerate(zip(params, grads, backups)):
         b.copy_(w)
-        w32 = w.float()  # fp32 params: w itself, updated in place below (the backup keeps the old w)
+        w32 = upcast(w)  # fp32 params: w itself, updated in place below (the backup keeps the old w)
         t = _t_operator(w32, _row(row_scales, j, mode), mode, eta)
         g_raw = _grad(g, inv_scale)
         g32 = _direction(g_raw, ema, j, sigma)
         if ema:
             m = ema[j]
-            new_m = (g if inv_scale is None else g_raw) if lmbda == 0 else m.float() * lmbda + g_raw * (1 - lmbda)
+            new_m = (g if inv_scale is None else g_raw) if lmbda == 0 else upcast(m) * lmbda + g_raw * (1 - lmbda)
             m.copy_(_keep_if(skip, m, new_m.to(m.dtype)))
         if sign:
             e = torch.sign(g32).mul_(rho)
@@ -221,7 +229,7 @@ def reflect_(
     scale = rho / (norm_sq[0].sqrt() + eps)
     skip = _skip(found_inf)
     for j, (w, b, d) in enumerate(zip(params, backups, dirs)):
-        w.copy_(_keep_if(skip, b, (b.float() - scale * d.float()).to(w.dtype)))
+        w.copy_(_keep_if(skip, b, (upcast(b) - scale * upcast(d)).to(w.dtype)))
         if grad_copies:
             grad_copies[j].copy_(grads[j] if inv_scale is None else _grad(grads[j], inv_scale))
 
@@ -232,8 +240,8 @@ def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
     dot = torch.zeros((), dtype=torch.float32, device=acc.device)
     sq = torch.zeros((), dtype=torch.float32, device=acc.device)
     for x, y in zip(a, b):
-        y32 = y.float()
-        dot += (x.float() * y32).sum()
+        y32 = upcast(y)
+        dot += (upcast(x) * y32).sum()
         sq += y32.square().sum()
     acc[0] += dot
     acc[1] += sq
@@ -276,7 +284,7 @@ def restore_sgd_(
     for j, w in enumerate(params):
         if backups:
             w.copy_(backups[j])
-        w32 = w.float()
+        w32 = upcast(w)
         d_p = _grad_combination(grads, grads_b, grads_c, coef, j, inv_scale)
         if maximize:
             d_p = -d_p
@@ -287,7 +295,7 @@ def restore_sgd_(
             if init_momentum:
                 buf32 = d_p.clone()
             else:
-                buf32 = buf.float().mul(momentum).add_(d_p, alpha=1 - dampening)
+                buf32 = upcast(buf).mul(momentum).add_(d_p, alpha=1 - dampening)
             buf.copy_(_keep_if(skip, buf, buf32.to(buf.dtype)))
             d_p = d_p.add(buf32, alpha=momentum) if nesterov else buf32
         w.copy_(_keep_if(skip, w, w32.add(d_p, alpha=-lr).to(w.dtype)))
@@ -336,7 +344,7 @@ def restore_adam_(
             bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         if backups:
             w.copy_(backups[j])
-        w32 = w.float()
+        w32 = upcast(w)
         g32 = _grad_combination(grads, grads_b, grads_c, coef, j, inv_scale)
         if maximize:
             g32 = -g32
@@ -346,8 +354,8 @@ def restore_adam_(
             else:
                 g32 = g32.add(w32, alpha=weight_decay)
         m, v = exp_avgs[j], exp_avg_sqs[j]
-        m32 = m.float().lerp(g32, 1 - beta1)
-        v32 = v.float().mul(beta2).addcmul_(g32, g32, value=1 - beta2)
+        m32 = upcast(m).lerp(g32, 1 - beta1)
+        v32 = upcast(v).mul(beta2).addcmul_(g32, g32, value=1 - beta2)
         m.copy_(_keep_if(skip, m, m32.to(m.dtype)))
         v.copy_(_keep_if(skip, v, v32.to(v.dtype)))
         denom = (v32.sqrt() / bias_correction2_sqrt).add_(eps)

@@ -34,8 +34,42 @@ class Bucket:
     # Adam/AdamW: [(step count, indices of the params at that count)], kept so a step reads no counters.
     adam_steps: "List[Tuple[float, List[int]]] | None" = None
 
+    # The parameters themselves when ``params`` holds real views of complex ones (see ``as_real``).
+    sources: "List[Tensor] | None" = None
+
     def grads(self) -> List[Tensor]:
-        return [p.grad for p in self.params]
+        """The current ``.grad`` of each parameter (None where it has none), as real views where the
+        parameter is complex."""
+        if self.sources is None:
+            return [p.grad for p in self.params]
+        return [None if p.grad is None else as_real(p.grad) for p in self.sources]
+
+
+# The parameter dtypes of the compiled kernels (cpu, cuda, triton); the reference also takes fp64 and,
+# through real views, complex parameters.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_real(t: Tensor) -> Tensor:
+    """``t``, or its real view (shape ``(*t.shape, 2)``, same storage) when ``t`` is complex: the SAM math of
+    a complex parameter is that of the real vector of its parts (the norm of C^n is the norm of R^2n), as
+    torch's optimizers treat complex parameters."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def bucket_impl(impl: str, p: Tensor) -> str:
+    """The implementation of parameter ``p``'s bucket: ``impl`` resolved for its device, or the reference
+    ("torch") for a strided parameter (kernels read memory linearly) and, under "auto", for an fp64 or complex
+    one. Raises TypeError naming the dtype when an explicit compiled ``impl`` cannot take it."""
+    if p.dtype not in KERNEL_DTYPES:
+        if impl not in ("auto", "torch"):
+            raise TypeError(f"impl={impl!r} takes float32, float16 and bfloat16 parameters; a parameter of shape "
+                            f"{tuple(p.shape)} is {p.dtype} (impl='auto' or 'torch' steps it with the reference ops)")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"a parameter of shape {tuple(p.shape)} is {p.dtype}: fastsam optimizers step "
+                            "floating-point or complex parameters")
+        return "torch"
+    return resolve_impl(impl, p.device) if p.is_contiguous() else "torch"
 
 
 def take(ts: List[Tensor], idx: "List[int] | None") -> List[Tensor]:
@@ -73,25 +107,28 @@ def build(param_groups: List[dict], state: Dict[Tensor, dict], impl: str, rule: 
                 continue
             check_grad(p)
             mode, eta = rule(p, names[i] if names else None, group)
-            # Kernels read memory linearly; a strided parameter takes the reference path.
-            p_impl = resolve_impl(impl, p.device) if p.is_contiguous() else "torch"
+            p_impl = bucket_impl(impl, p)
             key = (gi, p.device, p.dtype, mode, p_impl)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(group, mode, eta, p_impl, moved, buffers={k: [] for k in buffers})
+                b = buckets[key] = Bucket(group, mode, eta, p_impl, moved, buffers={k: [] for k in buffers},
+                                          sources=[] if p.is_complex() else None)
             st = state[p]
-            b.params.append(p)
+            b.params.append(as_real(p))
+            if b.sources is not None:
+                b.sources.append(p)
             if any(k not in st for k in buffers):
                 b.fresh.append(len(b.params) - 1)
+            # State keeps the parameter's dtype and shape (a state dict loads into it); buckets see real views.
             for k in buffers:
                 if k not in st:
                     st[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                b.buffers[k].append(st[k])
+                b.buffers[k].append(as_real(st[k]))
             if not moved:
                 continue
             if "backup" not in st:
                 st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            b.backups.append(st["backup"])
+            b.backups.append(as_real(st["backup"]))
             if mode == MODE_ROW:
                 if "row_scale" not in st:
                     st["row_scale"] = torch.empty(p.shape[0], device=p.device, dtype=torch.float32)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets
-from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number
+from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number, weights_moved
 
 _MODES = ("authors", "paper")
 _EPS_LOSS = 1e-12  # keeps the paper mode's loss differences away from zero
@@ -96,6 +96,7 @@ class CRSAM(SAM):
             else:
                 torch._foreach_copy_(copies, grads)
         self._moved = buckets
+        weights_moved()
         if zero_grad:
             self.zero_grad()
 
@@ -144,8 +145,10 @@ class CRSAM(SAM):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None, losses: Optional[Sequence] = None):
-        """A whole CR-SAM step. ``closure`` runs forward and backward and returns the loss. It runs at w
-        first when no parameter has a grad yet, and always in paper mode (which needs the loss at w).
+        """A whole CR-SAM step: ``closure`` runs forward and backward at the current point and returns the
+        loss. The contract is :meth:`SAM.step`'s: three closure calls, or two when the caller ran the
+        backward at w itself (davda54's style), except in paper mode, which needs the loss at w and so
+        runs the closure at w again then (with BatchNorm statistics frozen: the caller's pass updated them).
         Returns the loss at w when this call computed it, otherwise the loss at w + e.
 
         Without a closure, after ``second_step``: the third step (what ``scaler.step(opt, losses=...)``
@@ -154,19 +157,28 @@ class CRSAM(SAM):
             self.third_step(losses=losses)
             return None
         if closure is None:
-            raise RuntimeError("CRSAM.step() needs a closure that runs forward and backward; "
-                               "or call first_step(), second_step() and third_step() yourself")
-        closure = torch.enable_grad()(closure)
-        loss0 = None
-        if self.mode == "paper" or not any(_buckets.grad_signature(self.param_groups)):
-            self.zero_grad()
-            loss0 = closure()
-        self.first_step(zero_grad=True)
-        loss_plus = closure()
-        self.second_step(zero_grad=True)
-        loss_minus = closure()
-        self.third_step(losses=(loss0, loss_plus, loss_minus) if self.mode == "paper" else None)
+            self._raise_no_closure()
+        passes = self._closure_passes(closure)
+        with self._abandoned_on_error():
+            loss0 = self._pass_at_w(passes) if self.mode == "paper" or not passes.calls else None
+            self.first_step(zero_grad=True)
+            loss_plus = passes()
+            self.second_step(zero_grad=True)
+            loss_minus = passes()
+            self.third_step(losses=(loss0, loss_plus, loss_minus) if self.mode == "paper" else None)
         return loss_plus if loss0 is None else loss0
+
+    _explicit_steps = "first_step(), second_step() and third_step()"
+
+    def _finish_hint(self) -> str:
+        return "second_step() and third_step(), or scaler.step(opt) after first_step(grad_scaler=scaler)"
+
+    def _abandon_step(self) -> None:
+        moved, self._moved = self._moved, None
+        for b in moved or ():  # at w - e: back to w
+            if b.perturbed:
+                ops.restore_(b.params, b.backups, impl=b.impl)
+        super()._abandon_step()
 
     @property
     def next_pass_at_w(self) -> bool:

@@ -132,21 +132,24 @@ class LastSAM(SAM):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        """Before the switch: the base optimizer's step (after running ``closure`` if one is given);
-        returns the closure's loss. From the switch on: a whole SAM/ASAM step (see :meth:`SAM.step`),
-        which needs the closure."""
+        """Before the switch: the base optimizer's step, after running ``closure`` at w unless the caller
+        already ran that backward (davda54's style; see :meth:`SAM.step` for the contract); returns the
+        closure's loss (None when it did not run). From the switch on: a whole SAM/ASAM step (see
+        :meth:`SAM.step`), which needs the closure."""
         if self.sharpness_active:
             return super().step(closure)
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            passes = self._closure_passes(closure)
+            if not passes.calls:
+                loss = self._pass_at_w(passes)
         if getattr(self, "found_inf", None) is not None or self.nonfinite is not None:
             self._update(self._buckets(), restore=False)  # gated: unscaled and skipped on the device
         else:
             self.base_optimizer.step()
             for b in self._plan or ():
                 b.adam_steps = None  # the base's own step moved the Adam counters
+            self._step_ended()
         self.steps_done += 1
         self._opt_called = True
         return loss

@@ -1,15 +1,17 @@
 """SAM: sharpness-aware minimization on fused kernels, with davda54/sam's API."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam._checks import _check_bool, _check_nonneg, _check_number  # noqa: F401  (re-exported to the family)
-from fastsam.optim import _buckets, _fused_update, _gate
+from fastsam.optim import _buckets, _fused_update, _gate, _passes
+from fastsam.ops.reference import upcast
 from fastsam.optim._buckets import take
 
 # (indices of a bucket's params or None for all, ema, sigma, lmbda): one perturb call; see reference.perturb_.
@@ -73,6 +75,16 @@ class SAM(torch.optim.Optimizer):
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
 
+    Or with a closure, as for any torch optimizer (every pass runs through it; BatchNorm statistics update
+    in the pass at w only; see :meth:`step` for the contract, which the other methods share)::
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
     With ``torch.amp.GradScaler`` (the grads are unscaled inside the kernels, and a non-finite grad in
     either pass skips the whole step on the device)::
 
@@ -86,6 +98,10 @@ class SAM(torch.optim.Optimizer):
     """
 
     _eps_norm = 1e-12
+    # Freeze BatchNorm running statistics in every pass of ``step(closure)`` after the step's first
+    # forward pass (the one at w), as the explicit loop does with fastsam.utils.frozen_bn_stats. Set it to
+    # False on an optimizer to let them update in every pass (davda54/sam's step does that).
+    freeze_bn: bool = True
     # GradScaler.step hands a step its grad_scale / found_inf instead of unscaling and syncing itself.
     _step_supports_amp_scaling = True
 
@@ -108,6 +124,7 @@ class SAM(torch.optim.Optimizer):
         self._plan_grads: Optional[tuple] = None  # which parameters had a grad in the last first_step
         self._perturbed: Optional[List[_buckets.Bucket]] = None
         self._acc: Dict[torch.device, Tensor] = {}  # the squared norm of the first step, per device
+        self._ledger = _passes.GradLedger()  # the grads as the last step left them (see step)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(f"base optimizer arguments {sorted(base_kwargs)} were given with an optimizer "
@@ -194,7 +211,14 @@ class SAM(torch.optim.Optimizer):
 
         ``grad_scaler``: the GradScaler whose scaled loss gave these grads. They are unscaled inside the
         kernels, and a non-finite one leaves w where it is and flags the step, which ``scaler.step(opt)``
-        then skips (``scaler.update()`` backs off). Finish such a step with ``scaler.step(opt)``."""
+        then skips (``scaler.update()`` backs off). Finish such a step with ``scaler.step(opt)``.
+
+        Raises RuntimeError while a step is under way (a ``first_step`` not yet finished): the backups
+        hold the w to restore, and a second ``first_step`` would overwrite them with w + e."""
+        if not self.next_pass_at_w:
+            raise RuntimeError(f"{type(self).__name__}.first_step() was called again before the step it began "
+                               f"ended: finish that step first ({self._finish_hint()}); the parameters are "
+                               "still at the perturbed point")
         scaler = _gate.active_scaler(grad_scaler)
         buckets = self._buckets()
         devices = {b.params[0].device for b in buckets}
@@ -219,6 +243,7 @@ class SAM(torch.optim.Optimizer):
                     _ema_update(take(ema, idx), take(g, idx), lmbda, inv_scale, found_inf)
             b.fresh = []
         self._perturbed, self._gate = buckets, gate
+        weights_moved()
         if gate is not None and scaler is None and self.nonfinite == "raise" and _any_found(gate):
             self._perturbed = self._gate = None  # w was not moved: the step simply did not happen
             raise FloatingPointError("a grad of the pass at w is inf or NaN (nonfinite='raise'); "
@@ -315,6 +340,8 @@ class SAM(torch.optim.Optimizer):
                 self.base_optimizer.step()
         if gate is not None:
             self._count_skipped(gate)
+        self._step_ended()
+        weights_moved()
         # An LR scheduler on SAM counts calls of SAM.step; in an explicit loop the last step is that step.
         self._opt_called = True
         if gate is not None and gate.scaler is None and self.nonfinite == "raise" and _any_found(gate):
@@ -368,25 +395,87 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        """A whole SAM step. ``closure`` runs forward and backward and returns the loss; it need not
-        zero the grads (the step does between the passes). If no parameter has a grad yet, the closure
-        first runs at w (the first pass). Returns the loss at w when this call computed it, otherwise
-        the loss at w + e. Without a closure, after ``first_step``: finishes the step (what
-        ``scaler.step(opt)`` calls)."""
+        """A whole SAM step: ``closure`` runs forward and backward at the current point and returns the loss.
+
+        The step(closure) contract (every fastsam optimizer): ``step(closure)`` runs every pass of the
+        step through the closure, whatever the closure does with the grads (zeroes them with
+        ``set_to_none`` True or False, or not at all) and whether or not the caller zeroes them after the
+        step; the grads are zeroed between the passes. The davda54/sam style also works: the caller runs
+        the backward at w, then ``step(closure)`` runs only the later passes. The two are told apart from
+        what happened to the grads since the last step ended (a new grad tensor, or autograd's in-place
+        accumulation, which bumps the tensor's version), never from whether a ``.grad`` exists; a mix
+        that fits neither (new grads beside the last step's, or a backward added onto the last step's
+        grads) raises RuntimeError. BatchNorm running statistics update in the first forward pass of
+        the step only (at w): the later passes run with them frozen (:attr:`freeze_bn`).
+
+        Returns the loss at w when this call computed it, otherwise the loss at w + e. If the closure
+        raises during a later pass, w is restored and the step is abandoned before the error propagates.
+
+        Without a closure, after ``first_step``: finishes the step (what ``scaler.step(opt)`` calls)."""
         if closure is None:
             if self._perturbed is not None:  # after first_step: GradScaler.step's call, or a loop's own
                 self.second_step()
                 return None
-            raise RuntimeError("SAM.step() needs a closure that runs forward and backward; "
-                               "or call first_step() and second_step() yourself")
-        closure = torch.enable_grad()(closure)
-        loss = None
-        if not any(_buckets.grad_signature(self.param_groups)):
-            loss = closure()
-        self.first_step(zero_grad=True)
-        second_loss = closure()
-        self.second_step()
+            self._raise_no_closure()
+        passes = self._closure_passes(closure)
+        with self._abandoned_on_error():
+            loss = None if passes.calls else self._pass_at_w(passes)
+            self.first_step(zero_grad=True)
+            second_loss = passes()
+            self.second_step()
         return second_loss if loss is None else loss
+
+    def _params(self) -> List[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _closure_passes(self, closure) -> _passes.ClosurePasses:
+        """The passes of a ``step(closure)`` call, knowing whether the caller already ran the one at w."""
+        if not self.next_pass_at_w:
+            raise RuntimeError(f"{type(self).__name__}.step(closure) was called while a step begun with "
+                               f"first_step() is under way: finish it first ({self._finish_hint()})")
+        return _passes.ClosurePasses(closure, bool(self.freeze_bn), self._ledger.pass_at_w_done(self._params()))
+
+    def _pass_at_w(self, passes: _passes.ClosurePasses) -> Tensor:
+        """Zeroes the grads (left from the last step, or zeroed in place), then runs the closure at w."""
+        self.zero_grad(set_to_none=True)
+        return passes()
+
+    def _step_ended(self) -> None:
+        """Marks the grads as the step leaves them: a later ``step(closure)`` knows them as the last step's."""
+        self._ledger.mark(self._params())
+
+    _explicit_steps = "first_step() and second_step()"  # the explicit form of a step, for messages
+
+    def _finish_hint(self) -> str:
+        """How to finish a step under way, for messages."""
+        return "second_step(), or scaler.step(opt) after first_step(grad_scaler=scaler)"
+
+    def _raise_no_closure(self):
+        if getattr(self, "found_inf", None) is not None:  # GradScaler.step called step() without a first_step
+            raise RuntimeError(
+                f"GradScaler.step called {type(self).__name__}.step() with no closure and no first_step(): the "
+                "later passes of the step cannot run. Begin the step with first_step(zero_grad=True, "
+                "grad_scaler=scaler) and run the later passes before scaler.step(opt) (README, \"Mixed "
+                "precision\"). Under PyTorch Lightning, precision=\"16-mixed\" runs the closure outside the "
+                "optimizer: use precision=\"bf16-mixed\" or \"32-true\", or manual optimization")
+        raise RuntimeError(f"{type(self).__name__}.step() needs a closure that runs forward and backward; "
+                           f"or call {self._explicit_steps} yourself")
+
+    @contextlib.contextmanager
+    def _abandoned_on_error(self) -> Iterator[None]:
+        """If the block raises, restores w and drops the step under way, then lets the error propagate."""
+        try:
+            yield
+        except BaseException:
+            self._abandon_step()
+            raise
+
+    def _abandon_step(self) -> None:
+        perturbed, self._perturbed, self._gate = self._perturbed, None, None
+        for b in perturbed or ():
+            if b.perturbed:
+                ops.restore_(b.params, b.backups, impl=b.impl)
+        weights_moved()
 
     # ---- where a step stands (for loops that treat the passes differently, e.g. fastsam.distributed) --
     @property
@@ -440,7 +529,7 @@ class SAM(torch.optim.Optimizer):
         return type(self).__name__
 
     def _own_state(self) -> dict:
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         state = {i: {k: self.state[p][k] for k in self._saved_buffers if k in self.state[p]}
                  for i, p in enumerate(params)}
         own = {"method": self._method_name(), "state": {i: s for i, s in state.items() if s}}
@@ -450,7 +539,7 @@ class SAM(torch.optim.Optimizer):
 
     def _load_own_state(self, own: dict) -> None:
         """Loads the "fastsam" entry of a state dict ({} for a base optimizer's state dict)."""
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         skipped = own.get("skipped_steps")
         self._skipped = None if skipped is None else torch.tensor([float(skipped)])
         for i, saved in own.get("state", {}).items():
@@ -460,9 +549,18 @@ class SAM(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        self._ledger.mark(self._params(), zeroed=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(impl={self.impl!r}, base_optimizer={self.base_optimizer!r})"
+
+
+def weights_moved() -> None:
+    """Drops autocast's cache of low-precision copies of the weights. The cache is keyed by the parameter, not
+    its values, and lives until the outermost autocast block ends: a step run inside one (``with autocast():
+    opt.step(closure)``) would otherwise evaluate w + e with the copies made at w."""
+    if not torch.compiler.is_compiling():
+        torch.clear_autocast_cache()
 
 
 def _zeroed(accs: Dict[torch.device, Tensor], devices, n: int) -> Dict[torch.device, Tensor]:
@@ -500,8 +598,8 @@ def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float, inv_scale:
             torch._foreach_mul_(ema, lmbda)
             torch._foreach_add_(ema, grads, alpha=1 - lmbda)
         return
-    g = [t.float() for t in grads] if inv_scale is None else torch._foreach_mul([t.float() for t in grads], inv_scale)
-    new = g if lmbda == 0 else torch._foreach_add(torch._foreach_mul([m.float() for m in ema], lmbda), g,
+    g = [upcast(t) for t in grads] if inv_scale is None else torch._foreach_mul([upcast(t) for t in grads], inv_scale)
+    new = g if lmbda == 0 else torch._foreach_add(torch._foreach_mul([upcast(m) for m in ema], lmbda), g,
                                                   alpha=1 - lmbda)
     skip = found_inf.reshape(()) != 0 if found_inf is not None else torch.zeros((), dtype=torch.bool)
     for m, n in zip(ema, new):
@@ -512,16 +610,17 @@ def _combine_into_grads(bucket: _buckets.Bucket, grads_b: List[Tensor], grads_c:
     """``p.grad <- coef[0] p.grad + coef[1] g_b + coef[2] g_c`` for the base optimizer's own step (the
     generic path); parameters without a grad in the last pass keep none. Summed in fp32 and rounded once
     into ``.grad``, like the fused kernels (fp16/bf16 partial sums would add a rounding per term)."""
-    idx = [i for i, p in enumerate(bucket.params) if p.grad is not None]
-    grads = [bucket.params[i].grad for i in idx]
+    every = bucket.grads()
+    idx = [i for i, g in enumerate(every) if g is not None]
+    grads = take(every, idx)
     if not grads:
         return
-    # fp32 grads are summed in place (.float() is the grad itself); only fp16/bf16 ones get an fp32 copy.
-    total = [g.float() for g in grads]
+    # fp32 and fp64 grads are summed in place; only fp16/bf16 ones get an fp32 copy.
+    total = [upcast(g) for g in grads]
     torch._foreach_mul_(total, coef[0])
     for k, more in ((1, grads_b), (2, grads_c)):
         if more:
-            torch._foreach_add_(total, torch._foreach_mul([m.float() for m in take(more, idx)], coef[k]))
+            torch._foreach_add_(total, torch._foreach_mul([upcast(m) for m in take(more, idx)], coef[k]))
     low = [i for i, (g, t) in enumerate(zip(grads, total)) if t is not g]
     if low:
         torch._foreach_copy_(take(grads, low), take(total, low))

@@ -1,0 +1,123 @@
+"""The passes of ``step(closure)``: whether the caller already ran the pass at w, and BatchNorm in later passes.
+
+``step(closure)`` runs every pass of a step through the closure (torch's convention, which Lightning's
+automatic optimization relies on), but davda54/sam users run the first backward themselves and then call
+``step(closure)`` for the rest. :class:`GradLedger` tells the two apart from what happened to the grads since
+the last step ended, never from whether a ``.grad`` merely exists: it keeps, per parameter, a weak reference
+to the grad as the step left it and that tensor's version counter. Autograd either puts a new tensor in
+``.grad`` (it was None) or adds into the old one in place, which bumps the counter; ``zero_grad`` either sets
+None or zeroes in place (another bump).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+# Per parameter: (a weak reference to its grad, that grad's version, whether the optimizer zeroed it then).
+_Mark = Optional[Tuple["weakref.ReferenceType[Tensor]", int, bool]]
+
+
+class GradLedger:
+    """What each parameter's ``.grad`` was when the last step ended or the optimizer zeroed it."""
+
+    def __init__(self) -> None:
+        self._marks: Dict[Tensor, _Mark] = {}
+
+    def mark(self, params: Iterable[Tensor], zeroed: bool = False) -> None:
+        """Remembers the current grads (``zeroed``: the optimizer just zeroed them in place)."""
+        for p in params:
+            g = p.grad
+            self._marks[p] = None if g is None else (weakref.ref(g), g._version, zeroed)
+
+    def pass_at_w_done(self, params: List[Tensor]) -> bool:
+        """Whether a backward pass has put grads into ``params`` since the last mark (the caller ran the pass
+        at w: davda54's style). False: the grads are None, zeroed, or left from the last step, and the
+        closure must run at w.
+
+        Raises RuntimeError where the grads are neither: new grads beside grads left from the last step
+        (the step would take those as gradients at w), or a backward added onto the last step's grads."""
+        fresh: List[Tensor] = []
+        stale: List[Tensor] = []  # unchanged since the last step ended
+        changed: List[Tuple[Tensor, int]] = []  # changed in place since then, not by the optimizer's zero_grad
+        for p in params:
+            g = p.grad
+            if g is None:
+                continue
+            mark = self._marks.get(p)
+            if mark is None or mark[0]() is not g:
+                fresh.append(g)  # a new tensor: autograd made it (or the caller assigned it) since the mark
+                continue
+            bumps = g._version - mark[1]
+            if mark[2]:  # zeroed by the optimizer: any in-place change since is a backward
+                if bumps:
+                    fresh.append(g)
+            elif bumps == 0:
+                stale.append(g)
+            else:
+                changed.append((g, bumps))
+        if changed:
+            # One in-place change is either a zeroing outside the optimizer (model.zero_grad(set_to_none=False))
+            # or a backward onto the last step's grads; the values tell (one host read, in this case only).
+            nonzero = _nonzero([g for g, _ in changed])
+            if any(nz and bumps == 1 for nz, (_, bumps) in zip(nonzero, changed)):
+                raise RuntimeError(
+                    "a backward pass added its gradients onto those the last step left in .grad: zero the "
+                    "grads after each step (opt.zero_grad()), or let step(closure) run every pass")
+            fresh += [g for nz, (g, _) in zip(nonzero, changed) if nz]
+        if fresh and stale:
+            raise RuntimeError(
+                "some parameters have new gradients and others still hold those the last step left in .grad: "
+                "zero the grads after each step (opt.zero_grad()) before the backward pass at w")
+        return bool(fresh)
+
+
+def _nonzero(grads: List[Tensor]) -> List[bool]:
+    """Per grad: whether it has a nonzero (or NaN) entry; one host read."""
+    peaks = torch._foreach_norm(grads, float("inf"))
+    return torch.stack([p.float().to(peaks[0].device) for p in peaks]).ne(0).tolist()
+
+
+@contextlib.contextmanager
+def bn_stats_frozen() -> Iterator[None]:
+    """Inside the block, every BatchNorm layer (of any model) in training mode normalizes with the batch's
+    statistics but neither updates nor counts its running statistics, as in
+    :func:`fastsam.utils.frozen_bn_stats`; each layer is switched as its forward starts (a global forward
+    pre-hook, since an optimizer does not know its model) and switched back when the block ends."""
+    switched: List[_NormBase] = []
+
+    def freeze(module: torch.nn.Module, args) -> None:
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            switched.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(freeze)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for m in switched:
+            m.track_running_stats = True
+
+
+class ClosurePasses:
+    """Runs the passes of one ``step(closure)`` call: the closure under grad mode, BatchNorm statistics
+    frozen in every pass but the first forward pass of the step (``freeze_bn``), which is the caller's own
+    in davda54's style; counts the calls."""
+
+    def __init__(self, closure: Callable[[], Tensor], freeze_bn: bool, caller_ran_pass_at_w: bool) -> None:
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._closure = closure
+        self._freeze_bn = freeze_bn
+        self.calls = 1 if caller_ran_pass_at_w else 0  # forward passes of this step so far
+
+    def __call__(self) -> Tensor:
+        frozen = bn_stats_frozen() if self._freeze_bn and self.calls else contextlib.nullcontext()
+        self.calls += 1
+        with torch.enable_grad(), frozen:
+            return self._closure()
