@@ -2,6 +2,9 @@
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
+# The optional integrations (extras of the package), installed so that their tests run; keep in step with
+# the "dev" extra of pyproject.toml. Installed after torch, so pip finds it satisfied.
+EXTRAS_SPEC ?= "lightning>=2.4" "transformers>=4.46" "accelerate>=1.0" "scikit-learn>=1.3" "matplotlib>=3.7"
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -21,6 +24,7 @@ $(VENV)/.deps: Makefile
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(TRITON_SPEC)" numpy ninja pillow "pytest>=8" "pytest-benchmark>=4"
+	$(PIP) install -q $(EXTRAS_SPEC)
 	touch $@
 
 # Rebuilt when a C++/CUDA source or the build files change (a new venv package alone does not rebuild it).
