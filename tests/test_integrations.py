@@ -106,6 +106,13 @@ def test_lightning_16_mixed_raises_one_clear_error():
         _fit("sam", plugins=[plugin])
 
 
+def test_lightning_gradient_accumulation_raises_instead_of_mixing_micro_batches():
+    """Lightning runs the micro-batches before the last outside optimizer.step(closure): their grads would
+    set the perturbation while the later passes see the last micro-batch only."""
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches=2"):
+        _fit("sam", accumulate_grad_batches=2)
+
+
 # ---- Hugging Face Trainer ---------------------------------------------------------------------------
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")

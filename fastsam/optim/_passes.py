@@ -11,6 +11,7 @@ None or zeroes in place (another bump).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -33,6 +34,10 @@ class GradLedger:
         for p in params:
             g = p.grad
             self._marks[p] = None if g is None else (weakref.ref(g), g._version, zeroed)
+
+    def cleared(self) -> None:
+        """Every grad was set to None (what a missing mark means too)."""
+        self._marks.clear()
 
     def pass_at_w_done(self, params: List[Tensor]) -> bool:
         """Whether a backward pass has put grads into ``params`` since the last mark (the caller ran the pass
@@ -102,6 +107,23 @@ def bn_stats_frozen() -> Iterator[None]:
         handle.remove()
         for m in switched:
             m.track_running_stats = True
+
+
+def check_no_foreign_accumulation(closure: Callable[[], Tensor]) -> None:
+    """Raises where grads found at the start of a step come from micro-batches that a framework ran outside
+    the optimizer, which the step would take for the pass at w while its closure covers the last micro-batch
+    only: PyTorch Lightning's automatic optimization with ``accumulate_grad_batches > 1`` (its precision
+    plugin hands ``step`` a ``functools.partial`` of ``_wrap_closure`` over the LightningModule)."""
+    if not (isinstance(closure, functools.partial) and closure.args
+            and getattr(closure.func, "__name__", "") == "_wrap_closure"):
+        return
+    trainer = getattr(closure.args[0], "_trainer", None)
+    if getattr(trainer, "accumulate_grad_batches", 1) > 1:
+        raise RuntimeError(
+            f"Lightning's accumulate_grad_batches={trainer.accumulate_grad_batches} runs the micro-batches before "
+            "the last outside optimizer.step(closure), so a SAM step could perturb with their grads but run its "
+            "later passes on the last micro-batch only. Use accumulate_grad_batches=1 with a larger batch, or "
+            "manual optimization that runs every micro-batch in each pass (README, \"Gradient accumulation\")")
 
 
 class ClosurePasses:

@@ -433,7 +433,10 @@ class SAM(torch.optim.Optimizer):
         if not self.next_pass_at_w:
             raise RuntimeError(f"{type(self).__name__}.step(closure) was called while a step begun with "
                                f"first_step() is under way: finish it first ({self._finish_hint()})")
-        return _passes.ClosurePasses(closure, bool(self.freeze_bn), self._ledger.pass_at_w_done(self._params()))
+        caller_ran_pass_at_w = self._ledger.pass_at_w_done(self._params())
+        if caller_ran_pass_at_w:
+            _passes.check_no_foreign_accumulation(closure)
+        return _passes.ClosurePasses(closure, bool(self.freeze_bn), caller_ran_pass_at_w)
 
     def _pass_at_w(self, passes: _passes.ClosurePasses) -> Tensor:
         """Zeroes the grads (left from the last step, or zeroed in place), then runs the closure at w."""
@@ -549,7 +552,10 @@ class SAM(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
-        self._ledger.mark(self._params(), zeroed=True)
+        if set_to_none:
+            self._ledger.cleared()
+        else:
+            self._ledger.mark(self._params(), zeroed=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(impl={self.impl!r}, base_optimizer={self.base_optimizer!r})"
