@@ -318,3 +318,23 @@ def test_a_step_inside_one_autocast_block_sees_the_moved_weights(method):
         return model
 
     assert_models_close(run(True), run(False), rtol=0, atol=0)
+
+
+def test_bn_stats_freeze_reaches_a_compiled_model():
+    """torch.compile runs no hooks of the inner modules; the freeze must still reach their BatchNorm layers."""
+    def run(closure_style):
+        torch._dynamo.reset()
+        model = small_cnn()
+        forward = torch.compile(model)
+        opt = METHODS["sam"](model, "auto")
+        for batch in batches(model, 3):
+            if closure_style:
+                opt.step(lambda: _closure(forward, batch)())
+                opt.zero_grad()
+            else:
+                explicit_step(forward, opt, batch)
+        return model
+
+    closure, explicit = run(True), run(False)
+    assert int(closure[1].num_batches_tracked) == 3
+    assert_models_close(closure, explicit, rtol=1e-6, atol=1e-7)

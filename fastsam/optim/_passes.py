@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -91,18 +92,30 @@ def _nonzero(grads: List[Tensor]) -> List[bool]:
 def bn_stats_frozen() -> Iterator[None]:
     """Inside the block, every BatchNorm layer (of any model) in training mode normalizes with the batch's
     statistics but neither updates nor counts its running statistics, as in
-    :func:`fastsam.utils.frozen_bn_stats`; each layer is switched as its forward starts (a global forward
-    pre-hook, since an optimizer does not know its model) and switched back when the block ends."""
+    :func:`fastsam.utils.frozen_bn_stats`; the layers are switched back when the block ends.
+
+    An optimizer does not know its model: a global forward pre-hook switches, at the first call of a module
+    in the block, the BatchNorm layers among that module and all its submodules. So a ``torch.compile``d
+    model works too: its compiled forward runs no hooks of the inner modules, but the call of the compiled
+    wrapper does, and dynamo guards on the switched attribute (the frozen forward is compiled once)."""
     switched: List[_NormBase] = []
+    visited = set()
 
     def freeze(module: torch.nn.Module, args) -> None:
-        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
-            module.track_running_stats = False
-            switched.append(module)
+        if id(module) in visited:
+            return
+        for m in module.modules():
+            visited.add(id(m))
+            if isinstance(m, _NormBase) and m.training and m.track_running_stats:
+                m.track_running_stats = False
+                switched.append(m)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(freeze)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch warns that global hooks also fire for the compiled wrapper: here that is the point.
+            warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+            yield
     finally:
         handle.remove()
         for m in switched:
