@@ -59,4 +59,4 @@ def test_hf_trainer_example():
     pytest.importorskip("transformers")
     import hf_trainer_digits
 
-    assert hf_trainer_digits.main(["--epochs", "1"]) > 0.1
+    assert hf_trainer_digits.main(["--epochs", "3"]) > 0.2  # chance is 0.1; 30 epochs reach about 0.95
