@@ -14,27 +14,30 @@ import contextlib
 import functools
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-# Per parameter: (a weak reference to its grad, that grad's version, whether the optimizer zeroed it then).
-_Mark = Optional[Tuple["weakref.ReferenceType[Tensor]", int, bool]]
+class _Mark(NamedTuple):
+    """A parameter's grad as a mark found it."""
+    grad: "weakref.ReferenceType[Tensor]"  # weak: a mark must not keep a grad the caller dropped alive
+    version: int  # the grad's version counter then
+    zeroed: bool  # the optimizer had just zeroed it in place
 
 
 class GradLedger:
     """What each parameter's ``.grad`` was when the last step ended or the optimizer zeroed it."""
 
     def __init__(self) -> None:
-        self._marks: Dict[Tensor, _Mark] = {}
+        self._marks: Dict[Tensor, Optional[_Mark]] = {}
 
     def mark(self, params: Iterable[Tensor], zeroed: bool = False) -> None:
         """Remembers the current grads (``zeroed``: the optimizer just zeroed them in place)."""
         for p in params:
             g = p.grad
-            self._marks[p] = None if g is None else (weakref.ref(g), g._version, zeroed)
+            self._marks[p] = None if g is None else _Mark(weakref.ref(g), g._version, zeroed)
 
     def cleared(self) -> None:
         """Every grad was set to None (what a missing mark means too)."""
@@ -55,11 +58,11 @@ class GradLedger:
             if g is None:
                 continue
             mark = self._marks.get(p)
-            if mark is None or mark[0]() is not g:
+            if mark is None or mark.grad() is not g:
                 fresh.append(g)  # a new tensor: autograd made it (or the caller assigned it) since the mark
                 continue
-            bumps = g._version - mark[1]
-            if mark[2]:  # zeroed by the optimizer: any in-place change since is a backward
+            bumps = g._version - mark.version
+            if mark.zeroed:  # by the optimizer: any in-place change since is a backward
                 if bumps:
                     fresh.append(g)
             elif bumps == 0:
