@@ -42,7 +42,7 @@ build/cuda-check/%.o: csrc/cuda/%.cu $(wildcard csrc/cuda/*.cuh csrc/cuda/*.h)
 cuda-check: $(CUDA_OBJECTS)
 
 test: install
-	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; \
+	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -j2 cuda-check; \
 	  else echo "nvcc not found: skipping the CUDA compile check"; fi
 	FASTSAM_REQUIRE_IMPLS=$(REQUIRE_IMPLS) $(PY) -m pytest tests -q
 
