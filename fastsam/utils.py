@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterable, Iterator, List
 
 import torch
 
@@ -17,12 +17,18 @@ def frozen_bn_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = [m for m in model.modules()
-              if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
-    for m in layers:
-        m.track_running_stats = False
+    layers = stop_tracking_bn(model.modules())
     try:
         yield model
     finally:
         for m in layers:
             m.track_running_stats = True
+
+
+def stop_tracking_bn(modules: Iterable[torch.nn.Module]) -> List[torch.nn.Module]:
+    """Sets ``track_running_stats = False`` on the BatchNorm layers among ``modules`` that track their running
+    statistics, and returns those layers (to set it back to True)."""
+    layers = [m for m in modules if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    return layers

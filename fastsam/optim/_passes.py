@@ -18,7 +18,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
+
+from fastsam.utils import stop_tracking_bn
+
 
 class _Mark(NamedTuple):
     """A parameter's grad as a mark found it."""
@@ -101,17 +103,14 @@ def bn_stats_frozen() -> Iterator[None]:
     in the block, the BatchNorm layers among that module and all its submodules. So a ``torch.compile``d
     model works too: its compiled forward runs no hooks of the inner modules, but the call of the compiled
     wrapper does, and dynamo guards on the switched attribute (the frozen forward is compiled once)."""
-    switched: List[_NormBase] = []
+    switched: List[torch.nn.Module] = []
     visited = set()
 
     def freeze(module: torch.nn.Module, args) -> None:
-        if id(module) in visited:
-            return
-        for m in module.modules():
-            visited.add(id(m))
-            if isinstance(m, _NormBase) and m.training and m.track_running_stats:
-                m.track_running_stats = False
-                switched.append(m)
+        if id(module) not in visited:
+            inside = list(module.modules())
+            visited.update(map(id, inside))
+            switched.extend(stop_tracking_bn(inside))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(freeze)
     try:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets
-from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number, weights_moved
+from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number, restore_w, weights_moved
 
 _MODES = ("authors", "paper")
 _EPS_LOSS = 1e-12  # keeps the paper mode's loss differences away from zero
@@ -78,9 +78,7 @@ class CRSAM(SAM):
         """Keep g+ and move from w + e to w - e (computed from the backup, so w comes back exactly)."""
         buckets = self._take_perturbed("second_step", "first_step")
         if any(g is None for b in buckets for g in b.grads()):
-            for b in buckets:  # not left at w + e
-                if b.perturbed:
-                    ops.restore_(b.params, b.backups, impl=b.impl)
+            restore_w(buckets)  # not left at w + e
             raise RuntimeError("CRSAM: every parameter that had a grad at w needs one at w + e (w was restored)")
         gate = self._gate
         if gate is not None:  # g+ joins the step's found flag before w - e is computed from it
@@ -175,9 +173,7 @@ class CRSAM(SAM):
 
     def _abandon_step(self) -> None:
         moved, self._moved = self._moved, None
-        for b in moved or ():  # at w - e: back to w
-            if b.perturbed:
-                ops.restore_(b.params, b.backups, impl=b.impl)
+        restore_w(moved or [])  # from w - e
         super()._abandon_step()
 
     @property

@@ -356,9 +356,7 @@ class SAM(torch.optim.Optimizer):
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step around its call of step()
         scaled_at_w = at_w is not None and at_w.scaler is not None
         if restore and scaled_at_w != (scaler_found is not None):
-            for b in perturbed:  # not left at w + e
-                if b.perturbed:
-                    ops.restore_(b.params, b.backups, impl=b.impl)
+            restore_w(perturbed)  # not left at w + e
             if scaled_at_w:
                 raise RuntimeError("first_step() got a grad_scaler: finish the step with scaler.step(optimizer), "
                                    "not second_step() (w was restored)")
@@ -475,10 +473,7 @@ class SAM(torch.optim.Optimizer):
 
     def _abandon_step(self) -> None:
         perturbed, self._perturbed, self._gate = self._perturbed, None, None
-        for b in perturbed or ():
-            if b.perturbed:
-                ops.restore_(b.params, b.backups, impl=b.impl)
-        weights_moved()
+        restore_w(perturbed or [])
 
     # ---- where a step stands (for loops that treat the passes differently, e.g. fastsam.distributed) --
     @property
@@ -559,6 +554,14 @@ class SAM(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(impl={self.impl!r}, base_optimizer={self.base_optimizer!r})"
+
+
+def restore_w(buckets: List[_buckets.Bucket]) -> None:
+    """Every perturbed parameter of ``buckets`` back to w, exactly (from its backup)."""
+    for b in buckets:
+        if b.perturbed:
+            ops.restore_(b.params, b.backups, impl=b.impl)
+    weights_moved()
 
 
 def weights_moved() -> None:
