@@ -4,7 +4,8 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 # The optional integrations (extras of the package), installed so that their tests run; keep in step with
 # the "dev" extra of pyproject.toml. Installed after torch, so pip finds it satisfied.
-EXTRAS_SPEC ?= "lightning>=2.4" "transformers>=4.46" "accelerate>=1.0" "scikit-learn>=1.3" "matplotlib>=3.7"
+EXTRAS_SPEC ?= "lightning>=2.4" "transformers>=4.46" "accelerate>=1.0" "scikit-learn>=1.3" "matplotlib>=3.7" \
+	"pytorch-optimizer>=4.1"
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -15,8 +16,10 @@ NVCC ?= nvcc
 NVCC_FLAGS ?= -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 # `make test` requires these impls to be present, so a broken build fails instead of skipping.
 REQUIRE_IMPLS ?= cpu,triton
+# `make gpu-check` runs with the GPU machine's own python (torch with CUDA preinstalled, no network): not .venv.
+GPU_PYTHON ?= python3
 
-.PHONY: test bench cuda-check install clean
+.PHONY: test bench cuda-check gpu-check install clean
 
 # Remade when this file changes (a new dependency); pip leaves what is already installed alone.
 $(VENV)/.deps: Makefile
@@ -48,6 +51,11 @@ test: install
 
 bench: install
 	$(PY) -m fastsam.bench $(BENCH_ARGS)
+
+# On a GPU machine: build for its GPU, the CUDA/Triton tests, compute-sanitizer, the benchmark (tools/gpu_check.py;
+# README "Verifying on a GPU"). GPU_CHECK_ARGS passes flags to the script, e.g. --bench-args "...".
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build fastsam/_C*.so *.egg-info

@@ -157,7 +157,7 @@ def test_quick_cvar_table_is_printed_and_stored(tmp_path, capsys):
     assert "CVaR losses" in printed and "alpha=0.3" in printed and "bw limit" not in printed
     assert [cells[:2] for cells in table if cells and cells[0] in ("32", "1000")] == [
         [n, label] for n in ("32", "1000") for label in labels]
-    assert record["tables"] == ["cvar"] and record["rows"] == [] and record["bandwidth_GBps"] is None
+    assert record["tables"] == ["cvar"] and record["rows"] == [] and record["shapes"] == {}
     cvar = record["cvar"]
     assert cvar["classes"] == 8 and cvar["alpha"] == 0.3 and cvar["sizes"] == [32, 1000]
     assert [(r["n"], r["impl"]) for r in cvar["rows"]] == [(n, r) for n in (32, 1000) for r in rows]

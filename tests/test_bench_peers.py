@@ -203,3 +203,28 @@ def test_friendly_sam_peers_start_the_ema_of_a_late_parameter():
     for row in rows("cpu"):
         for got, want in zip(trajectory(row), trajectory("torch")):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_rows_follow_the_foreach_peer(method):
+    """The "compiled" row is the foreach peer with each step method under torch.compile: same points and
+    momenta as the eager foreach peer over three steps with fresh grads at every pass (inductor may reorder
+    fp32 arithmetic: rtol 1e-5)."""
+    want_points, want_momenta = _family_trajectory(method, "foreach", {})
+    points, momenta = _family_trajectory(method, "compiled", {})
+    opt = METHODS[method].make("compiled", make_params(FAMILY_SHAPES))
+    assert all(hasattr(getattr(opt, call), "_torchdynamo_orig_callable") for call in METHODS[method].steps)
+    for got, want in zip(points + momenta, want_points + want_momenta):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-7)
+
+
+def test_sam_rows_are_the_peers_then_the_impls():
+    """Every method's rows start with loop, foreach and compiled; pytorch_optimizer where the package has the
+    method's class; then the fastsam impls."""
+    from fastsam.bench import po_peers
+    for name, method in METHODS.items():
+        peers = ["loop", "foreach", "compiled"]
+        if po_peers.available() and name in po_peers.PO_CLASSES:
+            peers.append("pytorch_optimizer")
+        assert method.rows("cpu") == [*peers, *rows("cpu")[len(PEERS):]]
+        assert method.rows("cpu", ["torch"]) == [*peers, "torch"]

@@ -41,3 +41,14 @@ def test_make_params_gives_grads():
     assert [tuple(p.shape) for p in params] == [s for _, s in SHAPES["mlp"][:3]]
     assert all(p.is_leaf and p.dtype == torch.bfloat16 and p.grad.shape == p.shape for p in params)
     assert not torch.equal(params[0], make_params(SHAPES["mlp"][:1], seed=1)[0].bfloat16())
+
+
+def test_gpt2_medium_is_hugging_faces():
+    """GPT-2 medium's 354,823,168 parameters (the LM head tied to the token embedding), in the order and shapes
+    of transformers' GPT2LMHeadModel."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=24, n_embd=1024, n_head=16)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    assert SHAPES["gpt2_medium"] == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert (numel(SHAPES["gpt2_medium"]), len(SHAPES["gpt2_medium"])) == (354_823_168, 292)

@@ -21,17 +21,20 @@ import torch
 
 import fastsam
 from fastsam._extension import IMPLS, extension_error
-from fastsam.bench import affect_peers, cvar_peers
-from fastsam.bench.methods import METHODS
-from fastsam.bench.peers import PEERS, fastsam_impls, rows
+from fastsam.bench import affect_peers, cvar_peers, po_peers, stream
+from fastsam.bench.methods import METHODS, SAM_PEERS
+from fastsam.bench.peers import PEERS, fastsam_impls
 from fastsam.bench.report import (default_out, device_name, format_affect_table, format_cvar_table, format_table,
                                   write_json)
-from fastsam.bench.shapes import DTYPES, SHAPES, make_params, numel
-from fastsam.bench.timing import WORDS_PER_PARAM, copy_bandwidth, limit_seconds, time_calls
+from fastsam.bench.shapes import DTYPES, SHAPE_DTYPES, SHAPES, make_params, numel
+from fastsam.bench.stream import KERNELS as STREAM_KERNELS
+from fastsam.bench.timing import count_launches, time_calls, time_paired
 
-# the loop peer on ViT-B/16 takes 0.4-2 s a step on 2 CPU cores: few reps there, many on the small rows
-TIMING = {False: dict(warmup=3, budget_s=1.5, min_reps=7, max_reps=200),
-          True: dict(warmup=1, budget_s=0.2, min_reps=3, max_reps=20)}
+# Paired rounds of a method's rows (each round: one step of every row). The loop peer on ViT-B/16 and GPT-2
+# medium takes 0.4-4 s a step on 2 CPU cores: the budget (all rows of a round together) gives those sets the
+# minimum, the small sets many rounds.
+PAIRED_TIMING = {False: dict(warmup=2, budget_s=12.0, min_rounds=7, max_rounds=100),
+                 True: dict(warmup=1, budget_s=0.5, min_rounds=3, max_rounds=10)}
 # CVaR rows take 0.05-50 ms a call: 12 rows in well under a minute
 CVAR_TIMING = {False: dict(warmup=3, budget_s=1.0, min_reps=7, max_reps=300),
                True: dict(warmup=1, budget_s=0.1, min_reps=3, max_reps=20)}
@@ -93,7 +96,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help=f"comma list of {', '.join(SHAPES)} (default: all; --quick: all but vit_b16)")
     p.add_argument("--methods", type=_comma_list(tuple(METHODS), "method"),
                    help=f"comma list of {', '.join(METHODS)} (default: all)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="parameter dtype of every shape set (default: each set's own: "
+                        f"{', '.join(f'{k} {v}' for k, v in SHAPE_DTYPES.items())}); CVaR: default fp32")
     p.add_argument("--impl", type=_comma_list(IMPLS, "impl"),
                    help="comma list restricting the fastsam impls (default: the available ones, less triton on cpu)")
     p.add_argument("--cvar-rows", type=_positive_list,
@@ -101,8 +106,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         f"(default: {','.join(map(str, cvar_peers.CVAR_ROWS))})")
     p.add_argument("--cvar-alpha", type=_fraction, default=cvar_peers.ALPHA,
                    help=f"CVaR level alpha in (0, 1] (default: {cvar_peers.ALPHA})")
-    p.add_argument("--quick", action="store_true", help="few reps, and skip vit_b16 unless --shapes names it")
-    p.add_argument("--reps", type=_positive, help="timed steps (CVaR: calls) per row (default: fit a time budget)")
+    p.add_argument("--quick", action="store_true",
+                   help="few reps, and skip vit_b16 and gpt2_medium unless --shapes names them")
+    p.add_argument("--reps", type=_positive,
+                   help="paired rounds per shape set and method (CVaR, affect: calls per row) (default: fit a "
+                        "time budget)")
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's choice); 1 resists other processes on the cores")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/<host>-<device>.json)")
@@ -117,7 +125,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if missing:
         p.error(f"--impl {','.join(missing)}: not available on {args.device} (available: {', '.join(available)})")
     args.impl = args.impl or fastsam_impls(args.device)
-    args.shapes = args.shapes or [s for s in SHAPES if not (args.quick and s == "vit_b16")]
+    args.shapes = args.shapes or [s for s in SHAPES if not (args.quick and s in ("vit_b16", "gpt2_medium"))]
     args.methods = args.methods or list(METHODS)
     args.tables = args.tables or list(TABLES)
     args.cvar_rows = args.cvar_rows or list(cvar_peers.CVAR_ROWS)
@@ -127,34 +135,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
     """Times the tables of ``args.tables`` and returns the record that report.py prints and stores.
 
-    SAM (:func:`run_sam`): every (shapes, method, row) triple. The record keeps the fields of the SAM-only
-    version: ``bytes_per_param`` and each shape set's ``limit_ms`` are SAM's, its ``loop_ms`` SAM's loop (when
-    SAM ran); each row has a ``method``, its ``speedup_vs_loop`` is over that method's loop, its ``x_limit`` the
-    ratio to that method's limit (None without one). Without the SAM table, ``shapes`` and ``rows`` are empty
-    and the bandwidth fields None. CVaR (:func:`run_cvar`): the ``cvar`` entry.
+    SAM (:func:`run_sam`): every (shapes, method) pair in paired rounds of its rows. Per shape set: its dtype,
+    and per method the STREAM kernels' bandwidths, the best of them, its limit and loop time; each row has
+    a ``method``, its ``speedup_vs_loop`` and ``speedup_vs_compiled`` (peer ms / row ms), its ``x_limit`` (row
+    ms / the method's limit; None without one), the first call's time, the compiled row's compile time and
+    the GPU launches of one step (None on the CPU). Without the SAM table, ``shapes`` and ``rows`` are empty.
+    CVaR (:func:`run_cvar`): the ``cvar`` entry; affect (:func:`run_affect`): the ``affect`` entry.
     """
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # other processes on the cores skew every figure: keep the evidence
     sam = "sam" in args.tables
-    timing = dict(TIMING[args.quick], reps=args.reps)
-    bandwidth = copy_bandwidth(device, reps=3 if args.quick else 7) if sam else None
     result: Dict[str, Any] = dict(
         host=socket.gethostname(), tag=args.tag, device=device.type, device_name=device_name(device),
         dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, fastsam=fastsam.__version__,
         extension_error=extension_error(), available_impls=fastsam.available_impls(device),
         load_avg_before=load_before, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        argv=sys.argv[1:], quick=args.quick, tables=args.tables, timing=timing,
-        bandwidth_GBps=bandwidth / 1e9 if sam else None,
-        bytes_per_param=WORDS_PER_PARAM * torch.empty((), dtype=dtype).element_size() if sam else None,
+        argv=sys.argv[1:], quick=args.quick, tables=args.tables,
+        timing=dict(PAIRED_TIMING[args.quick], rounds=args.reps), stream_kernels=list(STREAM_KERNELS),
+        stream_words=dict(stream.WORDS), pytorch_optimizer=po_peers.version(),
         methods={m: dict(title=METHODS[m].title, steps=list(METHODS[m].steps), options=METHODS[m].options,
                          fastsam_options=METHODS[m].fastsam_options,
-                         words_per_param=METHODS[m].words_per_param,
-                         bytes_per_param=METHODS[m].bytes_per_param(dtype)) for m in args.methods if sam},
+                         words_per_param=METHODS[m].words_per_param) for m in args.methods if sam},
         shapes={}, rows=[])
     if sam:
-        run_sam(args, result, bandwidth, log)
+        run_sam(args, result, log)
     if "cvar" in args.tables:
         result["cvar"] = run_cvar(args, log)
     if "affect" in args.tables:
@@ -163,39 +169,70 @@ def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
     return result
 
 
-def run_sam(args: argparse.Namespace, result: Dict[str, Any], bandwidth: float, log=sys.stderr) -> None:
-    """Times every (shapes, method, row) triple into ``result["shapes"]`` and ``result["rows"]``."""
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    timing = result["timing"]
+def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr) -> None:
+    """Times every (shapes, method) pair into ``result["shapes"]`` and ``result["rows"]``.
+
+    The rows of a pair share one set of parameters and grads and are timed in interleaved rounds
+    (:func:`fastsam.bench.timing.time_paired`) together with the STREAM kernels of the limit
+    (:mod:`fastsam.bench.stream`), so that where the allocator put a row's tensors, or what else ran during
+    one row, does not decide a comparison. Each row has its own optimizer state. Rows that write into
+    ``.grad`` (pytorch_optimizer's Friendly SAM writes d there; the orthogonal LastSAM peers and impl
+    "torch" the projected grad) change the values the next rows see, not the work they do: the grads stay
+    far from denormals and no op skips zeros (see :mod:`fastsam.bench.methods`).
+    """
+    device = torch.device(args.device)
     for name in args.shapes:
+        dtype_name = args.dtype or SHAPE_DTYPES[name]
+        dtype = DTYPES[dtype_name]
         n = numel(SHAPES[name])
-        info = result["shapes"][name] = dict(params=n, tensors=len(SHAPES[name]),
-                                             limit_ms=1e3 * limit_seconds(n, dtype, bandwidth), methods={})
+        info = result["shapes"][name] = dict(params=n, tensors=len(SHAPES[name]), dtype=dtype_name,
+                                             element_size=dtype.itemsize, methods={})
         for method_name in args.methods:
             method = METHODS[method_name]
+            row_names = method.rows(device, args.impl)
+            timed, launches = _time_rows(method, row_names, SHAPES[name], device, dtype, result["timing"])
+            streams = stream.bandwidths(n, dtype.itemsize, {k: statistics.median(timed[STREAM + k]["times"])
+                                                            for k in STREAM_KERNELS})
+            bandwidth = max(streams.values())
             words = method.words_per_param
-            per_method = info["methods"][method_name] = dict(
-                limit_ms=None if words is None else 1e3 * limit_seconds(n, dtype, bandwidth, words))
-            for row in rows(device, args.impl):
-                params = make_params(SHAPES[name], device, dtype)
-                opt = method.make(row, params)
-                step = method.step_fn(opt)
-                times = time_calls(step, device, **timing)
-                alive = weakref.ref(params[0])
-                del step, opt, params
-                if alive() is not None:  # a reference cycle holds the row's tensors (1.4-3 GB on ViT-B/16):
-                    gc.collect()  # free them before the next row allocates
-                median = 1e3 * statistics.median(times)
-                per_method.setdefault("loop_ms", median)  # PEERS starts with "loop"
-                if method_name == "sam":
-                    info.setdefault("loop_ms", median)
-                limit_ms = per_method["limit_ms"]
+            limit_ms = None if words is None else 1e3 * stream.limit_seconds(n, dtype, bandwidth, words)
+            medians = {row: 1e3 * statistics.median(timed[row]["times"]) for row in row_names}
+            info["methods"][method_name] = dict(limit_ms=limit_ms, loop_ms=medians["loop"],
+                                                stream_GBps={k: v / 1e9 for k, v in streams.items()},
+                                                bandwidth_GBps=bandwidth / 1e9)
+            for row in row_names:
+                first_ms = 1e3 * timed[row]["first_s"]
                 result["rows"].append(dict(
-                    shapes=name, method=method_name, impl=row, kind="peer" if row in PEERS else "fastsam",
-                    **_stats(times), speedup_vs_loop=per_method["loop_ms"] / median,
-                    x_limit=None if limit_ms is None else median / limit_ms))
-                print(f"{name:9s} {method_name:18s} {row:8s} {median:10.3f} ms  ({len(times)} reps)", file=log,
-                      flush=True)
+                    shapes=name, method=method_name, impl=row, kind="peer" if row in SAM_PEERS else "fastsam",
+                    **_stats(timed[row]["times"]), first_call_ms=first_ms,
+                    compile_s=(first_ms - medians[row]) / 1e3 if row == "compiled" else None,
+                    launches=launches[row], speedup_vs_loop=medians["loop"] / medians[row],
+                    speedup_vs_compiled=medians["compiled"] / medians[row],
+                    x_limit=None if limit_ms is None else medians[row] / limit_ms))
+                print(f"{name:11s} {method_name:18s} {row:17s} {medians[row]:10.3f} ms  "
+                      f"({len(timed[row]['times'])} rounds)", file=log, flush=True)
+            print(f"{name:11s} {method_name:18s} STREAM GB/s " +
+                  ", ".join(f"{k} {v / 1e9:.1f}" for k, v in streams.items()), file=log, flush=True)
+
+
+STREAM = "stream:"  # the prefix of the STREAM kernels' names among the timed functions
+
+
+def _time_rows(method, row_names: List[str], shapes, device: torch.device, dtype: torch.dtype,
+               timing: Dict[str, Any]):
+    """Builds every row's optimizer over one shared set of parameters, times their steps and the STREAM
+    kernels (named ``STREAM + kernel``) in paired rounds, and counts each step's GPU launches; frees the
+    tensors before returning."""
+    params = make_params(shapes, device, dtype)
+    fns = {row: method.step_fn(method.make(row, params)) for row in row_names}
+    arrays = stream.stream_arrays(numel(shapes), device, dtype)
+    timed = time_paired({**fns, **{STREAM + k: fn for k, fn in stream.kernels(arrays).items()}}, device, **timing)
+    launches = {row: count_launches(fn, device) for row, fn in fns.items()}
+    alive = weakref.ref(params[0])
+    del fns, params, arrays
+    if alive() is not None:  # a reference cycle holds the rows' tensors (GBs on the large sets):
+        gc.collect()  # free them before the next pair allocates
+    return timed, launches
 
 
 def run_cvar(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
@@ -204,7 +241,7 @@ def run_cvar(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
     the setting, and a row each with its timings, the loss it computed, its speed-up over each peer
     (``speedup_vs_<peer>`` = peer ms / row ms) and, for the authors' row, the objective evaluations per call.
     """
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype or "fp32"]
     timing = dict(CVAR_TIMING[args.quick], reps=args.reps)
     out: Dict[str, Any] = dict(loss="cvar_cross_entropy", classes=cvar_peers.CLASSES, alpha=args.cvar_alpha,
                                peers=list(cvar_peers.CVAR_PEERS), xtol=cvar_peers.XTOL, maxfun=cvar_peers.MAXFUN,
@@ -262,6 +299,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     tables = [formats[t](result) for t in TABLES if t in args.tables]
     print("\n\n".join(tables))
     path = write_json(result, args.out or default_out(args.tag or result["host"], torch.device(args.device),
-                                                      args.dtype))
+                                                      args.dtype or "fp32"))
     print(f"results: {path}")
     return 0

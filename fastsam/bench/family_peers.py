@@ -13,7 +13,7 @@ the peers never write into ``.grad`` before the base step: the benchmark gives e
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -130,12 +130,19 @@ class LoopCRSAM(LoopSAM):
 class ForeachCRSAM(ForeachSAM):
     """CR-SAM on foreach ops: g0 and g+ copied into buffers made once, the moves w + e, w - e, w as scaled
     adds of g0 (as the loop does: no backup), and the combination ``(a - b) g- + (1 + a + b) g+ - 2a g0``
-    (a = gamma, b = beta) written into ``p.grad`` in place."""
+    (a = gamma, b = beta) written into ``p.grad`` in place. The step's scale ``rho / (||g0|| + eps)`` is kept
+    in each moved parameter's state (see ForeachSAM: nothing on the optimizer's own attributes)."""
 
     def __init__(self, params, base_optimizer, rho: float = 0.1, gamma: float = 0.1, beta: float = 0.1, **kwargs):
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         _crsam_init(self, gamma, beta)
-        self._moved: List[tuple] = []  # (params, g0 copies, scale) per param group
+
+    def _moved(self):
+        """(params, g0 copies, scale) of each param group moved by this step's first_step."""
+        for group in self.param_groups:
+            ps = [p for p in self._with_grad(group) if "scale" in self.state[p]]
+            if ps:
+                yield ps, [self.state[p]["g0"] for p in ps], self.state[ps[0]]["scale"]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -143,20 +150,20 @@ class ForeachCRSAM(ForeachSAM):
         groups = [(group, ps) for group in self.param_groups for ps in [self._with_grad(group)] if ps]
         norm = torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm([p.grad for _, ps in groups for p in ps], 2)), 2)
-        self._moved = []
         for group, ps in groups:
             grads, g0s = [p.grad for p in ps], [self._buffer(p, "g0") for p in ps]
             torch._foreach_copy_(g0s, grads)
             scale = group["rho"] / (norm + self.eps)
             add_scaled_(ps, grads, scale)
-            self._moved.append((ps, g0s, scale))
+            for p in ps:
+                self.state[p]["scale"] = scale
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Copies g+ and moves from w + e to w - e."""
-        for ps, g0s, scale in self._moved:
+        for ps, g0s, scale in self._moved():
             torch._foreach_copy_([self._buffer(p, "g_plus") for p in ps], [p.grad for p in ps])
             add_scaled_(ps, g0s, scale, -2.0)
         if zero_grad:
@@ -166,13 +173,14 @@ class ForeachCRSAM(ForeachSAM):
     def third_step(self, zero_grad: bool = False) -> None:
         """Moves back to w and lets the base optimizer step with the combined grad."""
         a, b = self.gamma, self.beta
-        for ps, g0s, scale in self._moved:
+        for ps, g0s, scale in self._moved():
             add_scaled_(ps, g0s, scale)
             grads = [p.grad for p in ps]
             torch._foreach_mul_(grads, a - b)
             torch._foreach_add_(grads, [self.state[p]["g_plus"] for p in ps], alpha=1 + a + b)
             torch._foreach_add_(grads, g0s, alpha=-2 * a)
-        self._moved = []
+            for p in ps:
+                del self.state[p]["scale"]
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -226,13 +234,14 @@ class LoopLastSAM(LoopSAM):
 class ForeachLastSAM(ForeachSAM):
     """LoopLastSAM's math on foreach ops. The first-pass grads of the orthogonal variant go into buffers made
     once; the dot product is one ``torch.dot`` per tensor (stock PyTorch 2.4 has no foreach dot product, and
-    ``_foreach_mul`` then a sum would add a step-sized temporary and a pass), ``||g||^2`` one foreach norm."""
+    ``_foreach_mul`` then a sum would add a step-sized temporary and a pass), ``||g||^2`` one foreach norm.
+    A parameter whose g0 was copied this step is marked in its state (see ForeachSAM: nothing on the
+    optimizer's own attributes)."""
 
     def __init__(self, params, base_optimizer, sharpness: str = "asam", orthogonal: bool = False,
                  rho: Optional[float] = None, eta: float = 0.01, adaptive: bool = False, **kwargs):
         super().__init__(params, base_optimizer, rho=_lastsam_rho(sharpness, rho), adaptive=adaptive, **kwargs)
         _lastsam_init(self, sharpness, orthogonal, eta)
-        self._kept: List[List[torch.Tensor]] = []  # the params whose first-pass grad was copied this step
 
     def _operators(self, group, ps):
         if not self.asam:
@@ -244,19 +253,15 @@ class ForeachLastSAM(ForeachSAM):
     def _directions(self, group, ps, grads):
         if self.orthogonal:
             torch._foreach_copy_([self._buffer(p, "g0") for p in ps], grads)
-            self._kept.append(ps)
+            for p in ps:
+                self.state[p]["kept"] = True
         return grads
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        self._kept = []
-        super().first_step(zero_grad)
 
     def _base_grads(self) -> None:
         if not self.orthogonal:
             return
-        ps = [p for kept in self._kept for p in kept if p.grad is not None]
-        self._kept = []
+        ps = [p for group in self.param_groups for p in group["params"] if self.state[p].pop("kept", False)]
+        ps = [p for p in ps if p.grad is not None]
         grads, g0s = [p.grad for p in ps], [self.state[p]["g0"] for p in ps]
         dot = torch.stack([torch.dot(g.reshape(-1), g0.reshape(-1)) for g, g0 in zip(grads, g0s)]).sum()
         norm_sq = torch.stack(torch._foreach_norm(g0s, 2)).square().sum()

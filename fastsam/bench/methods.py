@@ -1,7 +1,8 @@
 """The benchmarked methods: how to build each row's optimizer, what one step calls, and its bandwidth limit.
 
-Every method runs over SGD(lr=0.1, momentum=0.9) with its defaults below; a row is a peer ("loop",
-"foreach") or a fastsam impl. The step timed is the method's step calls in order, without forward/backward:
+Every method runs over SGD(lr=0.1, momentum=0.9) with its defaults below; a row is a peer (``SAM_PEERS``: "loop",
+"foreach", "compiled": the foreach step under torch.compile, "pytorch_optimizer": the package's class where it
+has the method) or a fastsam impl. The step timed is the method's step calls in order, without forward/backward:
 the grads are the fixed synthetic ones of :func:`fastsam.bench.shapes.make_params`, so every pass sees the
 same grad tensor. Some values are then degenerate: Friendly SAM's d = g - m is ~0 from the second step on,
 CR-SAM's combination is g, and the orthogonal projection of g off itself is 0 (the rows that write the
@@ -34,13 +35,16 @@ backup (DESIGN.md), and a grad kept for a later pass must be copied: ``.grad`` b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 import fastsam
 from fastsam.bench import family_peers as fp
-from fastsam.bench import peers
+from fastsam.bench import peers, po_peers
+
+
+SAM_PEERS = ("loop", "foreach", "compiled", "pytorch_optimizer")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,22 @@ class Method:
             return self.loop(params, torch.optim.SGD, foreach=False, **kw)
         if row == "foreach":
             return self.foreach(params, torch.optim.SGD, **kw)
+        if row == "compiled":
+            return peers.compile_steps(self.foreach(params, torch.optim.SGD, **kw), self.steps)
+        if row == "pytorch_optimizer":
+            return po_peers.make(self.name, params, torch.optim.SGD, **kw)
         return self.fastsam(params, torch.optim.SGD, impl=row, **self.fastsam_options, **kw)
+
+    def peers(self) -> List[str]:
+        """The peer rows this method has here: all of ``SAM_PEERS`` but pytorch_optimizer where that package is
+        not installed or has no class for the method."""
+        return [row for row in SAM_PEERS
+                if row != "pytorch_optimizer" or (po_peers.available() and self.name in po_peers.PO_CLASSES)]
+
+    def rows(self, device: str | torch.device, impls: Optional[Sequence[str]] = None) -> List[str]:
+        """The benchmark rows of this method: its peers, then ``impls`` (default: the fastsam impls worth
+        timing on ``device``)."""
+        return [*self.peers(), *(peers.fastsam_impls(device) if impls is None else impls)]
 
     def step_fn(self, opt: torch.optim.Optimizer) -> Callable[[], None]:
         """One step of ``opt``: its step calls in order (the forward/backward passes between them left out)."""

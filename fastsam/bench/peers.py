@@ -4,6 +4,8 @@
 step, the restore by ``p.data = old_p``, and a per-tensor SGD (``foreach=False``) so the row stays a pure loop.
 ``foreach``: the same math with ``torch._foreach_*`` ops, backups made once, and SGD(foreach=True):
 the best a careful user gets from stock PyTorch without custom kernels, on either device.
+``compiled`` (the SAM table's rows, :mod:`fastsam.bench.methods`): the foreach step with each step method
+under ``torch.compile`` (:func:`compile_steps`), which fuses its foreach ops into a few generated kernels.
 
 Both classes have hooks (the normalization operator T, the direction of the perturbation, the grad the
 base optimizer steps with) through which :mod:`fastsam.bench.family_peers` writes the other methods' peers.
@@ -89,8 +91,9 @@ class LoopSAM(torch.optim.Optimizer):
 def add_scaled_(tensors: List[torch.Tensor], others: List[torch.Tensor], scale: torch.Tensor,
                 factor: float = 1.0) -> None:
     """``tensors += factor * scale * others`` with ``scale`` a 0-dim tensor, the cheapest way per device."""
-    if scale.device.type == "cpu":  # no stream to stall, and a step-sized temporary would be
-        torch._foreach_add_(tensors, others, alpha=factor * scale.item())  # page-faulted in afresh every step
+    if scale.device.type == "cpu" and not torch.compiler.is_compiling():  # no stream to stall, and a step-sized
+        # temporary would be page-faulted in afresh every step (compiled, the multiply fuses into the add instead)
+        torch._foreach_add_(tensors, others, alpha=factor * scale.item())
     else:  # the caching allocator makes the temporary free; .item() would sync
         torch._foreach_add_(tensors, torch._foreach_mul(others, scale * factor if factor != 1.0 else scale))
 
@@ -104,8 +107,11 @@ class ForeachSAM(LoopSAM):
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, **kwargs):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **{"foreach": True, **kwargs})
-        self._perturbed: List[List[torch.Tensor]] = []
 
+    # What one step call leaves for the next lives in ``self.state`` (per parameter) alone: under torch.compile,
+    # dynamo drops assignments to an Optimizer's own attributes (torch 2.13: `self.x = [...]` in a compiled
+    # method of an Optimizer subclass leaves self.x unchanged), and a peer that kept its perturbed list there
+    # silently skipped the restore.
     def _with_grad(self, group) -> List[torch.Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
@@ -141,27 +147,41 @@ class ForeachSAM(LoopSAM):
                 plans.append((group, ps, ts, dirs, dirs if ts is None else torch._foreach_mul(ts, dirs)))
         scaled = [x for plan in plans for x in plan[4]]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled, 2)), 2)
-        self._perturbed = []
         for group, ps, ts, dirs, tdirs in plans:
             torch._foreach_copy_([self._backup(p) for p in ps], ps)
             if ts is not None:
                 torch._foreach_mul_(tdirs, ts)  # T^2 d, in the storage of T d
                 dirs = tdirs
             add_scaled_(ps, dirs, group["rho"] / (grad_norm + self.eps))
-            self._perturbed.append(ps)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Copies ``w`` back in place (every perturbed parameter) and lets the base optimizer step."""
-        for ps in self._perturbed:
-            torch._foreach_copy_(ps, [self.state[p]["old_p"] for p in ps])
-        self._perturbed = []
+        """Copies ``w`` back in place (every parameter with a grad, as the loop restores) and lets the base
+        optimizer step."""
+        for group in self.param_groups:
+            ps = self._with_grad(group)
+            if ps:
+                torch._foreach_copy_(ps, [self.state[p]["old_p"] for p in ps])
         self._base_grads()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
+
+
+def compile_steps(opt: torch.optim.Optimizer, steps: Sequence[str]) -> torch.optim.Optimizer:
+    """Replaces each of ``opt``'s step methods named in ``steps`` by its ``torch.compile``d version, each
+    compiled on its own (as a user compiles ``first_step`` and ``second_step``: the forward and backward pass
+    between them cannot be in the same graph). Compilation happens at the first call.
+
+    Dynamo's caches are reset first: a step method's code is shared by every instance of its class, and each new
+    instance costs a recompile; past ``recompile_limit`` of them dynamo would fall back to eager silently.
+    """
+    torch._dynamo.reset()
+    for name in steps:
+        setattr(opt, name, torch.compile(getattr(opt, name)))
+    return opt
 
 
 def fastsam_impls(device: str | torch.device) -> List[str]:

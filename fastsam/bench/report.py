@@ -50,20 +50,6 @@ def _ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
-def _methods(result: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Per method: its steps and bytes per parameter (a SAM-only record of before --methods: SAM's)."""
-    if "methods" in result:
-        return result["methods"]
-    return {"sam": dict(steps=["first_step", "second_step"], bytes_per_param=result["bytes_per_param"])}
-
-
-def _per_method(info: Dict[str, Any], method: str) -> Dict[str, Any]:
-    """A shape set's limit_ms and loop_ms for ``method``."""
-    if "methods" in info:
-        return info["methods"][method]
-    return dict(limit_ms=info["limit_ms"], loop_ms=info["loop_ms"])  # a SAM-only record
-
-
 def _load(result: Dict[str, Any]) -> str:
     """The load averages of the run, and a warning line when other processes shared the CPU cores."""
     text = f"load average {result['load_avg_before']:.2f} -> {result['load_avg_after']:.2f}"
@@ -74,36 +60,52 @@ def _load(result: Dict[str, Any]) -> str:
     return text
 
 
+def _ratio(x: Any, suffix: str = "x") -> str:
+    return "-" if x is None else f"{x:.2f}{suffix}"
+
+
 def format_table(result: Dict[str, Any]) -> str:
-    """The run as one text table: per shape set and method, a row per impl, then the method's bandwidth limit."""
-    methods = _methods(result)
+    """The SAM table: per shape set (its dtype and STREAM bandwidths in a line of their own) and method, a row
+    per peer and fastsam impl, then the method's bandwidth limit."""
+    methods = result["methods"]
     by_steps: Dict[str, List[str]] = {}
     for name, m in methods.items():
         by_steps.setdefault(" + ".join(m["steps"]), []).append(name)
     steps = "; ".join(f"{', '.join(names)}: {calls}" for calls, names in by_steps.items())
-    limits = ", ".join(f"{name} {m['bytes_per_param']}" if m["bytes_per_param"] is not None else f"{name} -"
-                       for name, m in methods.items())
-    head = (f"step = {steps}; over SGD(lr=0.1, momentum=0.9), grads given, no forward/backward\n"
-            f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {result['dtype']}, "
-            f"torch {result['torch']}, copy bandwidth {result['bandwidth_GBps']:.1f} GB/s, "
-            f"limit = bytes/param ({limits}) / bandwidth, {_load(result)}")
-    cols = ("shapes", "params", "tensors", "method", "impl", "ms/step", "reps", "vs loop", "x limit")
+    words = ", ".join(f"{name} {m['words_per_param'] if m['words_per_param'] is not None else '-'}"
+                      for name, m in methods.items())
+    head = [f"step = {steps}; over SGD(lr=0.1, momentum=0.9), grads given, no forward/backward; the rows of a "
+            f"shape set and method share params and grads and run in interleaved rounds",
+            f"device {result['device']} ({result['device_name']}, threads={result['threads']}), "
+            f"torch {result['torch']}, pytorch_optimizer {result.get('pytorch_optimizer') or 'not installed'}, "
+            f"{_load(result)}",
+            f"limit = words/param ({words}) x element size / bandwidth, the bandwidth being the best of the STREAM "
+            f"kernels ({', '.join(f'{k} {w}' for k, w in result['stream_words'].items())} words over SAM's 4 "
+            f"arrays of the set's size) timed in the method's rounds; x limit = ms / limit; compile s: the compiled "
+            f"row's first call less a step"]
+    for name, info in result["shapes"].items():
+        for method, per in info["methods"].items():
+            head.append(f"  STREAM GB/s in the rounds of {name} ({info['dtype']}), {method}: " +
+                        ", ".join(f"{k} {v:.1f}" for k, v in per["stream_GBps"].items()))
+    cols = ("shapes", "params", "tensors", "method", "impl", "ms/step", "rounds", "vs loop", "vs compiled",
+            "x limit", "launches", "compile s")
     blocks = []
     for name, info in result["shapes"].items():
         head_cells = (name, _count(info["params"]), str(info["tensors"]))
         for method in methods:
             rows = [head_cells + (method, row_label(r), _ms(r["median_ms"]), str(r["reps"]),
-                                  f"{r['speedup_vs_loop']:.2f}x",
-                                  "-" if r["x_limit"] is None else f"{r['x_limit']:.2f}")
-                    for r in result["rows"] if r["shapes"] == name and r.get("method", "sam") == method]
+                                  _ratio(r["speedup_vs_loop"]), _ratio(r["speedup_vs_compiled"]),
+                                  _ratio(r["x_limit"], ""), "-" if r["launches"] is None else str(r["launches"]),
+                                  "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}")
+                    for r in result["rows"] if r["shapes"] == name and r["method"] == method]
             if not rows:
                 continue
-            per = _per_method(info, method)
+            per = info["methods"][method]
             if per["limit_ms"] is not None:
                 rows.append(head_cells + (method, LIMIT_ROW, _ms(per["limit_ms"]), "-",
-                                          f"{per['loop_ms'] / per['limit_ms']:.2f}x", "1.00"))
+                                          _ratio(per["loop_ms"] / per["limit_ms"]), "-", "1.00", "-", "-"))
             blocks.append(rows)
-    return _columns(head, cols, blocks, right={1, 2, 5, 6, 7, 8})
+    return _columns("\n".join(head), cols, blocks, right={1, 2, 5, 6, 7, 8, 9, 10, 11})
 
 
 def _columns(head: str, cols: Sequence[str], blocks: List[List[Sequence[str]]], right: Set[int]) -> str:

@@ -60,9 +60,27 @@ def vit_b16(classes: int = 1000, dim: int = 768, layers: int = 12, mlp_dim: int 
     return out + _norm("encoder.ln", dim) + _linear("heads.head", dim, classes)
 
 
+def gpt2(layers: int = 24, dim: int = 1024, vocab: int = 50257, context: int = 1024) -> ShapeList:
+    """Hugging Face ``GPT2LMHeadModel`` (default: GPT-2 medium, 355M parameters): token and position
+    embeddings, ``layers`` blocks of (ln_1, attention c_attn/c_proj, ln_2, MLP c_fc/c_proj), ln_f. The LM head
+    is tied to the token embedding, so it adds no parameter. HF's Conv1D stores weights as (in, out)."""
+    out: ShapeList = [("transformer.wte.weight", (vocab, dim)), ("transformer.wpe.weight", (context, dim))]
+    for i in range(layers):
+        pre = f"transformer.h.{i}"
+
+        def conv1d(name: str, fan_in: int, fan_out: int) -> ShapeList:
+            return [(f"{pre}.{name}.weight", (fan_in, fan_out)), (f"{pre}.{name}.bias", (fan_out,))]
+        out += _norm(f"{pre}.ln_1", dim) + conv1d("attn.c_attn", dim, 3 * dim) + conv1d("attn.c_proj", dim, dim)
+        out += _norm(f"{pre}.ln_2", dim) + conv1d("mlp.c_fc", dim, 4 * dim) + conv1d("mlp.c_proj", 4 * dim, dim)
+    return out + _norm("transformer.ln_f", dim)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHAPES: Dict[str, ShapeList] = {"mlp": affect_mlp(), "resnet18": resnet18(), "vit_b16": vit_b16()}
-TITLES = {"mlp": "affect MLP", "resnet18": "ResNet-18", "vit_b16": "ViT-B/16"}
+SHAPES: Dict[str, ShapeList] = {"mlp": affect_mlp(), "resnet18": resnet18(), "vit_b16": vit_b16(),
+                                "gpt2_medium": gpt2()}
+TITLES = {"mlp": "affect MLP", "resnet18": "ResNet-18", "vit_b16": "ViT-B/16", "gpt2_medium": "GPT-2 medium"}
+# The dtype each set is benchmarked in unless --dtype says otherwise: what its users train in (LLMs in bf16).
+SHAPE_DTYPES = {"mlp": "fp32", "resnet18": "fp32", "vit_b16": "fp32", "gpt2_medium": "bf16"}
 
 
 def numel(shapes: ShapeList) -> int:

@@ -1,20 +1,24 @@
-"""Wall-clock timing of optimizer steps and the machine's copy bandwidth."""
+"""Wall-clock timing of steps: one row alone, or several rows in paired rounds; GPU launches per step."""
 from __future__ import annotations
 
-import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-
-WORDS_PER_PARAM = 10  # DESIGN.md section 4: the least traffic of a fused SAM + SGD(momentum) step
-# (the other methods' counts: fastsam.bench.methods)
 
 
 def sync(device: torch.device) -> None:
     """Waits for queued GPU work, so a timer read afterwards covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, reps: Optional[int] = None, warmup: int = 3,
@@ -26,34 +30,59 @@ def time_calls(fn: Callable[[], object], device: torch.device, reps: Optional[in
     """
     last = 0.0
     for _ in range(max(warmup, 1)):  # at least one: lazy state (backups, momentum) is made in the first step
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        last = time.perf_counter() - t0
+        last = _timed(fn, device)
     if reps is None:
         reps = min(max_reps, max(min_reps, int(budget_s / max(last, 1e-9))))
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
+    return [_timed(fn, device) for _ in range(reps)]
+
+
+def time_paired(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: Optional[int] = None,
+                warmup: int = 3, budget_s: float = 1.5, min_rounds: int = 7,
+                max_rounds: int = 200) -> Dict[str, Dict[str, object]]:
+    """Seconds per call of each of ``fns``, timed in interleaved rounds: each round calls every function once,
+    in an order rotated by one from round to round, so that drift of the machine (another process, the
+    clock, the allocator's placement of a new tensor) hits every row alike and no row always runs first.
+
+    Each function is called ``warmup`` times first (at least once: lazy state, and torch.compile's
+    compilation, happen in the first call); ``first_s`` keeps the first call's time. Without ``rounds`` the
+    count fits ``budget_s`` for the slowest row (from each row's last warm-up call) within
+    [min_rounds, max_rounds].
+
+    Returns ``{name: {"first_s": float, "times": [seconds per round]}}``.
+    """
+    names = list(fns)
+    out: Dict[str, Dict[str, object]] = {}
+    for name in names:
+        first = last = _timed(fns[name], device)
+        for _ in range(max(warmup, 1) - 1):
+            last = _timed(fns[name], device)
+        out[name] = dict(first_s=first, last_warmup_s=last, times=[])
+    if rounds is None:
+        slowest = max(out[name]["last_warmup_s"] for name in names)
+        rounds = min(max_rounds, max(min_rounds, int(budget_s / max(slowest, 1e-9))))
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name]["times"].append(_timed(fns[name], device))
+    for entry in out.values():
+        del entry["last_warmup_s"]
+    return out
+
+
+def gpu_launches(events: Sequence[object]) -> int:
+    """The GPU activities (kernels, memcpys, memsets) among a profiler's ``events``: each is one launch of
+    work on the GPU."""
+    from torch.autograd import DeviceType
+    return sum(1 for e in events if getattr(e, "device_type", None) == DeviceType.CUDA)
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """GPU launches of one call of ``fn`` (after its warm-up), counted with the torch profiler; None on the
+    CPU, where a step launches no GPU work (its thread count is in the record instead)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int = 7) -> float:
-    """Bytes per second moved by ``dst.copy_(src)`` (read + write) on a tensor far larger than the caches."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
-    # filled, not empty: reading untouched pages would read the shared zero page and flatter the figure
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    times = time_calls(lambda: dst.copy_(src), device, reps=reps, warmup=2)
-    return 2 * nbytes / statistics.median(times)
-
-
-def limit_seconds(numel: int, dtype: torch.dtype, bandwidth: float, words: int = WORDS_PER_PARAM) -> float:
-    """The bandwidth limit of one step moving ``words`` words per parameter at ``bandwidth`` bytes/s (default:
-    SAM + SGD(momentum)'s 10; the other methods': fastsam.bench.methods)."""
-    return words * torch.empty((), dtype=dtype).element_size() * numel / bandwidth
+    return gpu_launches(prof.events())

@@ -1,0 +1,135 @@
+"""The pytorch_optimizer peer (fastsam.bench.po_peers) computes what our loop peer computes, for every mapped
+method, with the method's options honoured."""
+import pytest
+import torch
+
+pytest.importorskip("pytorch_optimizer")
+
+from fastsam.bench import po_peers  # noqa: E402
+from fastsam.bench.methods import METHODS  # noqa: E402
+from fastsam.bench.shapes import make_params  # noqa: E402
+
+SHAPES = [("w", (5, 3)), ("b", (5,)), ("c", (2, 3, 2, 2)), ("scalar", ())]
+MAPPED = list(po_peers.PO_CLASSES)
+UNMAPPED = [m for m in METHODS if m not in po_peers.PO_CLASSES]
+# (method, option overrides): the benchmarked configurations, and others that exercise every mapped option
+# (FriendlySAM's sigma != 1 also takes the package's general foreach path instead of its sigma == 1 shortcut)
+VARIANTS = [(m, {}) for m in MAPPED] + [
+    ("sam", dict(rho=0.5)),
+    ("sam", dict(rho=0.5, adaptive=True)),
+    ("friendly_sam", dict(rho=0.2, sigma=0.5, lmbda=0.8)),
+    ("friendly_sam", dict(adaptive=True, sigma=0.5, lmbda=0.8)),
+]
+
+
+def _trajectory(method, options, po_foreach=None, steps=3):
+    """The parameters after every step call of ``steps`` steps and SGD's momentum buffers after every step, of
+    the loop peer (``po_foreach`` None) or of the pytorch_optimizer peer with that ``foreach``. Every pass is
+    given fresh grads (as a backward would), the same for both rows."""
+    params = make_params(SHAPES)
+    if po_foreach is None:
+        opt = METHODS[method].make("loop", params, **options)
+        calls = METHODS[method].steps
+    else:
+        opt = po_peers.make(method, params, foreach=po_foreach, **options)
+        calls = po_peers.steps(method)
+    points, momenta = [], []
+    for step in range(steps):
+        for k, call in enumerate(calls):
+            for p, q in zip(params, make_params(SHAPES, seed=100 + 10 * step + k)):
+                p.grad = q.grad
+            getattr(opt, call)(zero_grad=False)
+            points.append(torch.cat([p.detach().flatten() for p in params]))
+        momenta.append(torch.cat([opt.base_optimizer.state[p]["momentum_buffer"].flatten() for p in params]))
+    return points, momenta
+
+
+def _variant_id(v):
+    method, options = v
+    return method + "".join(f"-{k}={o}" for k, o in options.items())
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_po_peer_computes_the_loop_peers_math(variant, foreach):
+    """Three steps from the same start pass through the same points (w + e, then the updated w) and leave the
+    same momentum buffers (fp32; rtol 1e-5, atol 1e-6 on w ~ 0.02, atol 1e-8 on the buffers ~ 1e-3)."""
+    method, options = variant
+    want_points, want_momenta = _trajectory(method, options)
+    points, momenta = _trajectory(method, options, po_foreach=foreach)
+    assert len(points) == len(want_points)
+    for i, (got, want) in enumerate(zip(points, want_points)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"call {i}: {m}")
+    for i, (got, want) in enumerate(zip(momenta, want_momenta)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8, msg=lambda m: f"step {i}: {m}")
+
+
+def changes_for(method):
+    """A value other than the method's default for each of its options."""
+    return {k: v for k, v in dict(rho=0.5, sigma=0.5, lmbda=0.5, adaptive=True).items()
+            if k in po_peers.OPTION_NAMES[method]}
+
+
+@pytest.mark.parametrize("method", MAPPED)
+def test_options_are_honoured(method):
+    """A different value of each option changes the points the peer passes through (the perturbed ones: the
+    updated w depends on the grads only, which are given), and the class holds the values given."""
+    defaults = dict(METHODS[method].options)
+    base = torch.cat(_trajectory(method, {}, po_foreach=True)[0])
+    changes = changes_for(method)
+    for name, value in changes.items():
+        assert defaults.get(name, False) != value
+        points = torch.cat(_trajectory(method, {name: value}, po_foreach=True)[0])
+        assert not torch.allclose(points, base, rtol=1e-5, atol=1e-6), name
+    opt = po_peers.make(method, make_params(SHAPES), lr=0.3, momentum=0.5, **changes)
+    group = opt.param_groups[0]
+    for name, value in changes.items():
+        assert group[po_peers.OPTION_NAMES[method][name]] == value
+    assert (group["lr"], group["momentum"]) == (0.3, 0.5)
+    assert type(opt).__name__ == po_peers.PO_CLASSES[method]
+
+
+@pytest.mark.parametrize("foreach", [True, None, False])
+@pytest.mark.parametrize("method", MAPPED)
+def test_foreach_reaches_the_base_sgd(method, foreach):
+    opt = po_peers.make(method, make_params(SHAPES), foreach=foreach)
+    assert isinstance(opt.base_optimizer, torch.optim.SGD)
+    assert all(group["foreach"] is foreach for group in opt.base_optimizer.param_groups)
+
+
+@pytest.mark.parametrize("method", UNMAPPED)
+def test_unmapped_methods_raise(method):
+    with pytest.raises(ValueError, match=method):
+        po_peers.make(method, make_params(SHAPES))
+    with pytest.raises(ValueError, match=method):
+        po_peers.steps(method)
+
+
+def test_unknown_option_raises():
+    with pytest.raises(ValueError, match="gamma"):
+        po_peers.make("sam", make_params(SHAPES), gamma=0.1)
+
+
+def test_missing_package_raises_import_error_with_the_pip_command(monkeypatch):
+    monkeypatch.setattr(po_peers, "_module", lambda: None)
+    assert not po_peers.available() and po_peers.version() is None
+    with pytest.raises(ImportError, match="pip install"):
+        po_peers.make("sam", make_params(SHAPES))
+
+
+def test_mapping_steps_and_version():
+    import pytorch_optimizer
+
+    assert po_peers.available() and po_peers.version()
+    for method, cls in po_peers.PO_CLASSES.items():
+        assert method in METHODS and hasattr(pytorch_optimizer, cls)
+        assert po_peers.steps(method) == METHODS[method].steps
+
+
+def test_step_fn_runs_the_steps_in_order():
+    params = make_params(SHAPES)
+    opt = po_peers.make("sam", params)
+    w = [p.detach().clone() for p in params]
+    po_peers.step_fn("sam", opt)()  # fixed grads, as in the benchmark: w - lr * g after one step
+    for p, w0 in zip(params, w):
+        torch.testing.assert_close(p.detach(), w0 - 0.1 * p.grad)
