@@ -6,15 +6,15 @@ import torch
 
 from fastsam.bench.cvar_peers import CVAR_ROWS, cvar_rows
 from fastsam.bench.methods import METHODS
-from fastsam.bench.peers import rows
-from fastsam.bench.shapes import DTYPES, SHAPES
+from fastsam.bench.shapes import DTYPES, SHAPE_DTYPES, SHAPES
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastsam bench")
     group.addoption("--sam-device", choices=("cpu", "cuda"), default=None,
                     help="device of the benchmarked tensors (default: cuda if visible, else cpu)")
-    group.addoption("--sam-dtype", choices=tuple(DTYPES), default="fp32")
+    group.addoption("--sam-dtype", choices=tuple(DTYPES), default=None,
+                    help="dtype of every shape set (default: each set's own, as in python -m fastsam.bench)")
     group.addoption("--sam-shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     group.addoption("--sam-methods", default=",".join(METHODS),
                     help=f"comma list of {', '.join(METHODS)}")
@@ -32,7 +32,9 @@ def sam_device(pytestconfig):
 
 @pytest.fixture(scope="session")
 def sam_dtype(pytestconfig):
-    return DTYPES[pytestconfig.getoption("sam_dtype")]
+    """dtype_of(shape set name or None) -> torch.dtype: --sam-dtype, else the set's own (fp32 without a set)."""
+    forced = pytestconfig.getoption("sam_dtype")
+    return lambda shapes=None: DTYPES[forced or SHAPE_DTYPES.get(shapes, "fp32")]
 
 
 def _names(config, option, allowed):
@@ -62,7 +64,7 @@ def pytest_generate_tests(metafunc):
     shapes = _names(config, "sam_shapes", SHAPES)
     methods = _names(config, "sam_methods", METHODS)
     if "step_case" in metafunc.fixturenames:
-        cases = [(s, m, r) for s in shapes for m in methods for r in rows(device)]
+        cases = [(s, m, r) for s in shapes for m in methods for r in METHODS[m].rows(device)]
         metafunc.parametrize("step_case", cases, ids=["-".join(c) for c in cases])
     if "limit_case" in metafunc.fixturenames:
         cases = [(s, m) for s in shapes for m in methods if METHODS[m].words_per_param is not None]

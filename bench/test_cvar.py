@@ -7,7 +7,7 @@ from fastsam.bench.timing import sync
 
 def test_cvar_cross_entropy(benchmark, cvar_case, sam_device, sam_dtype):
     n, row = cvar_case
-    logits, target = cvar_peers.make_logits(n, device=sam_device, dtype=sam_dtype)
+    logits, target = cvar_peers.make_logits(n, device=sam_device, dtype=sam_dtype())
     value, evals = cvar_peers.evaluate(row, logits, target)
     calls = cvar_peers.step_fn(row, logits, target)
 

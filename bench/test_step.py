@@ -2,14 +2,17 @@
 given) for every fastsam impl and the loop and foreach peers of each, per shape set.
 
 A step is the method's step calls (CR-SAM: first_step + second_step + third_step). Grouped by shape set and
-method; each group's "bw-limit" entry copies the method's words per parameter (fastsam.bench.methods), the
-least a fused step must move.
+method; each group's "bw-limit" entry moves the method's words per parameter (fastsam.bench.methods), the
+least a fused step must move, with the step's read-mostly mix (the STREAM "mix" kernel of
+fastsam.bench.stream: fastsam's restore + SGD op, 5 words per element). Unlike python -m fastsam.bench, each
+case runs alone (pytest-benchmark's model), not in paired rounds.
 """
 import gc
 
 import pytest
 import torch
 
+from fastsam.bench import stream
 from fastsam.bench.methods import METHODS
 from fastsam.bench.shapes import SHAPES, make_params, numel
 from fastsam.bench.timing import sync
@@ -23,7 +26,7 @@ def _free_memory():
 
 def test_step(benchmark, step_case, sam_device, sam_dtype):
     shapes, method, row = step_case
-    params = make_params(SHAPES[shapes], sam_device, sam_dtype)
+    params = make_params(SHAPES[shapes], sam_device, sam_dtype(shapes))
     opt = METHODS[method].make(row, params)
     calls = METHODS[method].step_fn(opt)
 
@@ -39,16 +42,15 @@ def test_step(benchmark, step_case, sam_device, sam_dtype):
 
 def test_bandwidth_limit(benchmark, limit_case, sam_device, sam_dtype):
     shapes, method = limit_case
-    # one copy_ moves 2 words per element
-    n = METHODS[method].words_per_param * numel(SHAPES[shapes]) // 2
-    src = torch.ones(n, dtype=sam_dtype, device=sam_device)
-    dst = torch.empty_like(src)
+    # the mix moves 5 words per element of its arrays: arrays of words/5 elements per parameter
+    n = max(METHODS[method].words_per_param * numel(SHAPES[shapes]) // stream.WORDS["mix"], 1)
+    mix = stream.kernels(stream.stream_arrays(n, sam_device, sam_dtype(shapes)))["mix"]
 
-    def copy():
-        dst.copy_(src)
+    def run():
+        mix()
         sync(sam_device)
 
-    copy()
+    run()
     benchmark.group = f"{shapes} {method}"
     benchmark.extra_info.update(method=method, words_per_param=METHODS[method].words_per_param)
-    benchmark(copy)
+    benchmark(run)
