@@ -11,6 +11,9 @@ from fastsam.utils import frozen_bn_stats
 from _impls import impl_params
 
 CPU_IMPLS = [p for p in impl_params() if p.values[0] == "cpu"]
+# The trajectory tests against the authors' loops run on every device: the cuda ids on a GPU (make gpu-check),
+# with the model and its batches on that device.
+ALL_IMPLS = impl_params()
 
 
 def small_cnn():
@@ -28,9 +31,12 @@ def small_mlp():
 
 
 def batches(model, n=20):
+    """n batches of inputs and labels for ``model``, on its device (drawn on the CPU: the same on every device)."""
     g = torch.Generator().manual_seed(1)
     shape = (8, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else (8, 12)
-    return [(torch.randn(shape, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+    device = next(model.parameters()).device
+    return [(torch.randn(shape, generator=g).to(device), torch.randint(0, 5, (8,), generator=g).to(device))
+            for _ in range(n)]
 
 
 def loss_at(model, batch):

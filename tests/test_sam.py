@@ -9,18 +9,18 @@ import torch.nn as nn
 import fastsam
 from fastsam.utils import frozen_bn_stats
 
-from _sam_loops import (BASES, CPU_IMPLS, assert_models_close, batches, closure_for, fast_sam, loop_sam, loss_at,
-                        operator_fn, small_cnn, small_mlp)
+from _sam_loops import (ALL_IMPLS, BASES, CPU_IMPLS, assert_models_close, batches, closure_for, fast_sam, loop_sam,
+                        loss_at, operator_fn, small_cnn, small_mlp)
 
 
-@pytest.mark.parametrize("device,impl", CPU_IMPLS)
+@pytest.mark.parametrize("device,impl", ALL_IMPLS)
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "adaptive"])
 @pytest.mark.parametrize("p", [2, math.inf], ids=["p2", "pinf"])
 @pytest.mark.parametrize("base", ["sgd", "adam"])
 @pytest.mark.parametrize("make_model", [small_cnn, small_mlp], ids=["cnn", "mlp"])
 def test_sam_matches_davda54_loop(device, impl, adaptive, p, base, make_model):
     cls, kw = BASES[base]
-    ref, fast = make_model(), make_model()
+    ref, fast = make_model().to(device), make_model().to(device)
     data = batches(ref)
     rho = 0.05 if p == 2 else 1e-3
     loop_sam(ref, cls(ref.parameters(), **kw), data, rho, p, operator_fn("adaptive" if adaptive else "none"), 1e-12)
@@ -28,12 +28,12 @@ def test_sam_matches_davda54_loop(device, impl, adaptive, p, base, make_model):
     assert_models_close(fast, ref)
 
 
-@pytest.mark.parametrize("device,impl", CPU_IMPLS)
+@pytest.mark.parametrize("device,impl", ALL_IMPLS)
 @pytest.mark.parametrize("normalization", ["elementwise", "filterwise"])
 @pytest.mark.parametrize("base", ["sgd_nesterov", "adamw", "rmsprop"])
 def test_asam_matches_official_loop(device, impl, normalization, base):
     cls, kw = BASES[base]
-    ref, fast = small_cnn(), small_cnn()
+    ref, fast = small_cnn().to(device), small_cnn().to(device)
     # 8 steps, not 20: with rho = 0.5 the trajectory passes near ReLU kinks, where a 1-ulp difference between
     # impls (e.g. summation order) flips an activation and the runs part by ~3e-4 (seen at step 9 of 20 with
     # triton and one torch thread); up to there every impl agrees to ~6e-8.

@@ -7,8 +7,8 @@ import torch
 import fastsam
 from fastsam.utils import frozen_bn_stats
 
-from _sam_loops import (BASES, CPU_IMPLS, assert_models_close, batches, closure_for, explicit_step, fast_sam, loop_sam,
-                        loss_at, operator_fn, second_pass_and_restore, small_cnn, small_mlp)
+from _sam_loops import (ALL_IMPLS, BASES, CPU_IMPLS, assert_models_close, batches, closure_for, explicit_step, fast_sam,
+                        loop_sam, loss_at, operator_fn, second_pass_and_restore, small_cnn, small_mlp)
 
 MODELS = [small_cnn, small_mlp]
 MODEL_IDS = ["cnn", "mlp"]
@@ -83,13 +83,13 @@ def fast_crsam(model, opt, data):
 
 
 # ---- Friendly SAM ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("device,impl", CPU_IMPLS)
+@pytest.mark.parametrize("device,impl", ALL_IMPLS)
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "adaptive"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("make_model", MODELS, ids=MODEL_IDS)
 def test_friendly_sam_matches_authors_loop(device, impl, adaptive, base, make_model):
     cls, kw = BASES[base]
-    ref, fast = make_model(), make_model()
+    ref, fast = make_model().to(device), make_model().to(device)
     data = batches(ref)
     loop_fsam(ref, cls(ref.parameters(), **kw), data, 0.05, 1.0, 0.9, adaptive)
     fast_sam(fast, fastsam.FriendlySAM(fast.parameters(), cls, adaptive=adaptive, impl=impl, **kw), data)
@@ -131,12 +131,12 @@ def test_friendly_sam_state_dict_keeps_the_ema():
 
 
 # ---- CR-SAM ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device,impl", CPU_IMPLS)
+@pytest.mark.parametrize("device,impl", ALL_IMPLS)
 @pytest.mark.parametrize("base", ["sgd", "adam", "rmsprop"])
 @pytest.mark.parametrize("make_model", MODELS, ids=MODEL_IDS)
 def test_crsam_matches_authors_loop(device, impl, base, make_model):
     cls, kw = BASES[base]
-    ref, fast = make_model(), make_model()
+    ref, fast = make_model().to(device), make_model().to(device)
     data = batches(ref)
     loop_crsam(ref, cls(ref.parameters(), **kw), data, 0.1, 0.1, 0.01, "authors")
     fast_crsam(fast, fastsam.CRSAM(fast.parameters(), cls, rho=0.1, gamma=0.1, beta=0.01, impl=impl, **kw), data)
@@ -203,14 +203,14 @@ def test_crsam_step_closure_runs_three_passes():
 
 
 # ---- LastSAM ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device,impl", CPU_IMPLS)
+@pytest.mark.parametrize("device,impl", ALL_IMPLS)
 @pytest.mark.parametrize("sharpness", ["asam", "sam"])
 @pytest.mark.parametrize("orthogonal", [False, True], ids=["plain", "orthogonal"])
 @pytest.mark.parametrize("base", ["sgd", "adam"])
 @pytest.mark.parametrize("make_model", MODELS, ids=MODEL_IDS)
 def test_lastsam_matches_loop(device, impl, sharpness, orthogonal, base, make_model):
     cls, kw = BASES[base]
-    ref, fast = make_model(), make_model()
+    ref, fast = make_model().to(device), make_model().to(device)
     data = batches(ref)
     rho, t_fn, eps = (0.5, operator_fn("elementwise", 0.01), 1e-16) if sharpness == "asam" else (
         0.05, operator_fn("none"), 1e-12)
