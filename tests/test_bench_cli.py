@@ -11,7 +11,7 @@ import torch
 from fastsam.bench import cli
 from fastsam.bench.cli import parse_args
 from fastsam.bench.cvar_peers import cvar_rows
-from fastsam.bench.methods import METHODS
+from fastsam.bench.methods import METHODS, SAM_PEERS
 from fastsam.bench.peers import rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,10 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path):
     """All tables by default: SAM's, CVaR's and the affect one's (tests/test_bench_cvar.py and
     tests/test_bench_affect.py check the latter two's contents)."""
     table, record = _bench(tmp_path, "--methods", "sam", "--cvar-rows", "32")
-    expected = METHODS["sam"].rows("cpu")
-    assert expected[:3] == ["loop", "foreach", "compiled"]
+    expected = [r for r in METHODS["sam"].rows("cpu") if r != "torch"]  # the reference: only if --impl names it
+    assert expected[:3] == ["loop", "foreach", "compiled"] and "fastsam:torch" not in {c[4] for c in table if len(c) > 4}
     labels = {cells[4] for cells in table if cells and cells[0] == "mlp"}
-    assert labels >= {"loop", "foreach", "compiled", "bw", *(f"fastsam:{i}" for i in rows("cpu")[2:])}
+    assert labels == {"bw", *(r if r in SAM_PEERS else f"fastsam:{r}" for r in expected)}
     assert [r["impl"] for r in record["rows"]] == expected
     mlp = record["shapes"]["mlp"]
     assert mlp["params"] == 1_782_536 and mlp["dtype"] == "fp32" and record["dtype"] is None
@@ -71,7 +71,7 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
                      "--out", str(out)]) == 0
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
     record = json.loads(out.read_text())
-    expected = ["loop", "foreach", "compiled", *rows("cpu")[2:]]
+    expected = ["loop", "foreach", "compiled", *(i for i in rows("cpu")[2:] if i != "torch")]
     printed = [(cells[3], cells[4]) for cells in table if cells and cells[0] == "tiny"]
     labels = ["loop", "foreach", "compiled", *(f"fastsam:{i}" for i in expected[3:]), "bw"]
     assert printed == [(m, label) for m in methods for label in labels]
@@ -119,6 +119,8 @@ def test_bad_flags_are_argparse_errors(argv, word, capsys):
 def test_defaults():
     args = parse_args(["--device", "cpu", "--quick"])
     assert args.shapes == ["mlp", "resnet18"] and args.impl == rows("cpu")[2:] and args.dtype is None
+    assert args.sam_impl == [i for i in args.impl if i != "torch"]
+    assert parse_args(["--device", "cpu", "--impl", "torch"]).sam_impl == ["torch"]
     assert parse_args(["--device", "cpu"]).shapes == ["mlp", "resnet18", "vit_b16", "gpt2_medium"]
     assert args.methods == list(METHODS) == ["sam", "friendly_sam", "crsam", "lastsam", "lastsam_orthogonal"]
     assert parse_args(["--device", "cpu", "--shapes", "vit_b16,mlp,vit_b16"]).shapes == ["vit_b16", "mlp"]
