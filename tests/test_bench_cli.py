@@ -65,6 +65,10 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
     streams = dict(read=10e9, copy=5e9, triad=6e9, mix=8e9)
     monkeypatch.setattr(cli.stream, "bandwidths", lambda numel, element_size, seconds: streams)
     methods = ["crsam", "lastsam_orthogonal"]  # no pytorch_optimizer row; SAM and Friendly SAM have one
+    written = []  # the record is rewritten after each method, so a run stopped part-way leaves what it measured
+    write_json = cli.write_json
+    monkeypatch.setattr(cli, "write_json", lambda r, p: written.append((r["complete"], len(r["rows"]))) or
+                        write_json(r, p))
     out = tmp_path / "r.json"
     assert cli.main(["--quick", "--device", "cpu", "--tables", "sam", "--shapes", "tiny",
                      "--methods", ",".join(methods), "--reps", "2", "--threads", str(torch.get_num_threads()),
@@ -72,6 +76,8 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
     record = json.loads(out.read_text())
     expected = ["loop", "foreach", "compiled", *(i for i in rows("cpu")[2:] if i != "torch")]
+    assert written == [(False, len(expected)), (False, 2 * len(expected)), (True, 2 * len(expected))]
+    assert record["complete"] is True
     printed = [(cells[3], cells[4]) for cells in table if cells and cells[0] == "tiny"]
     labels = ["loop", "foreach", "compiled", *(f"fastsam:{i}" for i in expected[3:]), "bw"]
     assert printed == [(m, label) for m in methods for label in labels]

@@ -368,7 +368,7 @@ def sanitizer_phase(runner: Runner, env: Mapping[str, str]) -> Phase:
 
 def bench_phase(runner: Runner, env: Mapping[str, str], bench_args: str) -> Tuple[Phase, Optional[Path]]:
     """Runs the benchmark; its tables (stdout) and progress (stderr) go to bench.log. Returns the phase and the
-    JSON record's path (None if the benchmark failed)."""
+    JSON record's path (None if the benchmark wrote none; a partial one, "complete": false, if it was stopped)."""
     phase, t0 = Phase("bench"), time.monotonic()
     timeout = phase_timeout("bench", runner.elapsed())
     try:
@@ -380,12 +380,15 @@ def bench_phase(runner: Runner, env: Mapping[str, str], bench_args: str) -> Tupl
     date = datetime.date.today().isoformat()
     out = bench_json_path(env, date, label)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)  # what is there afterwards is this run's
     rc = runner.run(phase, bench_command(sys.executable, bench_args, out), child_env(env), t0 + timeout)
     phase.status = status_of(rc, timeout)
-    if env.get("OUT") and rc == 0:
+    if rc != 0 and out.exists():  # the benchmark rewrites its record after each part: keep what it measured
+        phase.note = "partial record (\"complete\": false)"
+    elif env.get("OUT") and rc == 0:
         phase.note = f"commit as bench/results/{date}-{label}.json"
     runner.report(phase, time.monotonic() - t0)
-    return phase, out if rc == 0 else None
+    return phase, out if out.exists() else None
 
 
 def gpu_label() -> str:

@@ -15,7 +15,7 @@ import sys
 import weakref
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -33,7 +33,9 @@ from fastsam.bench.timing import count_launches, time_calls, time_paired
 # Paired rounds of a method's rows (each round: one step of every row). The loop peer on ViT-B/16 and GPT-2
 # medium takes 0.4-4 s a step on 2 CPU cores: the budget (all rows of a round together) gives those sets the
 # minimum, the small sets many rounds.
-PAIRED_TIMING = {False: dict(warmup=2, budget_s=12.0, min_rounds=7, max_rounds=100),
+# Three warm-up calls: the compiled row compiles at its first call and recompiles at its second (its state and
+# SGD's momentum exist from then on), and the round count is fitted to the last warm-up call.
+PAIRED_TIMING = {False: dict(warmup=3, budget_s=12.0, min_rounds=7, max_rounds=100),
                  True: dict(warmup=1, budget_s=0.5, min_rounds=3, max_rounds=10)}
 # CVaR rows take 0.05-50 ms a call: 12 rows in well under a minute
 CVAR_TIMING = {False: dict(warmup=3, budget_s=1.0, min_reps=7, max_reps=300),
@@ -136,7 +138,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
+def run(args: argparse.Namespace, log=sys.stderr,
+        progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Times the tables of ``args.tables`` and returns the record that report.py prints and stores.
 
     SAM (:func:`run_sam`): every (shapes, method) pair in paired rounds of its rows. Per shape set: its dtype,
@@ -145,6 +148,8 @@ def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
     ms / the method's limit; None without one), the first call's time, the compiled row's compile time and
     the GPU launches of one step (None on the CPU). Without the SAM table, ``shapes`` and ``rows`` are empty.
     CVaR (:func:`run_cvar`): the ``cvar`` entry; affect (:func:`run_affect`): the ``affect`` entry.
+    ``progress`` gets the record so far after each (shapes, method) pair and each table, with ``complete``
+    False until the end, so that a run stopped part-way (a time limit) leaves what it measured.
     """
     device = torch.device(args.device)
     if args.threads:
@@ -162,18 +167,26 @@ def run(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
         methods={m: dict(title=METHODS[m].title, steps=list(METHODS[m].steps), options=METHODS[m].options,
                          fastsam_options=METHODS[m].fastsam_options,
                          words_per_param=METHODS[m].words_per_param) for m in args.methods if sam},
-        shapes={}, rows=[])
+        shapes={}, rows=[], complete=False)
+
+    def report() -> None:
+        result["load_avg_after"] = os.getloadavg()[0]
+        if progress is not None:
+            progress(result)
     if sam:
-        run_sam(args, result, log)
+        run_sam(args, result, log, report)
     if "cvar" in args.tables:
         result["cvar"] = run_cvar(args, log)
+        report()
     if "affect" in args.tables:
         result["affect"] = run_affect(args, log)
-    result["load_avg_after"] = os.getloadavg()[0]
+    result["complete"] = True
+    report()
     return result
 
 
-def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr) -> None:
+def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr,
+            progress: Callable[[], None] = lambda: None) -> None:
     """Times every (shapes, method) pair into ``result["shapes"]`` and ``result["rows"]``.
 
     The rows of a pair share one set of parameters and grads and are timed in interleaved rounds
@@ -217,6 +230,7 @@ def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr) ->
                       f"({len(timed[row]['times'])} rounds)", file=log, flush=True)
             print(f"{name:11s} {method_name:18s} STREAM GB/s " +
                   ", ".join(f"{k} {v / 1e9:.1f}" for k, v in streams.items()), file=log, flush=True)
+            progress()
 
 
 STREAM = "stream:"  # the prefix of the STREAM kernels' names among the timed functions
@@ -296,13 +310,13 @@ def _stats(times: List[float]) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Runs the benchmark, prints the table, writes the JSON record."""
+    """Runs the benchmark, prints the table, writes the JSON record (rewritten after each part, so that a run
+    stopped part-way leaves what it measured, marked ``"complete": false``)."""
     args = parse_args(argv)
-    result = run(args)
+    path = args.out or default_out(args.tag or socket.gethostname(), torch.device(args.device), args.dtype or "fp32")
+    result = run(args, progress=lambda partial: write_json(partial, path))
     formats = dict(sam=format_table, cvar=format_cvar_table, affect=format_affect_table)
     tables = [formats[t](result) for t in TABLES if t in args.tables]
     print("\n\n".join(tables))
-    path = write_json(result, args.out or default_out(args.tag or result["host"], torch.device(args.device),
-                                                      args.dtype or "fp32"))
     print(f"results: {path}")
     return 0
