@@ -42,9 +42,9 @@ def test_step(benchmark, step_case, sam_device, sam_dtype):
 
 def test_bandwidth_limit(benchmark, limit_case, sam_device, sam_dtype):
     shapes, method = limit_case
-    # the mix moves 5 words per element of its arrays: arrays of words/5 elements per parameter
-    n = max(METHODS[method].words_per_param * numel(SHAPES[shapes]) // stream.WORDS["mix"], 1)
-    mix = stream.kernels(stream.stream_arrays(n, sam_device, sam_dtype(shapes)))["mix"]
+    # the mix moves each of its arrays' bytes 5 times over (reads 3, writes 2): arrays of words/5 parameters' bytes
+    nbytes = METHODS[method].words_per_param * numel(SHAPES[shapes]) * sam_dtype(shapes).itemsize
+    mix = stream.kernels(stream.stream_arrays(max(nbytes // stream.WORDS["mix"], 4), sam_device))["mix"]
 
     def run():
         mix()

@@ -63,7 +63,7 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(cli.SHAPES, "tiny", [("w", (64, 32)), ("b", (64,)), ("c", (8, 4, 3, 3))])
     monkeypatch.setitem(cli.SHAPE_DTYPES, "tiny", "bf16")
     streams = dict(read=10e9, copy=5e9, triad=6e9, mix=8e9)
-    monkeypatch.setattr(cli.stream, "bandwidths", lambda numel, element_size, seconds: streams)
+    monkeypatch.setattr(cli.stream, "bandwidths", lambda nbytes, seconds: streams)
     methods = ["crsam", "lastsam_orthogonal"]  # no pytorch_optimizer row; SAM and Friendly SAM have one
     written = []  # the record is rewritten after each method, so a run stopped part-way leaves what it measured
     write_json = cli.write_json

@@ -29,13 +29,11 @@ def _trajectory(method, options, po_foreach=None, steps=3):
     params = make_params(SHAPES)
     if po_foreach is None:
         opt = METHODS[method].make("loop", params, **options)
-        calls = METHODS[method].steps
     else:
         opt = po_peers.make(method, params, foreach=po_foreach, **options)
-        calls = po_peers.steps(method)
     points, momenta = [], []
     for step in range(steps):
-        for k, call in enumerate(calls):
+        for k, call in enumerate(METHODS[method].steps):
             for p, q in zip(params, make_params(SHAPES, seed=100 + 10 * step + k)):
                 p.grad = q.grad
             getattr(opt, call)(zero_grad=False)
@@ -101,8 +99,6 @@ def test_foreach_reaches_the_base_sgd(method, foreach):
 def test_unmapped_methods_raise(method):
     with pytest.raises(ValueError, match=method):
         po_peers.make(method, make_params(SHAPES))
-    with pytest.raises(ValueError, match=method):
-        po_peers.steps(method)
 
 
 def test_unknown_option_raises():
@@ -117,19 +113,18 @@ def test_missing_package_raises_import_error_with_the_pip_command(monkeypatch):
         po_peers.make("sam", make_params(SHAPES))
 
 
-def test_mapping_steps_and_version():
+def test_mapping_and_version():
     import pytorch_optimizer
 
     assert po_peers.available() and po_peers.version()
     for method, cls in po_peers.PO_CLASSES.items():
         assert method in METHODS and hasattr(pytorch_optimizer, cls)
-        assert po_peers.steps(method) == METHODS[method].steps
 
 
-def test_step_fn_runs_the_steps_in_order():
+def test_the_benchmark_row_runs_the_steps_in_order():
     params = make_params(SHAPES)
-    opt = po_peers.make("sam", params)
+    opt = METHODS["sam"].make("pytorch_optimizer", params)
     w = [p.detach().clone() for p in params]
-    po_peers.step_fn("sam", opt)()  # fixed grads, as in the benchmark: w - lr * g after one step
+    METHODS["sam"].step_fn(opt)()  # fixed grads, as in the benchmark: w - lr * g after one step
     for p, w0 in zip(params, w):
         torch.testing.assert_close(p.detach(), w0 - 0.1 * p.grad)

@@ -36,7 +36,7 @@ def test_paired_rounds_fit_the_budget_of_the_slowest_row():
 
 def test_stream_kernels_do_what_their_word_counts_say():
     """Each kernel's result, over SAM's 4 arrays: the words it is credited with are the words it must move."""
-    arrays = stream.stream_arrays(1000, CPU, torch.float32)
+    arrays = stream.stream_arrays(4000, CPU)  # 1000 fp32 elements each
     a, b, c, d = (x.clone() for x in arrays)
     fns = stream.kernels(arrays)
     assert [float(x) for x in fns["read"]()] == [1000.0 * k for k in (1, 2, 3, 4)]
@@ -51,12 +51,15 @@ def test_stream_kernels_do_what_their_word_counts_say():
     torch.testing.assert_close(arrays[0], c - stream.LR * m)
     assert set(stream.WORDS) == set(stream.KERNELS) == set(fns)
     with pytest.raises(ValueError, match="numel"):
-        stream.stream_arrays(0, CPU, torch.float32)
+        stream.array_bytes(0, 4)
 
 
-def test_bandwidths_and_limit():
-    bw = stream.bandwidths(1000, 2, dict(read=1e-6, mix=2e-6))
-    assert bw == dict(read=pytest.approx(4 * 2 * 1000 / 1e-6), mix=pytest.approx(5 * 2 * 1000 / 2e-6))
+def test_bandwidths_and_limit(monkeypatch):
+    bw = stream.bandwidths(2000, dict(read=1e-6, mix=2e-6))
+    assert bw == dict(read=pytest.approx(4 * 2000 / 1e-6), mix=pytest.approx(5 * 2000 / 2e-6))
+    # the arrays hold the set's bytes as fp32, whatever its dtype, up to the cap
+    assert stream.array_bytes(1000, 2) == 2000 and stream.array_bytes(1 << 30, 4) == stream.MAX_BYTES
+    assert [(a.numel(), a.dtype) for a in stream.stream_arrays(2000, CPU)] == [(500, torch.float32)] * 4
     # 10 words of 2 bytes for 1000 params at 4 GB/s: 5 microseconds
     assert stream.limit_seconds(1000, torch.bfloat16, 4e9, 10) == pytest.approx(5e-6)
 

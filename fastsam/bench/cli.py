@@ -30,9 +30,9 @@ from fastsam.bench.shapes import DTYPES, SHAPE_DTYPES, SHAPES, make_params, nume
 from fastsam.bench.stream import KERNELS as STREAM_KERNELS
 from fastsam.bench.timing import count_launches, time_calls, time_paired
 
-# Paired rounds of a method's rows (each round: one step of every row). The loop peer on ViT-B/16 and GPT-2
-# medium takes 0.4-4 s a step on 2 CPU cores: the budget (all rows of a round together) gives those sets the
-# minimum, the small sets many rounds.
+# Paired rounds of a method's rows (each round: one step of every row). The budget is the slowest row's time
+# over the rounds: the loop and pytorch_optimizer peers on ViT-B/16 and GPT-2 medium take 0.4-1 s a step on 2
+# CPU cores, which gives those sets 12-30 rounds, the small sets up to 100.
 # Three warm-up calls: the compiled row compiles at its first call and recompiles at its second (its state and
 # SGD's momentum exist from then on), and the round count is fitted to the last warm-up call.
 PAIRED_TIMING = {False: dict(warmup=3, budget_s=12.0, min_rounds=7, max_rounds=100),
@@ -208,8 +208,8 @@ def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr,
             method = METHODS[method_name]
             row_names = method.rows(device, args.sam_impl)
             timed, launches = _time_rows(method, row_names, SHAPES[name], device, dtype, result["timing"])
-            streams = stream.bandwidths(n, dtype.itemsize, {k: statistics.median(timed[STREAM + k]["times"])
-                                                            for k in STREAM_KERNELS})
+            streams = stream.bandwidths(stream.array_bytes(n, dtype.itemsize),
+                                        {k: statistics.median(timed[STREAM + k]["times"]) for k in STREAM_KERNELS})
             bandwidth = max(streams.values())
             words = method.words_per_param
             limit_ms = None if words is None else 1e3 * stream.limit_seconds(n, dtype, bandwidth, words)
@@ -243,11 +243,12 @@ def _time_rows(method, row_names: List[str], shapes, device: torch.device, dtype
     tensors before returning."""
     params = make_params(shapes, device, dtype)
     fns = {row: method.step_fn(method.make(row, params)) for row in row_names}
-    arrays = stream.stream_arrays(numel(shapes), device, dtype)
+    arrays = stream.stream_arrays(stream.array_bytes(numel(shapes), dtype.itemsize), device)
     timed = time_paired({**fns, **{STREAM + k: fn for k, fn in stream.kernels(arrays).items()}}, device, **timing)
     launches = {row: count_launches(fn, device) for row, fn in fns.items()}
     alive = weakref.ref(params[0])
     del fns, params, arrays
+    torch._dynamo.reset()  # the compiled row's graphs hold its optimizer, and with it the rows' tensors
     if alive() is not None:  # a reference cycle holds the rows' tensors (GBs on the large sets):
         gc.collect()  # free them before the next pair allocates
     return timed, launches

@@ -38,19 +38,19 @@ base optimizer's kwargs, FriendlySAM through the param groups' ``foreach`` entry
 device. Whatever ``foreach`` says, their batched path is for fp32/fp64 parameters only: bf16/fp16 parameters
 take their per-tensor loop (the base SGD stays foreach). Their backups are fresh ``p.clone()`` per parameter and
 step in both paths, and their batched perturbation makes a grad-sized temporary (``_foreach_mul(grads, 1.0)``).
-The step calls (:func:`steps`) are ``first_step(zero_grad=False)`` then ``second_step(zero_grad=False)``, as in
-davda54/sam; the base SGD gets ``lr`` and ``momentum`` through the class's ``**kwargs``.
+The step calls are ``first_step()`` then ``second_step()`` (``zero_grad=False``), as in davda54/sam and in
+:attr:`fastsam.bench.methods.Method.steps`; the base SGD gets ``lr`` and ``momentum`` through the class's
+``**kwargs``.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 
 MODULE = "pytorch_optimizer"  # import name; the PyPI name is pytorch-optimizer
 PIP_COMMAND = 'pip install "pytorch-optimizer>=4.1"'
-ROW = "pytorch_optimizer"  # the name of the benchmark row
 
 # our method name -> the pytorch_optimizer class doing the same math (see the module docstring)
 PO_CLASSES: Dict[str, str] = {
@@ -69,13 +69,6 @@ PINNED: Dict[str, Dict[str, Any]] = {
     "sam": {"perturb_eps": 1e-12, "use_gc": False},
     "friendly_sam": {"perturb_eps": 1e-12},
 }
-
-# the step calls of a step, in order, each called with zero_grad=False
-STEPS: Dict[str, Tuple[str, ...]] = {
-    "sam": ("first_step", "second_step"),
-    "friendly_sam": ("first_step", "second_step"),
-}
-
 
 def _module():
     """The imported package, or None when it cannot be imported."""
@@ -138,19 +131,3 @@ def make(method_name: str, params: Iterable[torch.Tensor], base_optimizer: type 
         kw["foreach"] = foreach
     cls = getattr(module, cls_name)
     return cls(params, base_optimizer, lr=lr, momentum=momentum, **kw)
-
-
-def steps(method_name: str) -> Tuple[str, ...]:
-    """The names of the step calls of one step of ``method_name``'s peer, in order."""
-    _check(method_name)
-    return STEPS[method_name]
-
-
-def step_fn(method_name: str, opt: torch.optim.Optimizer) -> Callable[[], None]:
-    """One step of ``opt`` (made by :func:`make`): its step calls in order, without forward/backward."""
-    calls = [getattr(opt, name) for name in steps(method_name)]
-
-    def step() -> None:
-        for call in calls:
-            call(zero_grad=False)
-    return step

@@ -6,8 +6,8 @@ bandwidth: a copy pays for write-allocate traffic that it is not credited with (
 first); on a CPU a read-only stream is bound by the misses a core keeps in flight (on the 2-core machine of
 the README it reaches 20 GB/s where the step's read-mostly mix moves 28); caches serve a working set that
 fits in them. So the bandwidth is the best of four kernels (``KERNELS``), each over a working set as large
-as a SAM step's (:func:`stream_arrays`: w, g, the backup and the momentum, each of the set's size) and run
-on the step's own threads (torch's intra-op pool, or the GPU):
+as a SAM step's (:func:`stream_arrays`: w, g, the backup and the momentum, each of the set's size in bytes,
+held as fp32) and run on the step's own threads (torch's intra-op pool, or the GPU):
 
 * ``read``: the sum of each array: reads 4 words per parameter;
 * ``copy``: ``b <- a`` and ``d <- c``: reads 2, writes 2;
@@ -34,12 +34,27 @@ SCALAR = 0.5
 LR, MOMENTUM = 1e-3, 0.9  # the mix's SGD step; values that keep its arrays far from denormals and overflow
 
 
-def stream_arrays(numel: int, device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
-    """The 4 arrays of ``numel`` elements the kernels run over: SAM's working set. Filled, not empty:
-    reading untouched pages would read the shared zero page and flatter the figure."""
+# The arrays' size is capped: past the last-level cache the bandwidth no longer depends on it, and on GPT-2
+# medium 4 full-size arrays would add 2.8 GB beside the rows' state (the 24 GB development machine ran out).
+MAX_BYTES = 1 << 29
+
+
+def array_bytes(numel: int, element_size: int) -> int:
+    """The bytes of each STREAM array for a shape set of ``numel`` parameters of ``element_size`` bytes: the
+    set's size, at most ``MAX_BYTES``."""
     if numel < 1:
         raise ValueError(f"numel must be a positive element count, got {numel}")
-    return [torch.full((numel,), 1.0 + i, dtype=dtype, device=device) for i in range(4)]
+    return min(numel * element_size, MAX_BYTES)
+
+
+def stream_arrays(nbytes: int, device: torch.device) -> List[torch.Tensor]:
+    """The 4 arrays the kernels run over (SAM's working set), of ``nbytes`` each (:func:`array_bytes`).
+
+    They hold fp32 whatever the parameters' dtype: the bandwidth is that of the memory, and on a CPU the
+    kernels' bf16 and fp16 arithmetic (a conversion per element, 2 cores) runs slower than memory, which
+    would make the limit of a bf16 step lenient. Filled, not empty: reading untouched pages would read the
+    shared zero page and flatter the figure."""
+    return [torch.full((max(nbytes // 4, 1),), 1.0 + i, dtype=torch.float32, device=device) for i in range(4)]
 
 
 def kernels(arrays: List[torch.Tensor]) -> Dict[str, Callable[[], object]]:
@@ -62,9 +77,9 @@ def kernels(arrays: List[torch.Tensor]) -> Dict[str, Callable[[], object]]:
     return dict(read=read, copy=copy, triad=triad, mix=mix)
 
 
-def bandwidths(numel: int, element_size: int, seconds: Dict[str, float]) -> Dict[str, float]:
-    """Bytes per second of each kernel that took ``seconds[name]`` over arrays of ``numel`` elements."""
-    return {name: WORDS[name] * element_size * numel / s for name, s in seconds.items()}
+def bandwidths(nbytes: int, seconds: Dict[str, float]) -> Dict[str, float]:
+    """Bytes per second of each kernel that took ``seconds[name]`` over arrays of ``nbytes`` each."""
+    return {name: WORDS[name] * nbytes / s for name, s in seconds.items()}
 
 
 def limit_seconds(numel: int, dtype: torch.dtype, bandwidth: float, words: int) -> float:
