@@ -127,7 +127,8 @@ def test_defaults():
     assert args.shapes == ["mlp", "resnet18"] and args.impl == rows("cpu")[2:] and args.dtype is None
     assert args.sam_impl == [i for i in args.impl if i != "torch"]
     assert parse_args(["--device", "cpu", "--impl", "torch"]).sam_impl == ["torch"]
-    assert parse_args(["--device", "cpu"]).shapes == ["mlp", "resnet18", "vit_b16", "gpt2_medium"]
+    assert parse_args(["--device", "cpu"]).shapes == ["mlp", "resnet18", "vit_b16"]  # GPT-2: only when named
+    assert parse_args(["--device", "cpu", "--shapes", "gpt2_medium"]).shapes == ["gpt2_medium"]
     assert args.methods == list(METHODS) == ["sam", "friendly_sam", "crsam", "lastsam", "lastsam_orthogonal"]
     assert parse_args(["--device", "cpu", "--shapes", "vit_b16,mlp,vit_b16"]).shapes == ["vit_b16", "mlp"]
     assert parse_args(["--device", "cpu", "--methods", "crsam,sam,crsam"]).methods == ["crsam", "sam"]
