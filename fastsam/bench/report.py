@@ -129,7 +129,7 @@ def format_cvar_table(result: Dict[str, Any]) -> str:
     cvar = result["cvar"]
     peers = cvar["peers"]
     head = (f"CVaR losses: loss = cvar_cross_entropy(logits [n, {cvar['classes']}], target, "
-            f"alpha={cvar['alpha']:g}); loss.backward(); logits a {result['dtype']} leaf; "
+            f"alpha={cvar['alpha']:g}); loss.backward(); logits a {result['dtype'] or 'fp32'} leaf; "
             f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {_load(result)}\n"
             "composite: F.cross_entropy(reduction='none') + torch.topk + weighted sum; authors: Brent's bounded "
             f"search of lambda (fminbound, xtol {cvar['xtol']:g}), one .item() per objective evaluation")
