@@ -8,6 +8,8 @@ from fastsam.bench.methods import METHODS
 from fastsam.bench.peers import PEERS, rows
 from fastsam.bench.shapes import make_params
 
+from _bench_trajectory import trajectory
+
 SHAPES = [("w", (5, 3)), ("b", (5,)), ("c", (2, 3, 2, 2))]
 
 
@@ -80,20 +82,9 @@ FAMILY_SHAPES = SHAPES + [("scalar", ())]
 
 
 def _family_trajectory(method, row, options, steps=3):
-    """The parameters after every step call of ``steps`` steps, and SGD's momentum buffers (the sums of the
-    grads the base optimizer stepped with) after every step. Each pass is given new grads (as a backward
-    would: fresh tensors, different at every pass), so the kept grads (EMA, g0, g+) all matter."""
+    """Row ``row``'s trajectory (tests/_bench_trajectory.py) over FAMILY_SHAPES."""
     params = make_params(FAMILY_SHAPES)
-    opt = METHODS[method].make(row, params, **options)
-    points, momenta = [], []
-    for step in range(steps):
-        for k, call in enumerate(METHODS[method].steps):
-            for p, q in zip(params, make_params(FAMILY_SHAPES, seed=100 + 10 * step + k)):
-                p.grad = q.grad
-            getattr(opt, call)()
-            points.append(torch.cat([p.detach().flatten() for p in params]))
-        momenta.append(torch.cat([opt.base_optimizer.state[p]["momentum_buffer"].flatten() for p in params]))
-    return points, momenta
+    return trajectory(method, METHODS[method].make(row, params, **options), params, FAMILY_SHAPES, steps)
 
 
 def _variant_id(v):

@@ -9,6 +9,8 @@ from fastsam.bench import po_peers  # noqa: E402
 from fastsam.bench.methods import METHODS  # noqa: E402
 from fastsam.bench.shapes import make_params  # noqa: E402
 
+from _bench_trajectory import trajectory  # noqa: E402
+
 SHAPES = [("w", (5, 3)), ("b", (5,)), ("c", (2, 3, 2, 2)), ("scalar", ())]
 MAPPED = list(po_peers.PO_CLASSES)
 UNMAPPED = [m for m in METHODS if m not in po_peers.PO_CLASSES]
@@ -31,15 +33,7 @@ def _trajectory(method, options, po_foreach=None, steps=3):
         opt = METHODS[method].make("loop", params, **options)
     else:
         opt = po_peers.make(method, params, foreach=po_foreach, **options)
-    points, momenta = [], []
-    for step in range(steps):
-        for k, call in enumerate(METHODS[method].steps):
-            for p, q in zip(params, make_params(SHAPES, seed=100 + 10 * step + k)):
-                p.grad = q.grad
-            getattr(opt, call)(zero_grad=False)
-            points.append(torch.cat([p.detach().flatten() for p in params]))
-        momenta.append(torch.cat([opt.base_optimizer.state[p]["momentum_buffer"].flatten() for p in params]))
-    return points, momenta
+    return trajectory(method, opt, params, SHAPES, steps)
 
 
 def _variant_id(v):
