@@ -60,13 +60,16 @@ def test_without_a_gpu_it_refuses_at_once_in_one_line(tmp_path):
 @no_gpu
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_gpu_check_runs_the_script_with_gpu_python():
+    # run as a top-level make (the suite itself may run under `make test`, whose variables a child make inherits)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     dry = subprocess.run(["make", "-n", "gpu-check", "GPU_PYTHON=/opt/x/python3"], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=env)
     assert "/opt/x/python3 tools/gpu_check.py" in dry.stdout
-    default = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True)
+    default = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env=env)
     assert default.stdout.startswith("python3 tools/gpu_check.py")  # the machine's python, not .venv's
     real = subprocess.run(["make", "gpu-check", f"GPU_PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
     assert real.returncode != 0
     assert "gpu-check: no CUDA device visible to " in real.stderr
 
