@@ -95,11 +95,6 @@ class Method:
                 call()
         return step
 
-    def bytes_per_param(self, dtype: torch.dtype) -> Optional[int]:
-        if self.words_per_param is None:
-            return None
-        return self.words_per_param * torch.empty((), dtype=dtype).element_size()
-
 
 METHODS: Dict[str, Method] = {m.name: m for m in [
     Method("sam", "SAM", peers.LoopSAM, peers.ForeachSAM, fastsam.SAM, 10, options=dict(rho=0.05)),
