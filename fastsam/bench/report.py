@@ -65,8 +65,8 @@ def _ratio(x: Any, suffix: str = "x") -> str:
 
 
 def format_table(result: Dict[str, Any]) -> str:
-    """The SAM table: per shape set (its dtype and STREAM bandwidths in a line of their own) and method, a row
-    per peer and fastsam impl, then the method's bandwidth limit."""
+    """The SAM table: a header line per shape set and method with its dtype and STREAM bandwidths; per shape
+    set and method a row per peer and fastsam impl, then the method's bandwidth limit."""
     methods = result["methods"]
     by_steps: Dict[str, List[str]] = {}
     for name, m in methods.items():

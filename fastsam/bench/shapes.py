@@ -17,6 +17,11 @@ def _linear(name: str, fan_in: int, fan_out: int) -> ShapeList:
     return [(f"{name}.weight", (fan_out, fan_in)), (f"{name}.bias", (fan_out,))]
 
 
+def _conv1d(name: str, fan_in: int, fan_out: int) -> ShapeList:
+    """Hugging Face's Conv1D: a linear layer whose weight is stored (in, out)."""
+    return [(f"{name}.weight", (fan_in, fan_out)), (f"{name}.bias", (fan_out,))]
+
+
 def _norm(name: str, dim: int) -> ShapeList:
     return [(f"{name}.weight", (dim,)), (f"{name}.bias", (dim,))]
 
@@ -63,15 +68,13 @@ def vit_b16(classes: int = 1000, dim: int = 768, layers: int = 12, mlp_dim: int 
 def gpt2(layers: int = 24, dim: int = 1024, vocab: int = 50257, context: int = 1024) -> ShapeList:
     """Hugging Face ``GPT2LMHeadModel`` (default: GPT-2 medium, 355M parameters): token and position
     embeddings, ``layers`` blocks of (ln_1, attention c_attn/c_proj, ln_2, MLP c_fc/c_proj), ln_f. The LM head
-    is tied to the token embedding, so it adds no parameter. HF's Conv1D stores weights as (in, out)."""
+    is tied to the token embedding, so it adds no parameter."""
     out: ShapeList = [("transformer.wte.weight", (vocab, dim)), ("transformer.wpe.weight", (context, dim))]
     for i in range(layers):
         pre = f"transformer.h.{i}"
-
-        def conv1d(name: str, fan_in: int, fan_out: int) -> ShapeList:
-            return [(f"{pre}.{name}.weight", (fan_in, fan_out)), (f"{pre}.{name}.bias", (fan_out,))]
-        out += _norm(f"{pre}.ln_1", dim) + conv1d("attn.c_attn", dim, 3 * dim) + conv1d("attn.c_proj", dim, dim)
-        out += _norm(f"{pre}.ln_2", dim) + conv1d("mlp.c_fc", dim, 4 * dim) + conv1d("mlp.c_proj", 4 * dim, dim)
+        out += _norm(f"{pre}.ln_1", dim) + _conv1d(f"{pre}.attn.c_attn", dim, 3 * dim)
+        out += _conv1d(f"{pre}.attn.c_proj", dim, dim) + _norm(f"{pre}.ln_2", dim)
+        out += _conv1d(f"{pre}.mlp.c_fc", dim, 4 * dim) + _conv1d(f"{pre}.mlp.c_proj", 4 * dim, dim)
     return out + _norm("transformer.ln_f", dim)
 
 

@@ -85,4 +85,4 @@ def bandwidths(nbytes: int, seconds: Dict[str, float]) -> Dict[str, float]:
 def limit_seconds(numel: int, dtype: torch.dtype, bandwidth: float, words: int) -> float:
     """The bandwidth limit of one step that moves ``words`` words of ``dtype`` per parameter over ``numel``
     parameters at ``bandwidth`` bytes/s."""
-    return words * torch.empty((), dtype=dtype).element_size() * numel / bandwidth
+    return words * dtype.itemsize * numel / bandwidth

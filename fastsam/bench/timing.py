@@ -52,19 +52,18 @@ def time_paired(fns: Dict[str, Callable[[], object]], device: torch.device, roun
     """
     names = list(fns)
     out: Dict[str, Dict[str, object]] = {}
+    slowest = 0.0  # the slowest row's last warm-up call
     for name in names:
         first = last = _timed(fns[name], device)
         for _ in range(max(warmup, 1) - 1):
             last = _timed(fns[name], device)
-        out[name] = dict(first_s=first, last_warmup_s=last, times=[])
+        out[name] = dict(first_s=first, times=[])
+        slowest = max(slowest, last)
     if rounds is None:
-        slowest = max(out[name]["last_warmup_s"] for name in names)
         rounds = min(max_rounds, max(min_rounds, int(budget_s / max(slowest, 1e-9))))
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             out[name]["times"].append(_timed(fns[name], device))
-    for entry in out.values():
-        del entry["last_warmup_s"]
     return out
 
 
