@@ -3,8 +3,9 @@
 Run as a script (the phase of a resume test that must start in a fresh process), or main_jobs(jobs):
     python _resume_driver.py JOBS.json
 JOBS.json is a list of jobs {"spec": ..., "start": int, "stop": int, "load": path | null,
-"save": [[step, path], ...], "strip": [key, ...]}: build the model and optimizer of ``spec``, load the
-checkpoint ``load`` (its optimizer state dict without the keys in ``strip``), train steps [start, stop)
+"save": [[step, path], ...], "base_only": bool}: build the model and optimizer of ``spec``, load the
+checkpoint ``load`` (its optimizer state dict without the method's own state when ``base_only``), train
+steps [start, stop)
 and, once ``step`` steps are done, save the checkpoint {"model", "optimizer", "rng"} to ``path``.
 A spec is {"method": class name in fastsam, "options": method kwargs, "base": key of BASES,
 "impl": impl}. Everything is seeded, so a job depends on its spec, its step range and its checkpoint only.
@@ -72,13 +73,21 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int, s
                        save[step + 1])
 
 
+def base_only(state_dict: dict) -> dict:
+    """An optimizer state dict as its base optimizer alone would have saved it: without the "fastsam" entries
+    of the param groups and the "fastsam_" buffers of the per-parameter state."""
+    return {"state": {i: {k: v for k, v in s.items() if not k.startswith("fastsam_")}
+                      for i, s in state_dict["state"].items()},
+            "param_groups": [{k: v for k, v in g.items() if k != "fastsam"} for g in state_dict["param_groups"]]}
+
+
 def run_job(job: dict) -> None:
     model = make_model()
     opt = make_optimizer(job["spec"], model)
     if job["load"]:
         ckpt = torch.load(job["load"], weights_only=True)
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict({k: v for k, v in ckpt["optimizer"].items() if k not in job.get("strip", [])})
+        opt.load_state_dict(base_only(ckpt["optimizer"]) if job.get("base_only") else ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
     train(model, opt, job["start"], job["stop"], dict(job["save"]))
 

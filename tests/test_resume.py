@@ -72,7 +72,7 @@ def _run(jobs, path):
 def runs(tmp_path_factory):
     """{(case, impl, kind): checkpoint path} after 20 steps: "straight" uninterrupted, and resumed from
     the straight run's checkpoint at step 10: "resumed" on the same impl, "cross" on the other impl,
-    "stripped" without the optimizer state dict's "fastsam" entry."""
+    "stripped" without the method's own state in the optimizer state dict (driver.base_only)."""
     tmp = tmp_path_factory.mktemp("resume")
     first, second, out = [], [], {}
     for name, spec in METHODS.items():
@@ -82,15 +82,15 @@ def runs(tmp_path_factory):
             out[name, impl, "straight"] = tmp / f"{name}-{impl}-20.pt"
             first.append(dict(spec=s, start=0, stop=STEPS, load=None,
                               save=[[HALF, half], [STEPS, str(out[name, impl, "straight"])]]))
-            resumed = [("resumed", s, [])]
+            resumed = [("resumed", s, False)]
             if name in CROSS:
-                resumed.append(("cross", dict(spec, impl=IMPLS[1 - IMPLS.index(impl)]), []))
+                resumed.append(("cross", dict(spec, impl=IMPLS[1 - IMPLS.index(impl)]), False))
             if name in STRIPPED and impl == "cpu":
-                resumed.append(("stripped", s, ["fastsam"]))
-            for kind, spec2, strip in resumed:
+                resumed.append(("stripped", s, True))
+            for kind, spec2, base_only in resumed:
                 out[name, impl, kind] = tmp / f"{name}-{impl}-{kind}.pt"
                 second.append(dict(spec=spec2, start=HALF, stop=STEPS, load=half,
-                                   save=[[STEPS, str(out[name, impl, kind])]], strip=strip))
+                                   save=[[STEPS, str(out[name, impl, kind])]], base_only=base_only))
     threads = torch.get_num_threads()
     with torch.random.fork_rng():
         try:
@@ -181,7 +181,7 @@ def test_loading_replaces_the_method_state():
     state dict has no method state (then the EMA starts again)."""
     spec = _spec("FriendlySAM", "sgd")
     _, saved_opt = _trained(spec)
-    saved = {k: v for k, v in copy.deepcopy(saved_opt.state_dict()).items() if k != "fastsam"}
+    saved = driver.base_only(copy.deepcopy(saved_opt.state_dict()))
     results = []
     for used in (False, True):
         model = driver.make_model()

@@ -9,6 +9,9 @@ kernel: the kernel gets the count as a float, cached per bucket). A capturable g
 parameters' device instead (torch's capturable layout); the kernel reads each one there, and a skipped
 step takes its increment back on the device.
 
+The state is keyed by the parameters themselves and laid out like them (a DTensor parameter's buffers are
+DTensors); the kernels see the same views of it as of the parameters (``kernel_view``: the local shard).
+
 Anything else (another optimizer, amsgrad, fused/differentiable flags, tensor lr, and Adam inside
 torch.compile) takes the generic path: restore, then ``base_optimizer.step()``.
 """
@@ -20,7 +23,7 @@ import torch
 from torch import Tensor
 
 import fastsam.ops as ops
-from fastsam.optim._buckets import take
+from fastsam.optim._buckets import kernel_view, take
 
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
@@ -65,14 +68,15 @@ def _sgd(base, bucket, lists, gate: GateArgs) -> None:
     if momentum == 0:
         ops.restore_sgd_(params, grads, backups, [], *args, False, grads_b, grads_c, coef, *scaling, impl=impl)
         return
-    states = [base.state[p] for p in params]
+    keys = bucket.keys()
+    states = [base.state[p] for p in keys]
     new = [i for i, s in enumerate(states) if s.get("momentum_buffer") is None]
     for i in new:
         # A gated first step may be skipped on the device, leaving the buffer unwritten, and the next one
         # takes it as initialized: zeros make that step torch's first step exactly when dampening is 0.
         make = torch.zeros_like if gate is not None else torch.empty_like
-        states[i]["momentum_buffer"] = make(params[i], memory_format=torch.preserve_format)
-    bufs = [s["momentum_buffer"] for s in states]
+        states[i]["momentum_buffer"] = make(keys[i], memory_format=torch.preserve_format)
+    bufs = [kernel_view(s["momentum_buffer"]) for s in states]
     # First step of some parameters: torch sets their buffer to d_p; the kernel does that in place.
     calls = [(None, False)] if not new else [(sorted(set(range(len(params))) - set(new)), False), (new, True)]
     for idx, init in calls:
@@ -85,9 +89,10 @@ def _sgd(base, bucket, lists, gate: GateArgs) -> None:
 def _adam(base, bucket, lists, gate: GateArgs) -> None:
     group, params, impl = bucket.group, bucket.params, bucket.impl
     grads, backups, grads_b, grads_c, coef = lists
-    states = [base.state[p] for p in params]
+    keys = bucket.keys()
+    states = [base.state[p] for p in keys]
     on_device = gate is not None or bool(group.get("capturable"))
-    for p, s in zip(params, states):
+    for p, s in zip(keys, states):
         if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
             s["step"] = torch.tensor(0.0, dtype=torch.float32)
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -97,7 +102,8 @@ def _adam(base, bucket, lists, gate: GateArgs) -> None:
     steps = [s["step"] for s in states]
     beta1, beta2 = group["betas"]
     decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
-    tensors = (params, grads, backups, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+    tensors = (params, grads, backups, [kernel_view(s["exp_avg"]) for s in states],
+               [kernel_view(s["exp_avg_sq"]) for s in states])
     hyper = (group["lr"], beta1, beta2, group["weight_decay"], group["eps"], decoupled, group["maximize"])
     if on_device:
         bucket.adam_steps = None  # the counts are not known on the host any more

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 import torch
 from torch import Tensor
 
+from fastsam.optim._sharding import local, scope_of, version
 from fastsam.utils import stop_tracking_bn
 
 
@@ -39,7 +40,7 @@ class GradLedger:
         """Remembers the current grads (``zeroed``: the optimizer just zeroed them in place)."""
         for p in params:
             g = p.grad
-            self._marks[p] = None if g is None else _Mark(weakref.ref(g), g._version, zeroed)
+            self._marks[p] = None if g is None else _Mark(weakref.ref(g), version(g), zeroed)
 
     def cleared(self) -> None:
         """Every grad was set to None (what a missing mark means too)."""
@@ -63,7 +64,7 @@ class GradLedger:
             if mark is None or mark.grad() is not g:
                 fresh.append(g)  # a new tensor: autograd made it (or the caller assigned it) since the mark
                 continue
-            bumps = g._version - mark.version
+            bumps = version(g) - mark.version
             if mark.zeroed:  # by the optimizer: any in-place change since is a backward
                 if bumps:
                     fresh.append(g)
@@ -74,12 +75,12 @@ class GradLedger:
         if changed:
             # One in-place change is either a zeroing outside the optimizer (model.zero_grad(set_to_none=False))
             # or a backward onto the last step's grads; the values tell (one host read, in this case only).
-            nonzero = _nonzero([g for g, _ in changed])
-            if any(nz and bumps == 1 for nz, (_, bumps) in zip(nonzero, changed)):
+            written = nonzero([g for g, _ in changed])
+            if any(nz and bumps == 1 for nz, (_, bumps) in zip(written, changed)):
                 raise RuntimeError(
                     "a backward pass added its gradients onto those the last step left in .grad: zero the "
                     "grads after each step (opt.zero_grad()), or let step(closure) run every pass")
-            fresh += [g for nz, (g, _) in zip(nonzero, changed) if nz]
+            fresh += [g for nz, (g, _) in zip(written, changed) if nz]
         if fresh and stale:
             raise RuntimeError(
                 "some parameters have new gradients and others still hold those the last step left in .grad: "
@@ -87,10 +88,25 @@ class GradLedger:
         return bool(fresh)
 
 
-def _nonzero(grads: List[Tensor]) -> List[bool]:
-    """Per grad: whether it has a nonzero (or NaN) entry; one host read."""
-    peaks = torch._foreach_norm(grads, float("inf"))
-    return torch.stack([p.float().to(peaks[0].device) for p in peaks]).ne(0).tolist()
+def nonzero(grads: List[Tensor]) -> List[bool]:
+    """Per grad: whether it has a nonzero (or NaN) entry; one host read. A DTensor grad is read on its local
+    shard, then the peaks of each process group's shards are all-reduced, so every rank decides alike."""
+    shards = [local(g) for g in grads]
+    peaks = torch.zeros(len(grads), device=shards[0].device)  # an empty shard (a rank of FSDP2 may hold one): 0
+    held = [i for i, g in enumerate(shards) if g.numel()]
+    if held:
+        norms = torch._foreach_norm([shards[i] for i in held], float("inf"))
+        peaks[held] = torch.stack([n.float().to(peaks.device) for n in norms])
+    by_group: Dict[int, Tuple[object, List[int]]] = {}
+    for i, g in enumerate(grads):
+        group = scope_of(g).group
+        if group is not None:
+            by_group.setdefault(id(group), (group, []))[1].append(i)
+    for group, idx in by_group.values():
+        shared = peaks[idx]
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX, group=group)
+        peaks[idx] = shared
+    return peaks.ne(0).tolist()
 
 
 @contextlib.contextmanager

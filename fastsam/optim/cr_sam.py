@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 import fastsam.ops as ops
-from fastsam.optim import _buckets
+from fastsam.optim import _buckets, _sharding
 from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number, restore_w, weights_moved
 
 _MODES = ("authors", "paper")
@@ -87,7 +87,7 @@ class CRSAM(SAM):
             grads, copies = b.grads(), b.buffers["grad_plus"]
             inv_scale, found_inf = gate.on(b.params[0].device) if gate else (None, None)
             if b.perturbed:
-                ops.reflect_(b.params, b.backups, b.buffers["grad0"], self._acc[b.params[0].device],
+                ops.reflect_(b.params, b.backups, b.buffers["grad0"], self._norm_sq[b.params[0].device],
                              b.group["rho"], self._eps_norm, grads, copies, inv_scale, found_inf, impl=b.impl)
             elif inv_scale is not None:
                 torch._foreach_copy_(copies, torch._foreach_mul([g.float() for g in grads], inv_scale))
@@ -125,8 +125,15 @@ class CRSAM(SAM):
             self.zero_grad()
 
     def _paper_coefficients(self, devices, losses) -> None:
-        """(a - b, 1 + a + b, -2a) with a = gamma / (L+ + L- - 2 L0), b = beta / (L+ - L-), on the device."""
-        l0, lp, lm = (torch.as_tensor(x).detach().float().reshape(()) for x in losses)
+        """(a - b, 1 + a + b, -2a) with a = gamma / (L+ + L- - 2 L0), b = beta / (L+ - L-), on the device.
+        With sharded (FSDP2) parameters, each loss is first averaged over the ranks (one all-reduce): the
+        ranks' grads are averaged too, and every rank must take the same coefficients."""
+        device = next(iter(devices))
+        values = torch.stack([torch.as_tensor(x).detach().float().reshape(()).to(device) for x in losses])
+        meshes = {p.device_mesh for p in self._params() if _sharding.is_dtensor(p)}
+        if meshes:
+            values = _sharding.mean_over_ranks(values, meshes)
+        l0, lp, lm = values
         diffs = torch.stack([lp + lm - 2 * l0, lp - lm])
         tiny = torch.full_like(diffs, _EPS_LOSS).copysign(diffs)
         diffs = torch.where(diffs.abs() < _EPS_LOSS, tiny, diffs)
@@ -155,7 +162,8 @@ class CRSAM(SAM):
             self.third_step(losses=losses)
             return None
         if closure is None:
-            self._raise_no_closure()
+            self._step_without_closure()
+            return None
         passes = self._closure_passes(closure)
         with self._abandoned_on_error():
             loss0 = self._pass_at_w(passes) if self.mode == "paper" or not passes.calls else None

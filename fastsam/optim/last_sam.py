@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 import fastsam.ops as ops
-from fastsam.optim import _buckets
+from fastsam.optim import _buckets, _sharding
 from fastsam.optim._buckets import take
 from fastsam.optim.asam import ASAM, _check_normalization, check_asam_group
-from fastsam.optim.sam import SAM, Combination, _check_bool, _check_nonneg, _check_p, _sum_over_devices, _zeroed
+from fastsam.optim.sam import SAM, Combination, _check_bool, _check_nonneg, _check_p
 
 _SHARPNESS = ("asam", "sam")
 _EPS_ORTHO = 1e-12  # in ||g||^2 + eps of the projection
@@ -108,13 +108,13 @@ class LastSAM(SAM):
         if not self.orthogonal or not self.sharpness_active:
             return None
         # coef = (1, -(g_sam . g) / (||g||^2 + eps), 0), from one fused reduction over all buckets.
-        dots = _zeroed(self._dot, {b.params[0].device for b in buckets}, 2)
+        dots = _sharding.zeroed(self._dot, {b.scope for b in buckets}, 2)
         for b in buckets:
             grads = b.grads()
             # A parameter without a grad in this pass takes no step: it is left out of the projection too.
             idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
-            ops.dot_norm_sq_(dots[b.params[0].device], take(grads, idx), take(b.buffers["grad0"], idx), impl=b.impl)
-        for d, acc in _sum_over_devices(dots).items():
+            ops.dot_norm_sq_(dots[b.scope], take(grads, idx), take(b.buffers["grad0"], idx), impl=b.impl)
+        for d, acc in _sharding.global_sums(dots).items():
             if d not in self._coef:
                 self._coef[d] = torch.tensor([1.0, 0.0, 0.0], device=d)
             c = self._coef[d][1:2]  # written in place: no allocation per step
@@ -135,7 +135,11 @@ class LastSAM(SAM):
         """Before the switch: the base optimizer's step, after running ``closure`` at w unless the caller
         already ran that backward (davda54's style; see :meth:`SAM.step` for the contract); returns the
         closure's loss (None when it did not run). From the switch on: a whole SAM/ASAM step (see
-        :meth:`SAM.step`), which needs the closure."""
+        :meth:`SAM.step`), which needs the closure. Without a closure, every lr 0 and every grad zero: a
+        distributed checkpoint's state initialisation, which changes nothing (not ``steps_done`` either)."""
+        if closure is None and self._is_state_init_call():
+            self._init_state()
+            return None
         if self.sharpness_active:
             return super().step(closure)
         loss = None
@@ -158,11 +162,11 @@ class LastSAM(SAM):
         # The sharpness method decides the group options (eta, normalization or adaptive).
         return f"LastSAM({self.sharpness})"
 
-    def _own_state(self) -> dict:
-        return dict(super()._own_state(), steps_done=self.steps_done)
+    def _own_counters(self) -> dict:
+        return dict(super()._own_counters(), steps_done=self.steps_done)
 
-    def _load_own_state(self, own: dict) -> None:
-        super()._load_own_state(own)
+    def _load_own_counters(self, own: dict) -> None:
+        super()._load_own_counters(own)
         self.steps_done = int(own.get("steps_done", 0))
 
     def __repr__(self) -> str:

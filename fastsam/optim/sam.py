@@ -10,7 +10,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam._checks import _check_bool, _check_nonneg, _check_number  # noqa: F401  (re-exported to the family)
-from fastsam.optim import _buckets, _fused_update, _gate, _passes
+from fastsam.optim import _buckets, _fused_update, _gate, _passes, _sharding
 from fastsam.ops.reference import upcast
 from fastsam.optim._buckets import take
 
@@ -123,7 +123,8 @@ class SAM(torch.optim.Optimizer):
         self._plan_key: Optional[tuple] = None
         self._plan_grads: Optional[tuple] = None  # which parameters had a grad in the last first_step
         self._perturbed: Optional[List[_buckets.Bucket]] = None
-        self._acc: Dict[torch.device, Tensor] = {}  # the squared norm of the first step, per device
+        self._acc: Dict[_sharding.Scope, Tensor] = {}  # the squared norm of the first step, per scope
+        self._norm_sq: Dict[torch.device, Tensor] = {}  # its global total, per device
         self._ledger = _passes.GradLedger()  # the grads as the last step left them (see step)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
@@ -227,7 +228,7 @@ class SAM(torch.optim.Optimizer):
             if b.perturbed and b.mode == ops.MODE_ROW:
                 ops.row_norm_(b.row_scales, b.params, b.eta, impl=b.impl)
         grads = [b.grads() for b in buckets]
-        norm_sq = self._global_norm_sq(buckets, grads, inv)
+        norm_sq = self._norm_sq = self._global_norm_sq(buckets, grads, inv)
         gate = None
         if scaler is not None or self.nonfinite is not None:
             gate = _gate.Gate(self._found_at_w(buckets, grads, norm_sq), inv, scaler)
@@ -254,40 +255,40 @@ class SAM(torch.optim.Optimizer):
     def _global_norm_sq(self, buckets, grads, inv=None) -> Dict[torch.device, Tensor]:
         """sum ||T d||^2 over all perturbed p=2 buckets, as an fp32 [1] tensor on every device involved
         (``inv``: the inverse loss scale of the grads, by device)."""
-        accs = _zeroed(self._acc, {b.params[0].device for b in buckets}, 1)
-        for b, g in zip(buckets, grads):
-            if b.perturbed and b.group["p"] != math.inf:
-                d = b.params[0].device
+        accs = _sharding.zeroed(self._acc, {b.scope for b in buckets}, 1)
+        normed = [b.perturbed and b.group["p"] != math.inf for b in buckets]
+        for b, g, n in zip(buckets, grads, normed):
+            if n:
                 for idx, ema, sigma, _ in self._directions(b):
-                    ops.norm_sq_(accs[d], take(g, idx), take(b.params, idx), take(b.row_scales, idx), b.mode,
-                                 b.eta, take(ema, idx), sigma, None if inv is None else inv[d], impl=b.impl)
-        return _sum_over_devices(accs)
+                    ops.norm_sq_(accs[b.scope], take(g, idx), take(b.params, idx), take(b.row_scales, idx), b.mode,
+                                 b.eta, take(ema, idx), sigma, None if inv is None else inv[b.scope.device],
+                                 impl=b.impl)
+        return _sharding.global_sums(accs, added={b.scope for b, n in zip(buckets, normed) if n})
 
     def _found_at_w(self, buckets, grads, norm_sq) -> Dict[torch.device, Tensor]:
         """The found flags of the pass at w: the norm already summed the grads of the perturbed p=2
         buckets (a non-finite grad makes it non-finite); the other grads get a sum of their own."""
         covered = [b.perturbed and b.group["p"] != math.inf for b in buckets]
         found = self._nonfinite_sums(self._found, [(b, g) for b, g, c in zip(buckets, grads, covered) if not c],
-                                     {b.params[0].device for b in buckets})
+                                     {b.scope for b in buckets})
         for d, f in found.items():
             f.add_(norm_sq[d])
             _gate.flag_nonfinite_(f)
         return found
 
-    def _nonfinite_sums(self, buffers, pairs, devices) -> Dict[torch.device, Tensor]:
-        """Into ``buffers`` (zeroed first), by device: sum g^2 over the given (bucket, grads) pairs (a
-        read of the grads), summed over devices: non-finite iff one of the grads is."""
-        sums = _zeroed(buffers, devices, 1)
+    def _nonfinite_sums(self, buffers, pairs, scopes) -> Dict[torch.device, Tensor]:
+        """Into ``buffers`` (zeroed first), by scope: sum g^2 over the given (bucket, grads) pairs (a read
+        of the grads), summed over scopes and ranks: non-finite iff one of the grads is. By device."""
+        sums = _sharding.zeroed(buffers, scopes, 1)
         for b, g in pairs:
             idx = [i for i, t in enumerate(g) if t is not None]
-            ops.norm_sq_(sums[b.params[0].device], take(g, idx), take(b.params, idx), [], ops.MODE_IDENTITY, 0.0,
-                         impl=b.impl)
-        return _sum_over_devices(sums)
+            ops.norm_sq_(sums[b.scope], take(g, idx), take(b.params, idx), [], ops.MODE_IDENTITY, 0.0, impl=b.impl)
+        return _sharding.global_sums(sums, added={b.scope for b, _ in pairs})
 
     def _flag_pass(self, gate: _gate.Gate, buckets) -> None:
         """Adds the found flag of the grads of the pass just done to ``gate`` (the nonfinite policy's
         check: one read of the grads)."""
-        checks = self._nonfinite_sums(self._check, [(b, b.grads()) for b in buckets], set(gate.found))
+        checks = self._nonfinite_sums(self._check, [(b, b.grads()) for b in buckets], {b.scope for b in buckets})
         for d, f in gate.found.items():
             f.add_(_gate.flag_nonfinite_(checks[d])).clamp_(max=1.0)
 
@@ -366,7 +367,7 @@ class SAM(torch.optim.Optimizer):
             return None
         devices = {b.params[0].device for b in perturbed}
         if at_w is None:  # LastSAM's base step: no pass at w before this one
-            at_w = _gate.Gate(_zeroed(self._found, devices, 1))
+            at_w = _gate.Gate(_sharding.zeroed(self._found, devices, 1))
         if scaler_found is None:
             self._flag_pass(at_w, perturbed)
             return at_w
@@ -409,12 +410,15 @@ class SAM(torch.optim.Optimizer):
         Returns the loss at w when this call computed it, otherwise the loss at w + e. If the closure
         raises during a later pass, w is restored and the step is abandoned before the error propagates.
 
-        Without a closure, after ``first_step``: finishes the step (what ``scaler.step(opt)`` calls)."""
+        Without a closure, after ``first_step``: finishes the step (what ``scaler.step(opt)`` calls).
+        Without a closure, every lr 0 and every grad zero: makes the state a checkpoint loads into (see
+        :meth:`_is_state_init_call`)."""
         if closure is None:
             if self._perturbed is not None:  # after first_step: GradScaler.step's call, or a loop's own
                 self.second_step()
                 return None
-            self._raise_no_closure()
+            self._step_without_closure()
+            return None
         passes = self._closure_passes(closure)
         with self._abandoned_on_error():
             loss = None if passes.calls else self._pass_at_w(passes)
@@ -450,6 +454,42 @@ class SAM(torch.optim.Optimizer):
     def _finish_hint(self) -> str:
         """How to finish a step under way, for messages."""
         return "second_step(), or scaler.step(opt) after first_step(grad_scaler=scaler)"
+
+    def _step_without_closure(self) -> None:
+        """``step()`` without a closure and no step under way: the state initialisation of a distributed
+        checkpoint, or a mistake, which raises RuntimeError."""
+        if self._is_state_init_call():
+            self._init_state()
+            return
+        self._raise_no_closure()
+
+    def _is_state_init_call(self) -> bool:
+        """Whether this ``step()`` is torch.distributed.checkpoint's way to make an optimizer's state before
+        it reads or loads a state dict (get/set_optimizer_state_dict, when ``.state`` is empty): every
+        group's lr set to 0 and every grad zero-filled. A SAM step there would run no closure, and the base
+        optimizer's step with zero grads would still decay momentum and count an Adam step."""
+        if getattr(self, "found_inf", None) is not None or not self.next_pass_at_w:
+            return False
+        if any(float(g["lr"]) != 0 for g in self.param_groups):
+            return False
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        return bool(grads) and not any(_passes.nonzero(grads))
+
+    @torch.no_grad()
+    def _init_state(self) -> None:
+        """The state a checkpoint loads into, changing nothing a step would see: the base optimizer's
+        state, made by its own step as torch's helpers do (only when it has none: with zero grads that step
+        still decays momentum), and the method's saved buffers, zero-filled and marked so that the first
+        step still treats their parameters as new."""
+        if not self.base_optimizer.state:
+            self.base_optimizer.step()
+        for p in self._params():
+            st = self.state[p]
+            for k in self._saved_buffers:
+                if p.grad is not None and k not in st:
+                    st[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st[_buckets.UNSTARTED] = True
+        self._plan = None
 
     def _raise_no_closure(self):
         if getattr(self, "found_inf", None) is not None:  # GradScaler.step called step() without a first_step
@@ -489,29 +529,55 @@ class SAM(torch.optim.Optimizer):
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The base optimizer's state dict, whose param groups hold the method's options (rho, ...) as
-        well, plus the key "fastsam": {"method": the method (:meth:`_method_name`), "state": the method's
-        own per-parameter state by parameter index (Friendly SAM's EMA), and the method's counters
-        (LastSAM's ``steps_done``; ``skipped_steps`` once a step was gated)}. Backups and grad copies are scratch space within a step and are not
-        saved: a state dict taken between whole steps resumes bit for bit, also in a new process (on
-        another impl: to rounding)."""
+        """The base optimizer's state dict, in torch's layout, with the method's own state inside it:
+
+        - every param group gets the key "fastsam": {"method": the method (:meth:`_method_name`), and the
+          method's counters (LastSAM's ``steps_done``; ``skipped_steps`` once a step was gated)}; the
+          group also holds the method's options (rho, ...), which the groups share with the base;
+        - a parameter's entry under "state" gets the method's own buffers under keys prefixed "fastsam_"
+          (Friendly SAM's EMA: "fastsam_ema"), laid out like the parameter (a DTensor for FSDP2).
+
+        Nothing lives outside "state" and "param_groups", so ``torch.distributed.checkpoint``'s
+        get/set_optimizer_state_dict keep all of it. Backups and grad copies are scratch space within a
+        step and are not saved: a state dict taken between whole steps resumes bit for bit, also in a new
+        process (on another impl: to rounding)."""
         state_dict = self.base_optimizer.state_dict()
-        state_dict["fastsam"] = self._own_state()
+        state = state_dict["state"]
+        for i, p in enumerate(self._params()):
+            own = {BUFFER_PREFIX + k: self.state[p][k] for k in self._saved_buffers if k in self.state[p]}
+            if own:  # a new dict: the base's entries are its live per-parameter state
+                state[i] = {**state.get(i, {}), **own}
+        counters = dict(method=self._method_name(), **self._own_counters())
+        for group in state_dict["param_groups"]:
+            group[OWN_KEY] = dict(counters)
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a state dict of the same method, or a base optimizer's (no "fastsam" key): then the
-        method options it lacks keep their current values and the method's own state starts afresh, as
-        in a new optimizer. The method's state is replaced, never merged with what this optimizer had.
+        """Loads a state dict of the same method (also one that went through torch.distributed.checkpoint,
+        keyed by parameter names), or a base optimizer's (no "fastsam" entries): then the method options it
+        lacks keep their current values and the method's own state starts afresh, as in a new optimizer.
+        The method's state is replaced, never merged with what this optimizer had. State dicts of earlier
+        fastsam versions (a top-level "fastsam" key) load too.
 
         Raises ValueError for a state dict of another method (its options and state mean something
         else there), before anything is changed."""
-        own = state_dict.get("fastsam")
+        groups = state_dict["param_groups"]
+        legacy = state_dict.get(OWN_KEY)  # earlier fastsam: {"method", "state" by index, counters}
+        own = legacy if legacy is not None else next((g[OWN_KEY] for g in groups if OWN_KEY in g), None)
         if own is not None and own.get("method") != self._method_name():
             raise ValueError(f"state_dict was saved by {own.get('method')!r}; this optimizer is "
                              f"{self._method_name()!r}")
+        # The saved ids of the parameters (indices, or names after a distributed checkpoint), in order.
+        saved_ids = [i for g in groups for i in g["params"]]
+        buffers = {i: {k[len(BUFFER_PREFIX):]: v for k, v in s.items() if k.startswith(BUFFER_PREFIX)}
+                   for i, s in state_dict["state"].items()}
+        if legacy is not None:
+            buffers = {saved_ids[int(i)]: s for i, s in legacy.get("state", {}).items()}
+        base_dict = {"state": {i: {k: v for k, v in s.items() if not k.startswith(BUFFER_PREFIX)}
+                               for i, s in state_dict["state"].items()},
+                     "param_groups": [{k: v for k, v in g.items() if k != OWN_KEY} for g in groups]}
         current = self.param_groups
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(base_dict)
         self.param_groups = self.base_optimizer.param_groups  # re-link: the base made new group dicts
         method_options = set(self.defaults) - set(self.base_optimizer.defaults)
         for old, new in zip(current, self.param_groups):
@@ -520,30 +586,25 @@ class SAM(torch.optim.Optimizer):
         self._plan = None
         self._perturbed = None
         self.state.clear()  # buffers are made again at the next step; the saved ones are loaded below
-        self._load_own_state(own or {})
+        by_id = dict(zip(saved_ids, self._params()))
+        for i, saved in buffers.items():
+            p = by_id[i]
+            for k, v in saved.items():
+                self.state[p][k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True).contiguous()
+        self._load_own_counters(own or {})
 
     def _method_name(self) -> str:
         """The method a state dict belongs to: a state dict loads only into the same method."""
         return type(self).__name__
 
-    def _own_state(self) -> dict:
-        params = self._params()
-        state = {i: {k: self.state[p][k] for k in self._saved_buffers if k in self.state[p]}
-                 for i, p in enumerate(params)}
-        own = {"method": self._method_name(), "state": {i: s for i, s in state.items() if s}}
-        if self._skipped is not None:
-            own["skipped_steps"] = self.skipped_steps
-        return own
+    def _own_counters(self) -> dict:
+        """The method's counters, saved in every param group's "fastsam" entry."""
+        return {} if self._skipped is None else {"skipped_steps": self.skipped_steps}
 
-    def _load_own_state(self, own: dict) -> None:
-        """Loads the "fastsam" entry of a state dict ({} for a base optimizer's state dict)."""
-        params = self._params()
+    def _load_own_counters(self, own: dict) -> None:
+        """Loads the counters of a "fastsam" entry ({} for a base optimizer's state dict)."""
         skipped = own.get("skipped_steps")
         self._skipped = None if skipped is None else torch.tensor([float(skipped)])
-        for i, saved in own.get("state", {}).items():
-            p = params[int(i)]
-            for k, v in saved.items():
-                self.state[p][k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True).contiguous()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -554,6 +615,11 @@ class SAM(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(impl={self.impl!r}, base_optimizer={self.base_optimizer!r})"
+
+
+# Where a state dict holds the method's own state (see SAM.state_dict).
+OWN_KEY = "fastsam"
+BUFFER_PREFIX = "fastsam_"
 
 
 def restore_w(buckets: List[_buckets.Bucket]) -> None:
@@ -570,24 +636,6 @@ def weights_moved() -> None:
     opt.step(closure)``) would otherwise evaluate w + e with the copies made at w."""
     if not torch.compiler.is_compiling():
         torch.clear_autocast_cache()
-
-
-def _zeroed(accs: Dict[torch.device, Tensor], devices, n: int) -> Dict[torch.device, Tensor]:
-    """Zeroes (making them the first time) the fp32 ``[n]`` accumulators of ``devices``; returns those."""
-    for d in devices:
-        if d not in accs:
-            accs[d] = torch.zeros(n, device=d, dtype=torch.float32)
-        accs[d].zero_()
-    return {d: accs[d] for d in devices}
-
-
-def _sum_over_devices(accs: Dict[torch.device, Tensor]) -> Dict[torch.device, Tensor]:
-    """One global sum: every device's accumulator gets the sum of all of them."""
-    if len(accs) > 1:
-        total = sum(a.to(next(iter(accs))) for a in accs.values())
-        for a in accs.values():
-            a.copy_(total)
-    return accs
 
 
 def _any_found(gate: _gate.Gate) -> bool:

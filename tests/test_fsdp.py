@@ -1,0 +1,278 @@
+"""fastsam optimizers on FSDP2 (``fully_shard``) parameters: 2 CPU processes (gloo) against one process.
+
+Run as a script, this file is one rank (``python test_fsdp.py PHASE RANK INIT_FILE OUT [CKPT]``): PHASE
+"train" trains every configuration of JOBS on a sharded model and saves the full parameters after the last
+step, counts the collectives of the optimizer's own steps, and writes a distributed checkpoint (DCP) at step
+5; PHASE "resume" builds fresh ranks, loads that checkpoint and trains on to step 10. The tests compare the
+ranks with each other and with the same optimizer trained in this process without sharding, on a loss
+that averages the ranks' losses as FSDP averages their grads (each rank's BatchNorm keeps its own batch
+statistics, so the reference runs the model on each rank's batch apart).
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fastsam
+
+WORLD = 2
+STEPS = 10
+SAVE_AT = 5
+METHODS = {
+    "sam": (fastsam.SAM, dict(rho=0.5)),
+    "sam_inf": (fastsam.SAM, dict(rho=0.02, p=math.inf)),
+    "sam_adaptive": (fastsam.SAM, dict(rho=0.5, adaptive=True)),
+    "asam": (fastsam.ASAM, dict(rho=0.5)),
+    "asam_filterwise": (fastsam.ASAM, dict(rho=0.5, normalization="filterwise")),
+    "fsam": (fastsam.FriendlySAM, dict(rho=0.5)),
+    "crsam": (fastsam.CRSAM, dict(rho=0.5)),
+    "crsam_paper": (fastsam.CRSAM, dict(rho=0.5, mode="paper", gamma=1e-3, beta=1e-3)),
+    "lastsam": (fastsam.LastSAM, dict(switch_at=3, sharpness="sam", rho=0.5)),
+    "lastsam_orthogonal": (fastsam.LastSAM, dict(switch_at=3, sharpness="asam", orthogonal=True)),
+}
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+         "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01))}
+# (method, base, variant): "" plain; "keep" reshard_after_forward=False; "accumulate" two micro-batches per
+# pass under set_requires_gradient_sync(False); "bf16" MixedPrecisionPolicy(bf16 params, fp32 reduce).
+JOBS = ([(m, b, "") for m in METHODS for b in BASES]
+        + [("sam", "sgd", "keep"), ("lastsam_orthogonal", "adamw", "keep"), ("sam", "adamw", "accumulate"),
+           ("crsam", "sgd", "accumulate"), ("sam", "sgd", "bf16")])
+# The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
+CHECKPOINTED = [("sam", "adamw"), ("fsam", "sgd"), ("lastsam_orthogonal", "sgd")]
+CHECKPOINT_SWITCH = 7  # LastSAM switches after the checkpoint: a lost steps_done would delay it
+COUNTED = ["sam", "sam_inf", "asam_filterwise", "fsam", "crsam", "crsam_paper", "lastsam_orthogonal", "sam_skip"]
+
+
+def _net() -> torch.nn.Module:
+    """A conv layer (3 filters over 2 ranks: 2 and 1), BatchNorm and Linear layers; the last layer has
+    one output row, so rank 1 holds empty shards of it. No bias (nor BatchNorm shift) right before a
+    BatchNorm: its grad would be rounding noise, which Adam scales up to full steps."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, bias=False), torch.nn.BatchNorm2d(3), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(48, 6, bias=False), torch.nn.BatchNorm1d(6),
+                               torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+
+def _batch(step: int, rank: int):
+    """(x [8, 2, 6, 6], y [8, 1]) fp32: rank ``rank``'s batch of step ``step``; the ranks' batches differ."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(8, 2, 6, 6, generator=g) + rank, torch.randn(8, 1, generator=g)
+
+
+def _optimizer(method: str, base: str, model, switch_at=None):
+    cls, options = METHODS[method]
+    base_cls, base_options = BASES[base]
+    options = dict(options, switch_at=switch_at) if switch_at is not None else options
+    return cls(model.named_parameters(), base_cls, **options, **base_options)
+
+
+def _train_step(opt, model, losses, variant: str = "") -> None:
+    """One step through ``step(closure)``; ``losses()`` gives the micro-batch losses of one pass."""
+    def closure():
+        parts = losses()
+        for i, loss in enumerate(parts):
+            last = i == len(parts) - 1
+            if variant == "accumulate":
+                model.set_requires_gradient_sync(last)
+            (loss / len(parts)).backward()
+        return sum(p.detach() for p in parts) / len(parts)
+    opt.step(closure)
+    opt.zero_grad()
+
+
+# ---- one rank of the FSDP2 job ---------------------------------------------------------------------
+def _sharded(variant: str = ""):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    model = _net()
+    options = {}
+    if variant == "keep":
+        options["reshard_after_forward"] = False
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            # BatchNorm stays fp32 under mixed precision, as usual (its running statistics are fp32)
+            bf16 = variant == "bf16" and not isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+            fully_shard(layer, **options, **({"mp_policy": mp} if mp else {}))
+    fully_shard(model, **options)
+    return model
+
+
+def _rank_losses(model, step: int, rank: int, variant: str):
+    x, y = _batch(step, rank)
+    if variant == "accumulate":
+        return lambda: [F.mse_loss(model(x[:4]), y[:4]), F.mse_loss(model(x[4:]), y[4:])]
+    return lambda: [F.mse_loss(model(x), y)]
+
+
+def _full(model):
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _count_collectives(method: str, rank: int) -> list:
+    """The collectives each explicit call of a step issues (forward and backward passes not counted)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    model = _sharded()
+    name = "sam" if method == "sam_skip" else method
+    cls, options = METHODS[name]
+    kwargs = dict(options, nonfinite="skip") if method == "sam_skip" else dict(options)
+    if cls is fastsam.LastSAM:
+        kwargs["switch_at"] = 0
+    opt = cls(model.named_parameters(), torch.optim.SGD, **kwargs, lr=0.05, momentum=0.9)
+    x, y = _batch(0, rank)
+    calls = ["first_step", "second_step"] + (["third_step"] if cls is fastsam.CRSAM else [])
+    counts, losses = [], []
+    for i, call in enumerate(calls):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        losses.append(loss)
+        kwargs = {"losses": losses} if call == "third_step" and "paper" in method else {}
+        with CommDebugMode() as comm:
+            getattr(opt, call)(zero_grad=True, **kwargs)
+        counts.append({str(k): v for k, v in comm.get_comm_counts().items()})
+    return counts
+
+
+def _train_phase(rank: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    results = {}
+    for method, base, variant in JOBS:
+        model = _sharded(variant)
+        opt = _optimizer(method, base, model)
+        for step in range(STEPS):
+            _train_step(opt, model, _rank_losses(model, step, rank, variant), variant)
+        results["train", method, base, variant] = _full(model)
+    for method, base in CHECKPOINTED:
+        model = _sharded()
+        opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None)
+        for step in range(STEPS):
+            if step == SAVE_AT:
+                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                         checkpoint_id=os.path.join(ckpt, f"{method}-{base}"))
+            _train_step(opt, model, _rank_losses(model, step, rank, ""))
+        results["straight", method, base] = _full(model)
+    for method in COUNTED:
+        results["collectives", method] = _count_collectives(method, rank)
+    return results
+
+
+def _resume_phase(rank: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    results = {}
+    for method, base in CHECKPOINTED:
+        model = _sharded()
+        opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, f"{method}-{base}"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        for step in range(SAVE_AT, STEPS):
+            _train_step(opt, model, _rank_losses(model, step, rank, ""))
+        results["resumed", method, base] = _full(model)
+    return results
+
+
+def _rank_main(phase: str, rank: int, init_file: str, out: str, ckpt: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = (_train_phase if phase == "train" else _resume_phase)(rank, ckpt)
+    torch.save(results, out)
+    dist.destroy_process_group()
+
+
+# ---- the single-process reference -------------------------------------------------------------------
+def _reference(method: str, base: str, variant: str = "", steps: int = STEPS, switch_at=None):
+    """The same training without sharding: the loss of a pass is the mean of the ranks' losses, each on its
+    own batch (each micro-batch's under "accumulate")."""
+    model = _net()
+    opt = _optimizer(method, base, model, switch_at)
+    for step in range(steps):
+        per_rank = [_rank_losses(model, step, r, variant) for r in range(WORLD)]
+        _train_step(opt, model, lambda: [sum(parts) / WORLD for parts in zip(*(f() for f in per_rank))])
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _launch(phase: str, tmp: Path) -> list:
+    init = tmp / f"init-{phase}"
+    procs, outs = [], []
+    for rank in range(WORLD):
+        outs.append(tmp / f"{phase}-{rank}.pt")
+        procs.append(subprocess.Popen([sys.executable, __file__, phase, str(rank), str(init), str(outs[-1]),
+                                       str(tmp / "ckpt")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=dict(os.environ, OMP_NUM_THREADS="1")))
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    failed = [f"rank {r}:\n{log[-3000:]}" for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode]
+    assert not failed, "\n".join(failed)
+    return [torch.load(o, weights_only=False) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    trained = _launch("train", tmp)
+    resumed = _launch("resume", tmp)
+    return [{**t, **r} for t, r in zip(trained, resumed)]
+
+
+def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("method,base,variant", [j for j in JOBS if j[2] != "bf16"])
+def test_sharded_training_equals_one_process(ranks, method, base, variant):
+    key = ("train", method, base, variant)
+    _assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)  # every rank holds the same parameters
+    # Accumulated micro-batch grads are summed in another order than the reference's single backward, and
+    # CR-SAM's finite differences (g+ + g- - 2 g0) scale that rounding up: atol 1e-5 there.
+    _assert_close(ranks[0][key], _reference(method, base, variant), atol=1e-5 if variant == "accumulate" else 1e-6)
+
+
+def test_mixed_precision_follows_fp32_to_bf16_rounding(ranks):
+    key = ("train", "sam", "sgd", "bf16")
+    _assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)
+    _assert_close(ranks[0][key], _reference("sam", "sgd"), rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("method,base", CHECKPOINTED)
+def test_dcp_checkpoint_resumes_exactly(ranks, method, base):
+    for rank in ranks:
+        _assert_close(rank["resumed", method, base], rank["straight", method, base], rtol=0, atol=0)
+    switch = CHECKPOINT_SWITCH if method.startswith("lastsam") else None
+    _assert_close(ranks[0]["straight", method, base], _reference(method, base, switch_at=switch))
+
+
+# Per explicit call (first_step, second_step[, third_step]): the all-reduces a step adds, each of an fp32
+# tensor of one or two elements: one per global reduction.
+EXPECTED_ALL_REDUCES = {
+    "sam": [1, 0],  # the norm
+    "sam_inf": [0, 0],  # sign(g): no reduction
+    "asam_filterwise": [1, 0],  # the filter norms stay on their rank
+    "fsam": [1, 0],
+    "crsam": [1, 0, 0],
+    "crsam_paper": [1, 0, 1],  # + the three losses, averaged over the ranks
+    "lastsam_orthogonal": [1, 1],  # + the dot product and the norm of g, one reduction
+    "sam_skip": [1, 1],  # the norm carries the found flag of pass 1 (the other grads add to it: same call);
+                         # the check of pass 2
+}
+
+
+@pytest.mark.parametrize("method", COUNTED)
+def test_collectives_per_step(ranks, method):
+    for rank in ranks:
+        counts = rank["collectives", method]
+        all_reduces = [sum(v for k, v in c.items() if "allreduce" in k) for c in counts]
+        assert all_reduces == EXPECTED_ALL_REDUCES[method], counts
+        assert all(all(("allreduce" in k) for k in c) for c in counts), counts  # no other collective
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
