@@ -1,4 +1,4 @@
-r"""SAM under DistributedDataParallel: a closure for ``opt.step(closure)`` that decides which passes sync.
+r"""SAM under DistributedDataParallel and FSDP2: a closure for ``opt.step(closure)`` that decides which passes sync.
 
 A SAM step takes two forward/backward passes (CR-SAM three). Under DDP each backward pass normally
 all-reduces the grads. :func:`sam_closure` builds a closure for ``step`` of every fastsam optimizer that
@@ -25,6 +25,13 @@ there would make the ranks' parameters drift apart. FriendlySAM's EMA of the gra
 perturbation, so under ``no_sync`` each rank keeps the EMA of its own grads (a checkpoint saved on one rank
 holds that rank's EMA).
 
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every pass is synced, ``sync_first_pass=True``: each
+rank holds and perturbs a shard of w, so it needs the shard of the global grad that the backward pass
+reduce-scatters to it (one reduce-scatter per pass, as in any FSDP2 step; the optimizer adds one small
+all-reduce per global norm or dot product). The m-sharpness mode, where each rank perturbs with the grad
+of its own batch, would need each rank to hold its own full copy of w + e: under FSDP2 that defeats
+sharding, and ``sync_first_pass=False`` raises ValueError.
+
 DDP example (one process per rank, after ``torch.distributed.init_process_group``)::
 
     from fastsam.distributed import sam_closure
@@ -39,11 +46,16 @@ DDP example (one process per rank, after ``torch.distributed.init_process_group`
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a torch build without torch.distributed
+    FSDPModule = None
 
 from fastsam._checks import _check_bool
 from fastsam.optim import SAM
@@ -51,20 +63,22 @@ from fastsam.utils import frozen_bn_stats
 
 
 def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[], Tensor],
-                sync_first_pass: bool = False, freeze_bn: bool = True) -> Callable[[], Tensor]:
+                sync_first_pass: Optional[bool] = None, freeze_bn: bool = True) -> Callable[[], Tensor]:
     """A closure for ``optimizer.step(closure)``: each call runs ``compute_loss()`` and its backward pass.
 
     The pass at w (as ``optimizer.next_pass_at_w`` says when the closure is called) runs under
     ``model.no_sync()`` when ``model`` is a ``DistributedDataParallel``, ``sync_first_pass`` is False and
     the optimizer's update does not use that pass's grad (see the module docstring). Every other pass
     runs synced, and inside :func:`fastsam.utils.frozen_bn_stats` when ``freeze_bn``, so that BatchNorm
-    running stats update once per step, at w. Without DDP the closure is the plain SAM closure.
+    running stats update once per step, at w. Under FSDP2 (``model`` made by ``fully_shard``) and without
+    DDP the closure is the plain SAM closure, every pass synced.
 
     Args:
         optimizer: the fastsam optimizer (SAM, ASAM, FriendlySAM, CRSAM, LastSAM) whose step calls it.
         model: the trained module, usually the ``DistributedDataParallel`` wrapper.
         compute_loss: runs the forward pass on this rank's batch and returns the loss, a scalar tensor.
-        sync_first_pass: all-reduce the grad of the pass at w too (the full-batch perturbation).
+        sync_first_pass: all-reduce the grad of the pass at w too (the full-batch perturbation). None (the
+            default): False under DDP, True under FSDP2, which supports only True.
         freeze_bn: keep BatchNorm running statistics unchanged in the passes away from w. ``step(closure)``
             already does that unless ``optimizer.freeze_bn`` is False; ``freeze_bn=False`` needs that too.
 
@@ -77,7 +91,15 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(compute_loss):
         raise TypeError(f"compute_loss must be callable, got {type(compute_loss).__name__}")
+    is_fsdp = FSDPModule is not None and isinstance(model, FSDPModule)
+    if sync_first_pass is None:
+        sync_first_pass = is_fsdp
     _check_bool("sync_first_pass", sync_first_pass)
+    if is_fsdp and not sync_first_pass:
+        raise ValueError("sync_first_pass=False (m-sharpness: each rank perturbs with its own batch's grad) is not "
+                         "supported under FSDP2: every rank all-gathers the same sharded w, so a perturbation of its "
+                         "own would need a full copy of w + e per rank. Use sync_first_pass=True (the default under "
+                         "FSDP2), or DDP for m-sharpness")
     _check_bool("freeze_bn", freeze_bn)
     if not freeze_bn and optimizer.freeze_bn:
         raise ValueError("freeze_bn=False, but the optimizer's step(closure) freezes BatchNorm statistics in the "

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fastsam
+from fastsam.distributed import sam_closure
 
 WORLD = 2
 STEPS = 10
@@ -39,10 +40,12 @@ METHODS = {
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
          "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01))}
 # (method, base, variant): "" plain; "keep" reshard_after_forward=False; "accumulate" two micro-batches per
-# pass under set_requires_gradient_sync(False); "bf16" MixedPrecisionPolicy(bf16 params, fp32 reduce).
+# pass under set_requires_gradient_sync(False); "bf16" MixedPrecisionPolicy(bf16 params, fp32 reduce);
+# "closure" the closure of fastsam.distributed.sam_closure.
 JOBS = ([(m, b, "") for m in METHODS for b in BASES]
         + [("sam", "sgd", "keep"), ("lastsam_orthogonal", "adamw", "keep"), ("sam", "adamw", "accumulate"),
-           ("crsam", "sgd", "accumulate"), ("sam", "sgd", "bf16")])
+           ("crsam", "sgd", "accumulate"), ("sam", "sgd", "bf16"), ("sam", "sgd", "closure"),
+           ("crsam_paper", "adamw", "closure")])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
 CHECKPOINTED = [("sam", "adamw"), ("fsam", "sgd"), ("lastsam_orthogonal", "sgd")]
 CHECKPOINT_SWITCH = 7  # LastSAM switches after the checkpoint: a lost steps_done would delay it
@@ -74,6 +77,11 @@ def _optimizer(method: str, base: str, model, switch_at=None):
 
 def _train_step(opt, model, losses, variant: str = "") -> None:
     """One step through ``step(closure)``; ``losses()`` gives the micro-batch losses of one pass."""
+    if variant == "closure":
+        opt.step(sam_closure(opt, model, lambda: losses()[0]))
+        opt.zero_grad()
+        return
+
     def closure():
         parts = losses()
         for i, loss in enumerate(parts):
@@ -159,6 +167,11 @@ def _train_phase(rank: int, ckpt: str) -> dict:
         results["straight", method, base] = _full(model)
     for method in COUNTED:
         results["collectives", method] = _count_collectives(method, rank)
+    model = _sharded()
+    try:
+        sam_closure(_optimizer("sam", "sgd", model), model, lambda: None, sync_first_pass=False)
+    except ValueError as e:
+        results["m-sharpness"] = str(e)
     return results
 
 
@@ -265,6 +278,10 @@ EXPECTED_ALL_REDUCES = {
 }
 
 
+def test_m_sharpness_is_refused_under_fsdp2(ranks):
+    assert "not supported under FSDP2" in ranks[0]["m-sharpness"]
+
+
 @pytest.mark.parametrize("method", COUNTED)
 def test_collectives_per_step(ranks, method):
     for rank in ranks:
@@ -272,6 +289,75 @@ def test_collectives_per_step(ranks, method):
         all_reduces = [sum(v for k, v in c.items() if "allreduce" in k) for c in counts]
         assert all_reduces == EXPECTED_ALL_REDUCES[method], counts
         assert all(all(("allreduce" in k) for k in c) for c in counts), counts  # no other collective
+
+
+# ---- torch.distributed.checkpoint's state initialisation, in one process ---------------------------
+def _state_of(opt):
+    """Everything a step reads: the base optimizer's state, the method's saved buffers and counters."""
+    import copy
+    return copy.deepcopy((opt.base_optimizer.state_dict(), opt.state_dict()))
+
+
+def _assert_same_state(a, b):
+    flat_a, flat_b = torch.utils._pytree.tree_flatten(a)[0], torch.utils._pytree.tree_flatten(b)[0]
+    assert len(flat_a) == len(flat_b)
+    for x, y in zip(flat_a, flat_b):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def _trained(method: str, base: str, steps: int, switch_at=None):
+    model = _net()
+    opt = _optimizer(method, base, model, switch_at)
+    for step in range(steps):
+        _train_step(opt, model, _rank_losses(model, step, 0, ""))
+    return model, opt
+
+
+@pytest.mark.parametrize("method,base,reload", [("lastsam", "sgd", False), ("sam", "adamw", True),
+                                                ("crsam", "sgd", True)])
+def test_dcp_state_initialisation_changes_nothing(method, base, reload):
+    """get_optimizer_state_dict calls step() with lr 0 and zero grads when the optimizer's own .state is empty:
+    LastSAM before its switch, or any method after load_state_dict. The base optimizer's momentum and step
+    counts, the method's state and LastSAM's step count stay as they were, and training goes on identically."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model, opt = _trained(method, base, 2, switch_at=5 if method == "lastsam" else None)
+    if reload:
+        opt.load_state_dict(opt.state_dict())
+    assert not opt.state  # what makes torch's helper run its dummy step
+    before = _state_of(opt)
+    saved = get_optimizer_state_dict(model, opt)
+    _assert_same_state(_state_of(opt), before)
+    assert set(saved["state"]) == {n for n, _ in model.named_parameters()}
+    for step in range(2, 4):
+        _train_step(opt, model, _rank_losses(model, step, 0, ""))
+    straight, _ = _trained(method, base, 4, switch_at=5 if method == "lastsam" else None)
+    _assert_close(list(model.parameters()), list(straight.parameters()), rtol=0, atol=0)
+
+
+def test_dcp_template_of_a_fresh_optimizer_keeps_its_first_step():
+    """A fresh Friendly SAM asked for its state dict (DCP makes its state first: base state, zero EMA) still
+    takes its first step as a new optimizer (m = g), so it trains as if never asked."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model = _net()
+    opt = _optimizer("fsam", "sgd", model)
+    saved = get_optimizer_state_dict(model, opt)
+    assert all("fastsam_ema" in s and "momentum_buffer" in s for s in saved["state"].values())
+    for step in range(3):
+        _train_step(opt, model, _rank_losses(model, step, 0, ""))
+    straight, _ = _trained("fsam", "sgd", 3)
+    _assert_close(list(model.parameters()), list(straight.parameters()), rtol=0, atol=0)
+
+
+def test_step_without_closure_still_raises():
+    model = _net()
+    opt = _optimizer("sam", "sgd", model)
+    F.mse_loss(model(_batch(0, 0)[0]), _batch(0, 0)[1]).backward()
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()  # lr is not 0: not a checkpoint's state initialisation
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()  # lr 0, but the grads are not zero
 
 
 if __name__ == "__main__":
