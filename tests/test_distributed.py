@@ -20,8 +20,9 @@ from fastsam.distributed import sam_closure
 
 WORLD = 2
 RHO, LR, MOMENTUM, GAMMA, BETA = 0.5, 0.1, 0.9, 0.1, 0.1
-# method -> number of steps; LastSAM switches to SAM after its first step.
-STEPS = {"sam": 3, "crsam": 2, "lastsam": 3}
+# method -> number of steps; LastSAM switches to SAM after its first step. "sam_zero": SAM over ZeRO-1
+# (torch's ZeroRedundancyOptimizer: each rank updates its partition and broadcasts it), the math of "sam".
+STEPS = {"sam": 3, "crsam": 2, "lastsam": 3, "sam_zero": 3}
 CONFIGS = [(method, sync) for method in STEPS for sync in (False, True)]
 
 
@@ -41,6 +42,10 @@ def _shard(step: int, rank: int):
 def _optimizer(method: str, params):
     if method == "sam":
         return fastsam.SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    if method == "sam_zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return fastsam.SAM(params, ZeroRedundancyOptimizer, optimizer_class=torch.optim.SGD, rho=RHO, lr=LR,
+                           momentum=MOMENTUM)
     if method == "crsam":
         return fastsam.CRSAM(params, torch.optim.SGD, rho=RHO, gamma=GAMMA, beta=BETA, lr=LR, momentum=MOMENTUM)
     return fastsam.LastSAM(params, torch.optim.SGD, switch_at=1, sharpness="sam", rho=RHO, lr=LR,
