@@ -172,7 +172,28 @@ def _train_phase(rank: int, ckpt: str) -> dict:
         sam_closure(_optimizer("sam", "sgd", model), model, lambda: None, sync_first_pass=False)
     except ValueError as e:
         results["m-sharpness"] = str(e)
+    results["placement errors"] = _placement_errors()
     return results
+
+
+def _placement_errors() -> dict:
+    """The ValueError of a first step on DTensor parameters whose placement the optimizer cannot step."""
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor, init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    cases = {"filterwise, sharded on dim 1": (distribute_tensor(torch.randn(4, 4, 3, 3), mesh, [Shard(1)]),
+                                              dict(normalization="filterwise")),
+             "partial": (torch.distributed.tensor.DTensor.from_local(torch.randn(4, 3), mesh, [Partial()]), {})}
+    errors = {}
+    for case, (tensor, options) in cases.items():
+        weight = torch.nn.Parameter(tensor)
+        weight.grad = tensor.detach().clone()
+        opt = fastsam.ASAM([("conv.weight", weight)], torch.optim.SGD, lr=0.1, **options)
+        try:
+            opt.first_step()
+        except ValueError as e:
+            errors[case] = str(e)
+    return errors
 
 
 def _resume_phase(rank: int, ckpt: str) -> dict:
@@ -280,6 +301,12 @@ EXPECTED_ALL_REDUCES = {
 
 def test_m_sharpness_is_refused_under_fsdp2(ranks):
     assert "not supported under FSDP2" in ranks[0]["m-sharpness"]
+
+
+def test_placements_that_cannot_be_stepped_raise(ranks):
+    errors = ranks[0]["placement errors"]
+    assert "each filter (a slice along dim 0) on one rank" in errors["filterwise, sharded on dim 1"]
+    assert "sharded (Shard) or replicated (Replicate)" in errors["partial"]
 
 
 @pytest.mark.parametrize("method", COUNTED)
