@@ -21,7 +21,10 @@ The trade-off (``sync_first_pass``):
 
 When the base update itself uses the grad at w (CR-SAM's combined grad, LastSAM's orthogonal
 projection, and LastSAM's single pass before its switch), that pass is always synced: a local grad
-there would make the ranks' parameters drift apart. FriendlySAM's EMA of the grad at w only shapes the
+there would make the ranks' parameters drift apart. For the same reason, CR-SAM's paper mode, whose
+coefficients come from the losses of the three passes, gets from the closure the loss averaged over the
+ranks (one all-reduce of a scalar per pass): each rank's own loss would give each its own update.
+FriendlySAM's EMA of the grad at w only shapes the
 perturbation, so under ``no_sync`` each rank keeps the EMA of its own grads (a checkpoint saved on one rank
 holds that rank's EMA).
 
@@ -58,7 +61,7 @@ except ImportError:  # a torch build without torch.distributed
     FSDPModule = None
 
 from fastsam._checks import _check_bool
-from fastsam.optim import SAM
+from fastsam.optim import CRSAM, SAM
 from fastsam.utils import frozen_bn_stats
 
 
@@ -83,7 +86,8 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
             already does that unless ``optimizer.freeze_bn`` is False; ``freeze_bn=False`` needs that too.
 
     Returns:
-        A closure returning the loss (a scalar tensor, as ``compute_loss`` returned it) after backward.
+        A closure returning the loss (a scalar tensor, as ``compute_loss`` returned it) after backward;
+        under DDP with CR-SAM's paper mode, its mean over the ranks (detached).
     """
     if not isinstance(optimizer, SAM):
         raise TypeError(f"optimizer must be a fastsam optimizer (SAM or a subclass), got {type(optimizer).__name__}")
@@ -105,6 +109,9 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
         raise ValueError("freeze_bn=False, but the optimizer's step(closure) freezes BatchNorm statistics in the "
                          "passes away from w: set optimizer.freeze_bn = False as well")
     is_ddp = isinstance(model, DistributedDataParallel)
+    # Under FSDP2 the optimizer averages the losses itself (it knows the parameters' mesh); under DDP it sees
+    # plain tensors.
+    mean_loss = is_ddp and isinstance(optimizer, CRSAM) and optimizer.mode == "paper"
 
     def closure() -> Tensor:
         at_w = optimizer.next_pass_at_w
@@ -119,6 +126,10 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
                 raise TypeError("compute_loss must return a scalar loss tensor, got "
                                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
             loss.backward()
+        if mean_loss:
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss, group=model.process_group)
+            loss /= torch.distributed.get_world_size(model.process_group)
         return loss
 
     return closure

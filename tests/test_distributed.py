@@ -22,7 +22,7 @@ WORLD = 2
 RHO, LR, MOMENTUM, GAMMA, BETA = 0.5, 0.1, 0.9, 0.1, 0.1
 # method -> number of steps; LastSAM switches to SAM after its first step. "sam_zero": SAM over ZeRO-1
 # (torch's ZeroRedundancyOptimizer: each rank updates its partition and broadcasts it), the math of "sam".
-STEPS = {"sam": 3, "crsam": 2, "lastsam": 3, "sam_zero": 3}
+STEPS = {"sam": 3, "crsam": 2, "crsam_paper": 2, "lastsam": 3, "sam_zero": 3}
 CONFIGS = [(method, sync) for method in STEPS for sync in (False, True)]
 
 
@@ -46,8 +46,9 @@ def _optimizer(method: str, params):
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return fastsam.SAM(params, ZeroRedundancyOptimizer, optimizer_class=torch.optim.SGD, rho=RHO, lr=LR,
                            momentum=MOMENTUM)
-    if method == "crsam":
-        return fastsam.CRSAM(params, torch.optim.SGD, rho=RHO, gamma=GAMMA, beta=BETA, lr=LR, momentum=MOMENTUM)
+    if method.startswith("crsam"):
+        return fastsam.CRSAM(params, torch.optim.SGD, rho=RHO, gamma=GAMMA, beta=BETA, lr=LR, momentum=MOMENTUM,
+                             mode="paper" if method == "crsam_paper" else "authors")
     return fastsam.LastSAM(params, torch.optim.SGD, switch_at=1, sharpness="sam", rho=RHO, lr=LR,
                            momentum=MOMENTUM)
 
@@ -72,12 +73,20 @@ def _rank_main(rank: int, init_file: str, out: str) -> None:
 
 
 # ---- the single-process simulation -------------------------------------------------------------
+def _loss(net, names, w, step: int, rank: int):
+    x, y = _shard(step, rank)
+    return F.mse_loss(torch.func.functional_call(net, dict(zip(names, w)), (x,)), y)
+
+
 def _grads(net, names, w, step: int, rank: int):
     """The grad of rank ``rank``'s loss at parameters ``w`` (a list like net.parameters())."""
     w = [t.detach().requires_grad_() for t in w]
-    x, y = _shard(step, rank)
-    loss = F.mse_loss(torch.func.functional_call(net, dict(zip(names, w)), (x,)), y)
-    return torch.autograd.grad(loss, w)
+    return torch.autograd.grad(_loss(net, names, w, step, rank), w)
+
+
+def _mean_loss(net, names, w, step: int) -> float:
+    with torch.no_grad():
+        return sum(_loss(net, names, w, step, r) for r in range(WORLD)) / WORLD
 
 
 def _mean(per_rank):
@@ -95,11 +104,15 @@ def _update_grad(method: str, sync: bool, step: int, net, names, w):
     grad = [_grads(net, names, w, step, r) for r in range(WORLD)]
     if method == "lastsam" and step == 0:  # before the switch: plain SGD on the averaged grad
         return _mean(grad)
-    if method == "crsam":  # g0 enters the update, so the pass at w is synced in both modes
+    if method.startswith("crsam"):  # g0 enters the update, so the pass at w is synced in both modes
         g0 = _mean(grad)
         plus = _mean([_grads(net, names, _moved(w, g0), step, r) for r in range(WORLD)])
         minus = _mean([_grads(net, names, _moved(w, g0, -1.0), step, r) for r in range(WORLD)])
-        return [gp + GAMMA * (gp + gm - 2 * g) + BETA * (gp - gm) for gp, gm, g in zip(plus, minus, g0)]
+        a, b = GAMMA, BETA
+        if method == "crsam_paper":  # the losses of the whole batch: the mean over the ranks
+            l0, lp, lm = (_mean_loss(net, names, v, step) for v in (w, _moved(w, g0), _moved(w, g0, -1.0)))
+            a, b = GAMMA / (lp + lm - 2 * l0), BETA / (lp - lm)
+        return [gp + a * (gp + gm - 2 * g) + b * (gp - gm) for gp, gm, g in zip(plus, minus, g0)]
     # SAM: each rank's own perturbation (no_sync), or the one of the averaged grad (synced).
     perturbation = [_mean(grad)] * WORLD if sync else grad
     return _mean([_grads(net, names, _moved(w, perturbation[r]), step, r) for r in range(WORLD)])
