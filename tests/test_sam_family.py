@@ -124,11 +124,37 @@ def test_friendly_sam_state_dict_keeps_the_ema():
     saved = copy.deepcopy(opt.state_dict())
     assert len(saved["state"]) == len(list(first.parameters()))
     assert all(s["fastsam_ema"].shape == p.shape for s, p in zip(saved["state"].values(), first.parameters()))
+    assert all(g["fastsam"] == {"method": "FriendlySAM"} for g in saved["param_groups"])
     resumed = copy.deepcopy(first)
     opt2 = fastsam.FriendlySAM(resumed.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
     opt2.load_state_dict(saved)
     fast_sam(resumed, opt2, data[4:])
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_state_dict_of_earlier_versions_loads():
+    """Earlier fastsam kept the method's state under a top-level "fastsam" key, by parameter index: such a
+    checkpoint resumes as the current layout does."""
+    data = batches(small_mlp(), 8)
+    first = small_mlp()
+    opt = fastsam.FriendlySAM(first.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
+    fast_sam(first, opt, data[:4])
+    current = copy.deepcopy(opt.state_dict())
+    legacy = {"state": {i: {k: v for k, v in s.items() if not k.startswith("fastsam_")}
+                        for i, s in current["state"].items()},
+              "param_groups": [{k: v for k, v in g.items() if k != "fastsam"} for g in current["param_groups"]],
+              "fastsam": {"method": "FriendlySAM",
+                          "state": {i: {"ema": s["fastsam_ema"]} for i, s in current["state"].items()}}}
+    resumed = []
+    for saved in (current, legacy):
+        model = copy.deepcopy(first)
+        opt2 = fastsam.FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
+        opt2.load_state_dict(copy.deepcopy(saved))
+        fast_sam(model, opt2, data[4:])
+        resumed.append(model.state_dict())
+    assert all(torch.equal(resumed[0][k], resumed[1][k]) for k in resumed[0])
+    with pytest.raises(ValueError, match="saved by 'SAM'"):
+        opt.load_state_dict(dict(legacy, fastsam={"method": "SAM"}))
 
 
 # ---- CR-SAM ----------------------------------------------------------------------------------------
