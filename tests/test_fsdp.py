@@ -146,10 +146,22 @@ def _count_collectives(method: str, rank: int) -> list:
     return counts
 
 
+def _record_fused_updates(seen: set) -> None:
+    """Records (base kind, type of the state keys) of every fused restore + update call of this process."""
+    from fastsam.optim import _fused_update
+    fused = _fused_update.restore_and_update
+
+    def recorded(kind, base, bucket, *args, **kwargs):
+        seen.add((kind, type(bucket.keys()[0]).__name__))
+        return fused(kind, base, bucket, *args, **kwargs)
+    _fused_update.restore_and_update = recorded
+
+
 def _train_phase(rank: int, ckpt: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    results = {}
+    results = {"fused updates": set()}
+    _record_fused_updates(results["fused updates"])
     for method, base, variant in JOBS:
         model = _sharded(variant)
         opt = _optimizer(method, base, model)
@@ -297,6 +309,10 @@ EXPECTED_ALL_REDUCES = {
     "sam_skip": [1, 1],  # the norm carries the found flag of pass 1 (the other grads add to it: same call);
                          # the check of pass 2
 }
+
+
+def test_the_update_stays_fused_on_dtensors(ranks):
+    assert {("sgd", "DTensor"), ("adam", "DTensor")} <= ranks[0]["fused updates"]
 
 
 def test_m_sharpness_is_refused_under_fsdp2(ranks):
