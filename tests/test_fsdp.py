@@ -185,7 +185,30 @@ def _train_phase(rank: int, ckpt: str) -> dict:
     except ValueError as e:
         results["m-sharpness"] = str(e)
     results["placement errors"] = _placement_errors()
+    results["scaler"] = _train_with_scaler(rank)
     return results
+
+
+SCALER_SKIP = 2  # the step whose last pass gets an inf in one element of rank 1's shard
+
+
+def _train_with_scaler(rank: int):
+    """SAM + SGD with torch.amp.GradScaler (the explicit loop of the README), on sharded parameters; at step
+    SCALER_SKIP one grad element of rank 1's shard only is inf. (full parameters, skipped steps, last scale)."""
+    model = _sharded()
+    opt = _optimizer("sam", "sgd", model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(STEPS // 2):
+        x, y = _batch(step, rank)
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        if step == SCALER_SKIP and rank == 1:
+            model[4].weight.grad.to_local().view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return _full(model), opt.skipped_steps, scaler.get_scale()
 
 
 def _placement_errors() -> dict:
@@ -309,6 +332,21 @@ EXPECTED_ALL_REDUCES = {
     "sam_skip": [1, 1],  # the norm carries the found flag of pass 1 (the other grads add to it: same call);
                          # the check of pass 2
 }
+
+
+def test_grad_scaler_skips_on_every_rank(ranks):
+    """An inf in one rank's shard skips the step on every rank, and both scalers back off alike; the other
+    steps equal unscaled training in one process (power-of-two scales unscale exactly)."""
+    (params0, skipped0, scale0), (params1, skipped1, scale1) = (r["scaler"] for r in ranks)
+    assert skipped0 == skipped1 == 1 and scale0 == scale1 == 512.0
+    _assert_close(params1, params0, rtol=0, atol=0)
+    model = _net()
+    opt = _optimizer("sam", "sgd", model)
+    for step in range(STEPS // 2):
+        if step != SCALER_SKIP:
+            _train_step(opt, model, lambda: [sum(F.mse_loss(model(x), y) for x, y in
+                                                 (_batch(step, r) for r in range(WORLD))) / WORLD])
+    _assert_close(params0, [p.detach() for p in model.parameters()])
 
 
 def test_the_update_stays_fused_on_dtensors(ranks):
