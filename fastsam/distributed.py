@@ -62,6 +62,7 @@ except ImportError:  # a torch build without torch.distributed
 
 from fastsam._checks import _check_bool
 from fastsam.optim import CRSAM, SAM
+from fastsam.optim._sharding import mean_over_ranks
 from fastsam.utils import frozen_bn_stats
 
 
@@ -127,9 +128,7 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
                                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
             loss.backward()
         if mean_loss:
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss, group=model.process_group)
-            loss /= torch.distributed.get_world_size(model.process_group)
+            loss = mean_over_ranks(loss.detach().clone(), [model.process_group])
         return loss
 
     return closure

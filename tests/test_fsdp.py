@@ -139,9 +139,9 @@ def _count_collectives(method: str, rank: int) -> list:
         loss = F.mse_loss(model(x), y)
         loss.backward()
         losses.append(loss)
-        kwargs = {"losses": losses} if call == "third_step" and "paper" in method else {}
+        call_kwargs = {"losses": losses} if call == "third_step" and "paper" in method else {}
         with CommDebugMode() as comm:
-            getattr(opt, call)(zero_grad=True, **kwargs)
+            getattr(opt, call)(zero_grad=True, **call_kwargs)
         counts.append({str(k): v for k, v in comm.get_comm_counts().items()})
     return counts
 

@@ -111,13 +111,17 @@ def global_sums(accs: Dict[Hashable, Tensor], added: Optional[set] = None) -> Di
     return by_device
 
 
-def mean_over_ranks(values: Tensor, meshes: Iterable[object]) -> Tensor:
-    """``values`` (a small fp32 tensor of this rank's losses) averaged over every rank of ``meshes`` (the
-    device meshes of the sharded parameters, whose ranks train on different batches), on the device: the
-    loss of the whole global batch, as FSDP's averaged grads see it."""
-    for mesh in meshes:
-        for dim in range(mesh.ndim):
-            group = mesh.get_group(dim)
-            torch.distributed.all_reduce(values, group=group)
-            values = values / torch.distributed.get_world_size(group)
+def mean_over_ranks(values: Tensor, groups: Iterable[object]) -> Tensor:
+    """``values`` (a small tensor of this rank's losses) averaged over the ranks of every process group of
+    ``groups`` in turn, on the device: the loss of the whole global batch, as the averaged grads see it."""
+    for group in groups:
+        torch.distributed.all_reduce(values, group=group)
+        values = values / torch.distributed.get_world_size(group)
     return values
+
+
+def data_parallel_groups(params: Iterable[Tensor]) -> list:
+    """The process groups of every mesh dimension of the DTensors among ``params`` (whose ranks train on
+    different batches, FSDP's shard dimension and HSDP's replicate one alike)."""
+    meshes = {p.device_mesh for p in params if is_dtensor(p)}
+    return [mesh.get_group(dim) for mesh in meshes for dim in range(mesh.ndim)]

@@ -113,7 +113,7 @@ class CRSAM(SAM):
         if self.mode == "paper":
             if losses is None or len(losses) != 3:
                 raise ValueError("CRSAM(mode='paper').third_step needs losses=(loss at w, at w + e, at w - e)")
-            self._paper_coefficients(devices, losses)
+            self._paper_coefficients(buckets, devices, losses)
         else:
             a, b = self.gamma, self.beta
             for d in devices:  # made again only when gamma or beta changed: no host-to-device copy per step
@@ -124,15 +124,15 @@ class CRSAM(SAM):
         if zero_grad:
             self.zero_grad()
 
-    def _paper_coefficients(self, devices, losses) -> None:
+    def _paper_coefficients(self, buckets, devices, losses) -> None:
         """(a - b, 1 + a + b, -2a) with a = gamma / (L+ + L- - 2 L0), b = beta / (L+ - L-), on the device.
         With sharded (FSDP2) parameters, each loss is first averaged over the ranks (one all-reduce): the
         ranks' grads are averaged too, and every rank must take the same coefficients."""
         device = next(iter(devices))
         values = torch.stack([torch.as_tensor(x).detach().float().reshape(()).to(device) for x in losses])
-        meshes = {p.device_mesh for p in self._params() if _sharding.is_dtensor(p)}
-        if meshes:
-            values = _sharding.mean_over_ranks(values, meshes)
+        # The parameters of a bucket share their mesh: one per bucket tells them all.
+        groups = _sharding.data_parallel_groups(b.keys()[0] for b in buckets)
+        values = _sharding.mean_over_ranks(values, groups)
         l0, lp, lm = values
         diffs = torch.stack([lp + lm - 2 * l0, lp - lm])
         tiny = torch.full_like(diffs, _EPS_LOSS).copysign(diffs)

@@ -470,7 +470,7 @@ class SAM(torch.optim.Optimizer):
         optimizer's step with zero grads would still decay momentum and count an Adam step."""
         if getattr(self, "found_inf", None) is not None or not self.next_pass_at_w:
             return False
-        if any(float(g["lr"]) != 0 for g in self.param_groups):
+        if not all(_is_zero_lr(g["lr"]) for g in self.param_groups):
             return False
         grads = [p.grad for p in self._params() if p.grad is not None]
         return bool(grads) and not any(_passes.nonzero(grads))
@@ -569,10 +569,11 @@ class SAM(torch.optim.Optimizer):
                              f"{self._method_name()!r}")
         # The saved ids of the parameters (indices, or names after a distributed checkpoint), in order.
         saved_ids = [i for g in groups for i in g["params"]]
-        buffers = {i: {k[len(BUFFER_PREFIX):]: v for k, v in s.items() if k.startswith(BUFFER_PREFIX)}
-                   for i, s in state_dict["state"].items()}
         if legacy is not None:
             buffers = {saved_ids[int(i)]: s for i, s in legacy.get("state", {}).items()}
+        else:
+            buffers = {i: {k[len(BUFFER_PREFIX):]: v for k, v in s.items() if k.startswith(BUFFER_PREFIX)}
+                       for i, s in state_dict["state"].items()}
         base_dict = {"state": {i: {k: v for k, v in s.items() if not k.startswith(BUFFER_PREFIX)}
                                for i, s in state_dict["state"].items()},
                      "param_groups": [{k: v for k, v in g.items() if k != OWN_KEY} for g in groups]}
@@ -636,6 +637,14 @@ def weights_moved() -> None:
     opt.step(closure)``) would otherwise evaluate w + e with the copies made at w."""
     if not torch.compiler.is_compiling():
         torch.clear_autocast_cache()
+
+
+def _is_zero_lr(lr) -> bool:
+    """Whether ``lr`` is 0, read on the host only where that costs no device sync: torch's checkpoint helpers
+    set a tensor lr to a CPU ``torch.tensor(0.0)``, so an lr on another device is not theirs."""
+    if isinstance(lr, Tensor):
+        return lr.device.type == "cpu" and lr.item() == 0
+    return lr == 0
 
 
 def _any_found(gate: _gate.Gate) -> bool:
