@@ -28,12 +28,18 @@ FriendlySAM's EMA of the grad at w only shapes the
 perturbation, so under ``no_sync`` each rank keeps the EMA of its own grads (a checkpoint saved on one rank
 holds that rank's EMA).
 
-Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every pass is synced, ``sync_first_pass=True``: each
-rank holds and perturbs a shard of w, so it needs the shard of the global grad that the backward pass
-reduce-scatters to it (one reduce-scatter per pass, as in any FSDP2 step; the optimizer adds one small
-all-reduce per global norm or dot product). The m-sharpness mode, where each rank perturbs with the grad
-of its own batch, would need each rank to hold its own full copy of w + e: under FSDP2 that defeats
-sharding, and ``sync_first_pass=False`` raises ValueError.
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the choice is the same, at other costs:
+
+- ``True`` (the default under FSDP2): each rank perturbs its shard of w with its shard of the global grad,
+  which the backward pass reduce-scatters to it: one reduce-scatter per pass, as in any FSDP2 step, and one
+  small all-reduce per global norm or dot product. Memory stays sharded.
+- ``False`` (m-sharpness, SAM and ASAM): each rank perturbs its own full copy of w with its own batch's grad,
+  inside the forward pass (``fastsam._fsdp_m_sharpness``): the pass at w is not reduce-scattered (one
+  reduce-scatter and the norm's all-reduce less per step), but while the step runs each rank holds
+  full-size copies of w + e and of its backup, the memory of an unsharded model. CRSAM and orthogonal
+  LastSAM sync the pass at w in both modes (their update uses it, as under DDP); FriendlySAM's EMA of
+  each rank's own grads would be a full-size state per rank that a sharded checkpoint cannot hold, and
+  plain LastSAM's perturbation has no twin yet: for those two, ``False`` raises ValueError.
 
 DDP example (one process per rank, after ``torch.distributed.init_process_group``)::
 
@@ -61,7 +67,8 @@ except ImportError:  # a torch build without torch.distributed
     FSDPModule = None
 
 from fastsam._checks import _check_bool
-from fastsam.optim import CRSAM, SAM
+from fastsam._fsdp_m_sharpness import LocalPerturbation
+from fastsam.optim import ASAM, CRSAM, SAM, LastSAM
 from fastsam.optim._sharding import mean_over_ranks
 from fastsam.utils import frozen_bn_stats
 
@@ -74,15 +81,16 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
     ``model.no_sync()`` when ``model`` is a ``DistributedDataParallel``, ``sync_first_pass`` is False and
     the optimizer's update does not use that pass's grad (see the module docstring). Every other pass
     runs synced, and inside :func:`fastsam.utils.frozen_bn_stats` when ``freeze_bn``, so that BatchNorm
-    running stats update once per step, at w. Under FSDP2 (``model`` made by ``fully_shard``) and without
-    DDP the closure is the plain SAM closure, every pass synced.
+    running stats update once per step, at w. Under FSDP2 (``model`` made by ``fully_shard``), every pass
+    is synced, or with ``sync_first_pass=False`` each rank perturbs its own full copy of w (see the module
+    docstring). Without DDP or FSDP2 the closure is the plain SAM closure.
 
     Args:
         optimizer: the fastsam optimizer (SAM, ASAM, FriendlySAM, CRSAM, LastSAM) whose step calls it.
         model: the trained module, usually the ``DistributedDataParallel`` wrapper.
         compute_loss: runs the forward pass on this rank's batch and returns the loss, a scalar tensor.
         sync_first_pass: all-reduce the grad of the pass at w too (the full-batch perturbation). None (the
-            default): False under DDP, True under FSDP2, which supports only True.
+            default): False under DDP, True under FSDP2 (where False costs the memory of an unsharded model).
         freeze_bn: keep BatchNorm running statistics unchanged in the passes away from w. ``step(closure)``
             already does that unless ``optimizer.freeze_bn`` is False; ``freeze_bn=False`` needs that too.
 
@@ -100,11 +108,16 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
     if sync_first_pass is None:
         sync_first_pass = is_fsdp
     _check_bool("sync_first_pass", sync_first_pass)
+    local = None  # each rank's own perturbation under FSDP2
     if is_fsdp and not sync_first_pass:
-        raise ValueError("sync_first_pass=False (m-sharpness: each rank perturbs with its own batch's grad) is not "
-                         "supported under FSDP2: every rank all-gathers the same sharded w, so a perturbation of its "
-                         "own would need a full copy of w + e per rank. Use sync_first_pass=True (the default under "
-                         "FSDP2), or DDP for m-sharpness")
+        if type(optimizer) in (SAM, ASAM):
+            local = LocalPerturbation(optimizer, model, FSDPModule)
+        elif not (isinstance(optimizer, CRSAM) or (isinstance(optimizer, LastSAM) and optimizer.orthogonal)):
+            raise ValueError(f"sync_first_pass=False (m-sharpness: each rank perturbs with its own batch's grad) "
+                             f"under FSDP2 supports SAM and ASAM, not {type(optimizer).__name__}: FriendlySAM's EMA "
+                             "of each rank's own grads would be a full-size state per rank that a sharded "
+                             "checkpoint cannot hold, and plain LastSAM's perturbation is not made per rank yet. "
+                             "Use sync_first_pass=True (the default under FSDP2), or DDP for m-sharpness")
     _check_bool("freeze_bn", freeze_bn)
     if not freeze_bn and optimizer.freeze_bn:
         raise ValueError("freeze_bn=False, but the optimizer's step(closure) freezes BatchNorm statistics in the "
@@ -114,19 +127,33 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
     # plain tensors.
     mean_loss = is_ddp and isinstance(optimizer, CRSAM) and optimizer.mode == "paper"
 
+    def checked_loss() -> Tensor:
+        loss = compute_loss()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError("compute_loss must return a scalar loss tensor, got "
+                            f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+        return loss
+
     def closure() -> Tensor:
         at_w = optimizer.next_pass_at_w
-        local = is_ddp and at_w and not sync_first_pass and not optimizer.update_uses_grad_at_w
+        if local is not None and at_w:
+            loss = local.pass_at_w(checked_loss)
+            optimizer._perturbation_made_elsewhere()
+            return loss
+        unsynced = is_ddp and at_w and not sync_first_pass and not optimizer.update_uses_grad_at_w
         with contextlib.ExitStack() as passes:
-            if local:
+            if unsynced:
                 passes.enter_context(model.no_sync())
             if freeze_bn and not at_w:
                 passes.enter_context(frozen_bn_stats(model))
-            loss = compute_loss()
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError("compute_loss must return a scalar loss tensor, got "
-                                f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+            if local is not None:
+                loss, release = local.later_pass(checked_loss)
+                passes.callback(release)
+            else:
+                loss = checked_loss()
             loss.backward()
+        if local is not None and not at_w:
+            local.check_unseen()
         if mean_loss:
             loss = mean_over_ranks(loss.detach().clone(), [model.process_group])
         return loss

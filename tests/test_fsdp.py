@@ -6,7 +6,8 @@ step, counts the collectives of the optimizer's own steps, and writes a distribu
 5; PHASE "resume" builds fresh ranks, loads that checkpoint and trains on to step 10. The tests compare the
 ranks with each other and with the same optimizer trained in this process without sharding, on a loss
 that averages the ranks' losses as FSDP averages their grads (each rank's BatchNorm keeps its own batch
-statistics, so the reference runs the model on each rank's batch apart).
+statistics, so the reference runs the model on each rank's batch apart). The m-sharpness runs (each rank
+perturbs with its own batch's grad) are compared with a single-process simulation in plain torch.
 """
 import math
 import os
@@ -39,15 +40,24 @@ METHODS = {
 }
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
          "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01))}
-# (method, base, variant): "" plain; "keep" reshard_after_forward=False; "accumulate" two micro-batches per
-# pass under set_requires_gradient_sync(False); "bf16" MixedPrecisionPolicy(bf16 params, fp32 reduce);
-# "closure" the closure of fastsam.distributed.sam_closure.
+# (method, base, variant), the variant's words: "" plain; "keep" reshard_after_forward=False; "accumulate" two
+# micro-batches per pass under set_requires_gradient_sync(False); "bf16" MixedPrecisionPolicy(bf16 params,
+# fp32 reduce); "closure" the closure of fastsam.distributed.sam_closure; "m-sharpness" that closure with
+# sync_first_pass=False (each rank perturbs its full w with its own batch's grad); "nan": a NaN in one input of
+# rank 1 at step NAN_STEP, under nonfinite="skip".
+PER_RANK = ["sam", "sam_inf", "sam_adaptive", "asam", "asam_filterwise"]  # m-sharpness perturbs per rank
 JOBS = ([(m, b, "") for m in METHODS for b in BASES]
         + [("sam", "sgd", "keep"), ("lastsam_orthogonal", "adamw", "keep"), ("sam", "adamw", "accumulate"),
            ("crsam", "sgd", "accumulate"), ("sam", "sgd", "bf16"), ("sam", "sgd", "closure"),
-           ("crsam_paper", "adamw", "closure")])
+           ("crsam_paper", "adamw", "closure")]
+        + [(m, b, "m-sharpness") for m in PER_RANK for b in BASES]
+        + [("sam", "adamw", "m-sharpness keep"), ("asam_filterwise", "sgd", "m-sharpness keep"),
+           ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan"),
+           # their update uses the pass at w, which stays synced (as under DDP): the plain result
+           ("crsam", "sgd", "m-sharpness"), ("lastsam_orthogonal", "adamw", "m-sharpness")])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
-CHECKPOINTED = [("sam", "adamw"), ("fsam", "sgd"), ("lastsam_orthogonal", "sgd")]
+CHECKPOINTED = [("sam", "adamw", ""), ("fsam", "sgd", ""), ("lastsam_orthogonal", "sgd", ""),
+                ("asam", "adamw", "m-sharpness")]
 CHECKPOINT_SWITCH = 7  # LastSAM switches after the checkpoint: a lost steps_done would delay it
 COUNTED = ["sam", "sam_inf", "asam_filterwise", "fsam", "crsam", "crsam_paper", "lastsam_orthogonal", "sam_skip"]
 
@@ -62,23 +72,33 @@ def _net() -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(6, 1))
 
 
-def _batch(step: int, rank: int):
-    """(x [8, 2, 6, 6], y [8, 1]) fp32: rank ``rank``'s batch of step ``step``; the ranks' batches differ."""
+NAN_STEP = 3
+
+
+def _batch(step: int, rank: int, nan: bool = False):
+    """(x [8, 2, 6, 6], y [8, 1]) fp32: rank ``rank``'s batch of step ``step``; the ranks' batches differ.
+    ``nan``: one NaN in rank 1's x at step NAN_STEP."""
     g = torch.Generator().manual_seed(100 * step + rank)
-    return torch.randn(8, 2, 6, 6, generator=g) + rank, torch.randn(8, 1, generator=g)
+    x, y = torch.randn(8, 2, 6, 6, generator=g) + rank, torch.randn(8, 1, generator=g)
+    if nan and step == NAN_STEP and rank == 1:
+        x[0, 0, 0, 0] = float("nan")
+    return x, y
 
 
-def _optimizer(method: str, base: str, model, switch_at=None):
+def _optimizer(method: str, base: str, model, switch_at=None, variant: str = ""):
     cls, options = METHODS[method]
     base_cls, base_options = BASES[base]
     options = dict(options, switch_at=switch_at) if switch_at is not None else options
+    if "nan" in variant.split():
+        options = dict(options, nonfinite="skip")
     return cls(model.named_parameters(), base_cls, **options, **base_options)
 
 
 def _train_step(opt, model, losses, variant: str = "") -> None:
     """One step through ``step(closure)``; ``losses()`` gives the micro-batch losses of one pass."""
-    if variant == "closure":
-        opt.step(sam_closure(opt, model, lambda: losses()[0]))
+    words = variant.split()
+    if "closure" in words or "m-sharpness" in words:
+        opt.step(sam_closure(opt, model, lambda: losses()[0], sync_first_pass="m-sharpness" not in words))
         opt.zero_grad()
         return
 
@@ -99,12 +119,12 @@ def _sharded(variant: str = ""):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model = _net()
     options = {}
-    if variant == "keep":
+    if "keep" in variant.split():
         options["reshard_after_forward"] = False
     for layer in model:
         if any(True for _ in layer.parameters()):
             # BatchNorm stays fp32 under mixed precision, as usual (its running statistics are fp32)
-            bf16 = variant == "bf16" and not isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+            bf16 = "bf16" in variant.split() and not isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
             fully_shard(layer, **options, **({"mp_policy": mp} if mp else {}))
     fully_shard(model, **options)
@@ -112,7 +132,7 @@ def _sharded(variant: str = ""):
 
 
 def _rank_losses(model, step: int, rank: int, variant: str):
-    x, y = _batch(step, rank)
+    x, y = _batch(step, rank, "nan" in variant.split())
     if variant == "accumulate":
         return lambda: [F.mse_loss(model(x[:4]), y[:4]), F.mse_loss(model(x[4:]), y[4:])]
     return lambda: [F.mse_loss(model(x), y)]
@@ -146,6 +166,57 @@ def _count_collectives(method: str, rank: int) -> list:
     return counts
 
 
+def _count_step_collectives(rank: int, sync_first_pass: bool) -> dict:
+    """The collectives of a whole SAM step through sam_closure (forward and backward passes included), by
+    c10d op name. (CommDebugMode's module tracker fails on a step's several forward passes.)"""
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Collectives(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "c10d":
+                self.counts[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+    model = _sharded()
+    opt = _optimizer("sam", "sgd", model)
+    x, y = _batch(0, rank)
+    with Collectives() as seen:
+        opt.step(sam_closure(opt, model, lambda: F.mse_loss(model(x), y), sync_first_pass=sync_first_pass))
+    return dict(seen.counts)
+
+
+def _m_sharpness_refusals() -> dict:
+    """The ValueError of sam_closure(..., sync_first_pass=False) where m-sharpness under FSDP2 is not made."""
+    errors = {}
+    for method in ("fsam", "lastsam", "stray parameter"):
+        model = _sharded()
+        if method == "stray parameter":
+            opt = fastsam.SAM(list(model.parameters()) + [torch.nn.Parameter(torch.zeros(5))], torch.optim.SGD,
+                              lr=0.1)
+        else:
+            opt = _optimizer(method, "sgd", model)
+        try:
+            sam_closure(opt, model, lambda: None, sync_first_pass=False)
+        except ValueError as e:
+            errors[method] = str(e)
+    # davda54's style: the caller's own backward pass at w, which FSDP reduce-scattered, then step(closure)
+    model = _sharded()
+    opt = _optimizer("sam", "sgd", model)
+    x, y = _batch(0, dist.get_rank())
+    before = _full(model)
+    F.mse_loss(model(x), y).backward()
+    try:
+        opt.step(sam_closure(opt, model, lambda: F.mse_loss(model(x), y), sync_first_pass=False))
+    except RuntimeError as e:
+        errors["pass at w outside"] = str(e)
+    errors["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, _full(model)))
+    return errors
+
+
 def _record_fused_updates(seen: set) -> None:
     """Records (base kind, type of the state keys) of every fused restore + update call of this process."""
     from fastsam.optim import _fused_update
@@ -164,26 +235,23 @@ def _train_phase(rank: int, ckpt: str) -> dict:
     _record_fused_updates(results["fused updates"])
     for method, base, variant in JOBS:
         model = _sharded(variant)
-        opt = _optimizer(method, base, model)
+        opt = _optimizer(method, base, model, variant=variant)
         for step in range(STEPS):
             _train_step(opt, model, _rank_losses(model, step, rank, variant), variant)
         results["train", method, base, variant] = _full(model)
-    for method, base in CHECKPOINTED:
+    for method, base, variant in CHECKPOINTED:
         model = _sharded()
         opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None)
         for step in range(STEPS):
             if step == SAVE_AT:
                 dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                         checkpoint_id=os.path.join(ckpt, f"{method}-{base}"))
-            _train_step(opt, model, _rank_losses(model, step, rank, ""))
-        results["straight", method, base] = _full(model)
+                         checkpoint_id=os.path.join(ckpt, f"{method}-{base}-{variant}"))
+            _train_step(opt, model, _rank_losses(model, step, rank, ""), variant)
+        results["straight", method, base, variant] = _full(model)
     for method in COUNTED:
         results["collectives", method] = _count_collectives(method, rank)
-    model = _sharded()
-    try:
-        sam_closure(_optimizer("sam", "sgd", model), model, lambda: None, sync_first_pass=False)
-    except ValueError as e:
-        results["m-sharpness"] = str(e)
+    results["m-sharpness refused"] = _m_sharpness_refusals()
+    results["step collectives"] = {sync: _count_step_collectives(rank, sync) for sync in (True, False)}
     results["placement errors"] = _placement_errors()
     results["scaler"] = _train_with_scaler(rank)
     return results
@@ -236,16 +304,16 @@ def _resume_phase(rank: int, ckpt: str) -> dict:
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     results = {}
-    for method, base in CHECKPOINTED:
+    for method, base, variant in CHECKPOINTED:
         model = _sharded()
         opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=os.path.join(ckpt, f"{method}-{base}"))
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, f"{method}-{base}-{variant}"))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
         for step in range(SAVE_AT, STEPS):
-            _train_step(opt, model, _rank_losses(model, step, rank, ""))
-        results["resumed", method, base] = _full(model)
+            _train_step(opt, model, _rank_losses(model, step, rank, ""), variant)
+        results["resumed", method, base, variant] = _full(model)
     return results
 
 
@@ -267,6 +335,62 @@ def _reference(method: str, base: str, variant: str = "", steps: int = STEPS, sw
         per_rank = [_rank_losses(model, step, r, variant) for r in range(WORLD)]
         _train_step(opt, model, lambda: [sum(parts) / WORLD for parts in zip(*(f() for f in per_rank))])
     return [p.detach().clone() for p in model.parameters()]
+
+
+def _perturbation(method: str, names, w, g):
+    """One rank's e at parameters ``w`` from its own grads ``g`` (lists like net.parameters()), written out from
+    the methods' formulas: e = rho T^2 g / (||T g|| + eps) over all parameters, or rho T sign(g) for p = inf."""
+    rho = METHODS[method][1]["rho"]
+    if method == "sam_inf":
+        return [rho * torch.sign(t) for t in g]
+    if method.startswith("asam"):  # T = |w| + eta (filter norms + eta for conv weights) on weights, 1 elsewhere
+        eta, eps = 0.01, 1e-16
+
+        def t_of(name, p):
+            if "weight" not in name:
+                return torch.ones_like(p)
+            if method == "asam_filterwise" and p.dim() >= 3:
+                return torch.linalg.vector_norm(p.flatten(1), dim=1).reshape(-1, *[1] * (p.dim() - 1)) + eta + 0 * p
+            return p.abs() + eta
+        ts = [t_of(n, p) for n, p in zip(names, w)]
+    else:
+        eps = 1e-12
+        ts = [p.abs() if method == "sam_adaptive" else torch.ones_like(p) for p in w]
+    norm = torch.linalg.vector_norm(torch.cat([(t * d).flatten() for t, d in zip(ts, g)]))
+    return [rho * t * t * d / (norm + eps) for t, d in zip(ts, g)]
+
+
+def _m_sharpness_reference(method: str, base: str, steps: int = STEPS, nan: bool = False):
+    """m-sharpness in one process: each rank's grad at w gives its own e; the base optimizer steps with the
+    mean over ranks of each rank's grad at its own w + e (FSDP's reduce-scatter of the later pass); a step
+    whose grads are not finite is skipped (``nan``: the batches of the "nan" variant)."""
+    net = _net()
+    names = [n for n, _ in net.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    base_cls, base_options = BASES[base]
+    opt = base_cls(leaves, **base_options)
+
+    def grads(w, step, rank):
+        w = [t.detach().requires_grad_() for t in w]
+        x, y = _batch(step, rank, nan)
+        return torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, dict(zip(names, w)), (x,)), y), w)
+    for step in range(steps):
+        w = [t.detach() for t in leaves]
+        later = []
+        for rank in range(WORLD):
+            e = _perturbation(method, names, w, grads(w, step, rank))
+            later.append(grads([p + d for p, d in zip(w, e)], step, rank))
+        for leaf, per_rank in zip(leaves, zip(*later)):
+            leaf.grad = sum(per_rank) / WORLD
+        if all(leaf.grad.isfinite().all() for leaf in leaves):
+            opt.step()
+    return [t.detach().clone() for t in leaves]
+
+
+def _expected(method: str, base: str, variant: str):
+    if "m-sharpness" in variant.split() and method in PER_RANK:
+        return _m_sharpness_reference(method, base, nan="nan" in variant.split())
+    return _reference(method, base, variant)
 
 
 def _launch(phase: str, tmp: Path) -> list:
@@ -296,27 +420,37 @@ def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("method,base,variant", [j for j in JOBS if j[2] != "bf16"])
+@pytest.mark.parametrize("method,base,variant", [j for j in JOBS if "bf16" not in j[2].split()])
 def test_sharded_training_equals_one_process(ranks, method, base, variant):
     key = ("train", method, base, variant)
     _assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)  # every rank holds the same parameters
     # Accumulated micro-batch grads are summed in another order than the reference's single backward, and
     # CR-SAM's finite differences (g+ + g- - 2 g0) scale that rounding up: atol 1e-5 there.
-    _assert_close(ranks[0][key], _reference(method, base, variant), atol=1e-5 if variant == "accumulate" else 1e-6)
+    _assert_close(ranks[0][key], _expected(method, base, variant), atol=1e-5 if variant == "accumulate" else 1e-6)
 
 
-def test_mixed_precision_follows_fp32_to_bf16_rounding(ranks):
-    key = ("train", "sam", "sgd", "bf16")
+@pytest.mark.parametrize("variant", ["bf16", "m-sharpness bf16"])
+def test_mixed_precision_follows_fp32_to_bf16_rounding(ranks, variant):
+    key = ("train", "sam", "sgd", variant)
     _assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)
-    _assert_close(ranks[0][key], _reference("sam", "sgd"), rtol=5e-2, atol=5e-3)
+    _assert_close(ranks[0][key], _expected("sam", "sgd", variant), rtol=5e-2, atol=5e-3)
 
 
-@pytest.mark.parametrize("method,base", CHECKPOINTED)
-def test_dcp_checkpoint_resumes_exactly(ranks, method, base):
+def test_m_sharpness_is_per_rank(ranks):
+    """The per-rank perturbation differs from the synced one enough for the comparisons above to tell them
+    apart (the ranks' batches differ)."""
+    per_rank, synced = ranks[0]["train", "sam", "sgd", "m-sharpness"], ranks[0]["train", "sam", "sgd", ""]
+    assert max((a - b).abs().max().item() for a, b in zip(per_rank, synced)) > 1e-3
+
+
+@pytest.mark.parametrize("method,base,variant", CHECKPOINTED)
+def test_dcp_checkpoint_resumes_exactly(ranks, method, base, variant):
+    key = (method, base, variant)
     for rank in ranks:
-        _assert_close(rank["resumed", method, base], rank["straight", method, base], rtol=0, atol=0)
+        _assert_close(rank[("resumed",) + key], rank[("straight",) + key], rtol=0, atol=0)
     switch = CHECKPOINT_SWITCH if method.startswith("lastsam") else None
-    _assert_close(ranks[0]["straight", method, base], _reference(method, base, switch_at=switch))
+    expected = _expected(method, base, variant) if variant else _reference(method, base, switch_at=switch)
+    _assert_close(ranks[0][("straight",) + key], expected)
 
 
 # Per explicit call (first_step, second_step[, third_step]): the all-reduces a step adds, each of an fp32
@@ -353,8 +487,28 @@ def test_the_update_stays_fused_on_dtensors(ranks):
     assert {("sgd", "DTensor"), ("adam", "DTensor")} <= ranks[0]["fused updates"]
 
 
-def test_m_sharpness_is_refused_under_fsdp2(ranks):
-    assert "not supported under FSDP2" in ranks[0]["m-sharpness"]
+def test_m_sharpness_refusals_name_the_reason(ranks):
+    errors = ranks[0]["m-sharpness refused"]
+    assert "supports SAM and ASAM, not FriendlySAM" in errors["fsam"] and "sharded checkpoint" in errors["fsam"]
+    assert "not LastSAM" in errors["lastsam"]
+    assert "1 other parameter(s) (shapes [(5,)]" in errors["stray parameter"]
+    assert "the pass at w of this step did not run through the closure" in errors["pass at w outside"]
+    assert errors["unchanged"]  # the step was abandoned with w restored
+
+
+def test_m_sharpness_saves_a_reduce_scatter_per_group_and_the_norm(ranks):
+    """A whole step: the synced pass at w reduce-scatters (one per FSDP parameter group: 5 here) and the
+    norm is all-reduced; the per-rank pass at w does neither. The later pass reduce-scatters in both, and
+    both all-gather alike (forward, and backward after resharding)."""
+    for rank in ranks:
+        synced, per_rank = rank["step collectives"][True], rank["step collectives"][False]
+        assert synced["_allgather_base_"] == per_rank["_allgather_base_"] == 20
+        scatters = {mode: sum(v for k, v in c.items() if "reduce_scatter" in k) for mode, c in
+                    (("synced", synced), ("per rank", per_rank))}
+        all_reduces = {mode: sum(v for k, v in c.items() if "allreduce" in k) for mode, c in
+                       (("synced", synced), ("per rank", per_rank))}
+        assert scatters == {"synced": 10, "per rank": 5}, (synced, per_rank)
+        assert all_reduces == {"synced": 1, "per rank": 0}, (synced, per_rank)
 
 
 def test_placements_that_cannot_be_stepped_raise(ranks):

@@ -123,6 +123,7 @@ class SAM(torch.optim.Optimizer):
         self._plan_key: Optional[tuple] = None
         self._plan_grads: Optional[tuple] = None  # which parameters had a grad in the last first_step
         self._perturbed: Optional[List[_buckets.Bucket]] = None
+        self._moved_elsewhere = False  # the coming first step leaves w be (see _perturbation_made_elsewhere)
         self._acc: Dict[_sharding.Scope, Tensor] = {}  # the squared norm of the first step, per scope
         self._norm_sq: Dict[torch.device, Tensor] = {}  # its global total, per device
         self._ledger = _passes.GradLedger()  # the grads as the last step left them (see step)
@@ -220,6 +221,12 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__}.first_step() was called again before the step it began "
                                f"ended: finish that step first ({self._finish_hint()}); the parameters are "
                                "still at the perturbed point")
+        if self._moved_elsewhere:
+            self._moved_elsewhere = False
+            self._perturbed, self._gate = _PERTURBED_ELSEWHERE, None
+            if zero_grad:
+                self.zero_grad()
+            return
         scaler = _gate.active_scaler(grad_scaler)
         buckets = self._buckets()
         devices = {b.params[0].device for b in buckets}
@@ -295,7 +302,11 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w exactly, then step the base optimizer with the grads of the second pass."""
-        self._update(self._take_perturbed("second_step", "first_step"))
+        perturbed = self._take_perturbed("second_step", "first_step")
+        if perturbed is _PERTURBED_ELSEWHERE:  # w was not moved: nothing to restore
+            self._update(self._buckets(), restore=False)
+        else:
+            self._update(perturbed)
         if zero_grad:
             self.zero_grad()
 
@@ -515,6 +526,25 @@ class SAM(torch.optim.Optimizer):
         perturbed, self._perturbed, self._gate = self._perturbed, None, None
         restore_w(perturbed or [])
 
+    # ---- a perturbation made outside the optimizer (fastsam.distributed's m-sharpness under FSDP2) ------
+    def _perturbation_made_elsewhere(self) -> None:
+        """The coming ``first_step`` leaves every parameter where it is and needs no grads: the caller has
+        made the perturbation where the later passes see the weights (each rank's own w + e in FSDP2's
+        unsharded parameters). ``second_step`` then updates w with the grads of the last pass, with nothing
+        to restore."""
+        self._moved_elsewhere = True
+
+    def _twin(self, param_groups: List[dict]) -> "SAM":
+        """This method, with the method options of the groups at the same positions in ``param_groups``
+        (whose "params" are other tensors, e.g. a rank's full copy of sharded parameters), for its
+        ``first_step`` only: its base optimizer is a plain SGD that is never stepped. Only for classes whose
+        constructor does nothing but ``_init_sam`` with options kept in the groups (SAM, ASAM)."""
+        options = set(self.defaults) - set(self.base_optimizer.defaults)
+        twin = type(self).__new__(type(self))
+        twin._init_sam(param_groups, torch.optim.SGD, self.impl, {k: self.defaults[k] for k in options},
+                       dict(lr=0.0))
+        return twin
+
     # ---- where a step stands (for loops that treat the passes differently, e.g. fastsam.distributed) --
     @property
     def next_pass_at_w(self) -> bool:
@@ -617,6 +647,9 @@ class SAM(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(impl={self.impl!r}, base_optimizer={self.base_optimizer!r})"
 
+
+# What a step's first_step leaves in ``_perturbed`` when the perturbation was made elsewhere (never appended to).
+_PERTURBED_ELSEWHERE: List[_buckets.Bucket] = []
 
 # Where a state dict holds the method's own state (see SAM.state_dict).
 OWN_KEY = "fastsam"
