@@ -41,7 +41,7 @@ OnUnsharded = Callable[[str, Tensor], None]
 
 class LocalPerturbation:
     """One step's per-rank perturbation of the full parameters of an FSDP2 ``model`` (see the module
-    docstring). ``optimizer`` steps ``model``'s sharded parameters and has a twin (SAM, ASAM)."""
+    docstring). ``optimizer`` steps ``model``'s sharded parameters and has a twin (SAM, ASAM, LastSAM)."""
 
     def __init__(self, optimizer: SAM, model: torch.nn.Module, fsdp_module_type: type) -> None:
         self.optimizer = optimizer

@@ -33,13 +33,13 @@ Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the choice is the same, at 
 - ``True`` (the default under FSDP2): each rank perturbs its shard of w with its shard of the global grad,
   which the backward pass reduce-scatters to it: one reduce-scatter per pass, as in any FSDP2 step, and one
   small all-reduce per global norm or dot product. Memory stays sharded.
-- ``False`` (m-sharpness, SAM and ASAM): each rank perturbs its own full copy of w with its own batch's grad,
-  inside the forward pass (``fastsam._fsdp_m_sharpness``): the pass at w is not reduce-scattered (one
-  reduce-scatter and the norm's all-reduce less per step), but while the step runs each rank holds
-  full-size copies of w + e and of its backup, the memory of an unsharded model. CRSAM and orthogonal
-  LastSAM sync the pass at w in both modes (their update uses it, as under DDP); FriendlySAM's EMA of
-  each rank's own grads would be a full-size state per rank that a sharded checkpoint cannot hold, and
-  plain LastSAM's perturbation has no twin yet: for those two, ``False`` raises ValueError.
+- ``False`` (m-sharpness; SAM, ASAM and LastSAM): each rank perturbs its own full copy of w with its own
+  batch's grad, inside the forward pass (``fastsam._fsdp_m_sharpness``): the pass at w is not
+  reduce-scattered (one reduce-scatter and the norm's all-reduce less per step), but while the step runs
+  each rank holds full-size copies of w + e and of its backup, the memory of an unsharded model. CRSAM and
+  orthogonal LastSAM (and LastSAM before its switch) sync the pass at w in both modes (their update uses
+  it, as under DDP). FriendlySAM's EMA of each rank's own grads would be a full-size state per rank that a
+  sharded checkpoint cannot hold: for it, ``False`` raises ValueError.
 
 DDP example (one process per rank, after ``torch.distributed.init_process_group``)::
 
@@ -110,14 +110,15 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
     _check_bool("sync_first_pass", sync_first_pass)
     local = None  # each rank's own perturbation under FSDP2
     if is_fsdp and not sync_first_pass:
-        if type(optimizer) in (SAM, ASAM):
+        always_synced = isinstance(optimizer, CRSAM) or (isinstance(optimizer, LastSAM) and optimizer.orthogonal)
+        if type(optimizer) in (SAM, ASAM, LastSAM) and not always_synced:
             local = LocalPerturbation(optimizer, model, FSDPModule)
-        elif not (isinstance(optimizer, CRSAM) or (isinstance(optimizer, LastSAM) and optimizer.orthogonal)):
+        elif not always_synced:
             raise ValueError(f"sync_first_pass=False (m-sharpness: each rank perturbs with its own batch's grad) "
-                             f"under FSDP2 supports SAM and ASAM, not {type(optimizer).__name__}: FriendlySAM's EMA "
-                             "of each rank's own grads would be a full-size state per rank that a sharded "
-                             "checkpoint cannot hold, and plain LastSAM's perturbation is not made per rank yet. "
-                             "Use sync_first_pass=True (the default under FSDP2), or DDP for m-sharpness")
+                             f"under FSDP2 supports SAM, ASAM and LastSAM, not {type(optimizer).__name__}: "
+                             "FriendlySAM's EMA of each rank's own grads would be a full-size state per rank that a "
+                             "sharded checkpoint cannot hold. Use sync_first_pass=True (the default under FSDP2), "
+                             "or DDP for m-sharpness")
     _check_bool("freeze_bn", freeze_bn)
     if not freeze_bn and optimizer.freeze_bn:
         raise ValueError("freeze_bn=False, but the optimizer's step(closure) freezes BatchNorm statistics in the "
@@ -136,7 +137,9 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
 
     def closure() -> Tensor:
         at_w = optimizer.next_pass_at_w
-        if local is not None and at_w:
+        # (LastSAM's answer changes at its switch, never within a step)
+        per_rank = local is not None and not optimizer.update_uses_grad_at_w
+        if per_rank and at_w:
             loss = local.pass_at_w(checked_loss)
             optimizer._perturbation_made_elsewhere()
             return loss
@@ -146,13 +149,13 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
                 passes.enter_context(model.no_sync())
             if freeze_bn and not at_w:
                 passes.enter_context(frozen_bn_stats(model))
-            if local is not None:
+            if per_rank:
                 loss, release = local.later_pass(checked_loss)
                 passes.callback(release)
             else:
                 loss = checked_loss()
             loss.backward()
-        if local is not None and not at_w:
+        if per_rank:
             local.check_unseen()
         if mean_loss:
             loss = mean_over_ranks(loss.detach().clone(), [model.process_group])

@@ -45,7 +45,7 @@ BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
 # fp32 reduce); "closure" the closure of fastsam.distributed.sam_closure; "m-sharpness" that closure with
 # sync_first_pass=False (each rank perturbs its full w with its own batch's grad); "nan": a NaN in one input of
 # rank 1 at step NAN_STEP, under nonfinite="skip".
-PER_RANK = ["sam", "sam_inf", "sam_adaptive", "asam", "asam_filterwise"]  # m-sharpness perturbs per rank
+PER_RANK = ["sam", "sam_inf", "sam_adaptive", "asam", "asam_filterwise", "lastsam"]  # m-sharpness per rank
 JOBS = ([(m, b, "") for m in METHODS for b in BASES]
         + [("sam", "sgd", "keep"), ("lastsam_orthogonal", "adamw", "keep"), ("sam", "adamw", "accumulate"),
            ("crsam", "sgd", "accumulate"), ("sam", "sgd", "bf16"), ("sam", "sgd", "closure"),
@@ -192,7 +192,7 @@ def _count_step_collectives(rank: int, sync_first_pass: bool) -> dict:
 def _m_sharpness_refusals() -> dict:
     """The ValueError of sam_closure(..., sync_first_pass=False) where m-sharpness under FSDP2 is not made."""
     errors = {}
-    for method in ("fsam", "lastsam", "stray parameter"):
+    for method in ("fsam", "stray parameter"):
         model = _sharded()
         if method == "stray parameter":
             opt = fastsam.SAM(list(model.parameters()) + [torch.nn.Parameter(torch.zeros(5))], torch.optim.SGD,
@@ -341,6 +341,7 @@ def _perturbation(method: str, names, w, g):
     """One rank's e at parameters ``w`` from its own grads ``g`` (lists like net.parameters()), written out from
     the methods' formulas: e = rho T^2 g / (||T g|| + eps) over all parameters, or rho T sign(g) for p = inf."""
     rho = METHODS[method][1]["rho"]
+    method = "sam" if method == "lastsam" else method  # its sharpness="sam" (after the switch)
     if method == "sam_inf":
         return [rho * torch.sign(t) for t in g]
     if method.startswith("asam"):  # T = |w| + eta (filter norms + eta for conv weights) on weights, 1 elsewhere
@@ -378,6 +379,9 @@ def _m_sharpness_reference(method: str, base: str, steps: int = STEPS, nan: bool
         w = [t.detach() for t in leaves]
         later = []
         for rank in range(WORLD):
+            if step < METHODS[method][1].get("switch_at", 0):  # LastSAM before its switch: the base step alone
+                later.append(grads(w, step, rank))
+                continue
             e = _perturbation(method, names, w, grads(w, step, rank))
             later.append(grads([p + d for p, d in zip(w, e)], step, rank))
         for leaf, per_rank in zip(leaves, zip(*later)):
@@ -489,8 +493,8 @@ def test_the_update_stays_fused_on_dtensors(ranks):
 
 def test_m_sharpness_refusals_name_the_reason(ranks):
     errors = ranks[0]["m-sharpness refused"]
-    assert "supports SAM and ASAM, not FriendlySAM" in errors["fsam"] and "sharded checkpoint" in errors["fsam"]
-    assert "not LastSAM" in errors["lastsam"]
+    assert "supports SAM, ASAM and LastSAM, not FriendlySAM" in errors["fsam"]
+    assert "sharded checkpoint" in errors["fsam"]
     assert "1 other parameter(s) (shapes [(5,)]" in errors["stray parameter"]
     assert "the pass at w of this step did not run through the closure" in errors["pass at w outside"]
     assert errors["unchanged"]  # the step was abandoned with w restored

@@ -95,6 +95,10 @@ class LastSAM(SAM):
             check_asam_group(group)
 
     @property
+    def _twin_class(self) -> type:
+        return self._method  # the perturbation is SAM's or ASAM's, with the same group options
+
+    @property
     def sharpness_active(self) -> bool:
         """True from step ``switch_at`` on: a step then takes two forward/backward passes."""
         return self.steps_done >= self.switch_step

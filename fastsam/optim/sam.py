@@ -535,15 +535,20 @@ class SAM(torch.optim.Optimizer):
         self._moved_elsewhere = True
 
     def _twin(self, param_groups: List[dict]) -> "SAM":
-        """This method, with the method options of the groups at the same positions in ``param_groups``
-        (whose "params" are other tensors, e.g. a rank's full copy of sharded parameters), for its
-        ``first_step`` only: its base optimizer is a plain SGD that is never stepped. Only for classes whose
-        constructor does nothing but ``_init_sam`` with options kept in the groups (SAM, ASAM)."""
+        """This method's perturbation, with the method options of ``param_groups`` (whose "params" are other
+        tensors, e.g. a rank's full copy of sharded parameters), for its ``first_step`` only: its base
+        optimizer is a plain SGD that is never stepped. Made by :attr:`_twin_class`, whose constructor must
+        do nothing but ``_init_sam`` with options kept in the groups (SAM, ASAM)."""
         options = set(self.defaults) - set(self.base_optimizer.defaults)
-        twin = type(self).__new__(type(self))
+        cls = self._twin_class
+        twin = cls.__new__(cls)
         twin._init_sam(param_groups, torch.optim.SGD, self.impl, {k: self.defaults[k] for k in options},
                        dict(lr=0.0))
         return twin
+
+    @property
+    def _twin_class(self) -> type:
+        return type(self)
 
     # ---- where a step stands (for loops that treat the passes differently, e.g. fastsam.distributed) --
     @property
