@@ -21,8 +21,9 @@ is never moved:
    those grads (the fused restore + update, with nothing to restore).
 
 Cost against ``sync_first_pass=True``: one reduce-scatter less per step (the pass at w only all-gathers) and
-no all-reduce of the norm; but while a step runs, each rank holds full-size copies of w + e_r and of its
-backup (and of its grads until the perturbation is made): the memory of an unsharded model.
+no all-reduce of the norm; but each rank holds full-size tensors of its own: three per parameter (its grad,
+w + e_r and the twin's backup of w) while the perturbation is made, then w + e_r (in the unsharded dtype)
+through the later pass. That is the memory of an unsharded model, for the time of one step.
 """
 from __future__ import annotations
 

@@ -35,8 +35,9 @@ Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the choice is the same, at 
   small all-reduce per global norm or dot product. Memory stays sharded.
 - ``False`` (m-sharpness; SAM, ASAM and LastSAM): each rank perturbs its own full copy of w with its own
   batch's grad, inside the forward pass (``fastsam._fsdp_m_sharpness``): the pass at w is not
-  reduce-scattered (one reduce-scatter and the norm's all-reduce less per step), but while the step runs
-  each rank holds full-size copies of w + e and of its backup, the memory of an unsharded model. CRSAM and
+  reduce-scattered (one reduce-scatter and the norm's all-reduce less per step), but within the step each
+  rank holds full-size tensors (up to three per parameter while it makes w + e, then w + e through the
+  later pass): the memory of an unsharded model. CRSAM and
   orthogonal LastSAM (and LastSAM before its switch) sync the pass at w in both modes (their update uses
   it, as under DDP). FriendlySAM's EMA of each rank's own grads would be a full-size state per rank that a
   sharded checkpoint cannot hold: for it, ``False`` raises ValueError.
