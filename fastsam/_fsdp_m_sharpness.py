@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from fastsam.optim import SAM
-from fastsam.optim._sharding import is_dtensor
+from fastsam.optim._buckets import UNSTARTED
+from fastsam.optim._sharding import is_dtensor, local
 
 # A name -> unsharded parameter callback, run for each parameter of an FSDP module about to run forward.
 OnUnsharded = Callable[[str, Tensor], None]
@@ -47,6 +48,7 @@ class LocalPerturbation:
     def __init__(self, optimizer: SAM, model: torch.nn.Module, fsdp_module_type: type) -> None:
         self.optimizer = optimizer
         self.name_of = {p: name for name, p in model.named_parameters()}
+        self.param_of = {name: p for p, name in self.name_of.items()}
         strays = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]
                   if p not in self.name_of or not is_dtensor(p)]
         if strays:
@@ -105,12 +107,13 @@ class LocalPerturbation:
 
     def _perturb(self, grads: Dict[str, Tensor], dtypes: Dict[str, torch.dtype]) -> None:
         """Moves the copies that got a grad, in the groups the optimizer perturbs, to w + e_r (``grads`` and
-        ``dtypes``: those of the unsharded parameters, by name)."""
+        ``dtypes``: those of the unsharded parameters, by name). The twin's buffers that carry over (Friendly
+        SAM's EMA) are this rank's own part of the optimizer's per-rank state, updated in place."""
         options = set(self.optimizer.defaults) - set(self.optimizer.base_optimizer.defaults)
-        groups, moved = [], []
+        groups, members_all, moved = [], [], []
         for group in self.optimizer.param_groups:
             members = [self.name_of[p] for p in group["params"] if self.name_of[p] in grads]
-            if not members or not self.optimizer._moves(group):
+            if not members:
                 continue
             for name in members:
                 self.copies[name].grad = grads[name].to(self.dtype_of[name])
@@ -119,14 +122,37 @@ class LocalPerturbation:
             if "param_names" in group:  # ASAM tells weights from biases by name
                 twin_group["param_names"] = members
             groups.append(twin_group)
-            moved += members
+            members_all += members
+            if self.optimizer._moves(group):
+                moved += members
         if groups:
-            self.optimizer._twin(groups).first_step()
+            twin = self.optimizer._twin(groups)
+            for name in members_all:
+                self._lend_per_rank_state(twin, name)
+            twin.first_step()
         # Only what moved is applied in the later pass; the rest of w stays as FSDP all-gathers it.
         self.moved = {n: self.copies[n].to(dtypes[n]) for n in moved}
-        for n in moved:
+        for n in members_all:
             self.copies[n].grad = None
         self.copies = {}
+
+    def _lend_per_rank_state(self, twin: SAM, name: str) -> None:
+        """Puts this rank's part of the optimizer's per-rank buffers of parameter ``name`` in the twin's state
+        (a view: the twin's step updates them), made zero-filled the first time; the twin then treats the
+        parameter as new, as a fresh optimizer does."""
+        per_rank = self.optimizer._per_rank_buffers
+        if not per_rank:
+            return
+        p = self.param_of[name]
+        st, twin_st = self.optimizer.state[p], twin.state[self.copies[name]]
+        fresh = st.pop(UNSTARTED, False)
+        for twin_key, key in per_rank.items():
+            if key not in st:
+                st[key] = self.optimizer._zero_buffer(p, key)
+                fresh = True
+            twin_st[twin_key] = local(st[key])[0]  # this rank's own: [1, *shape] -> [*shape], same storage
+        if fresh:
+            twin_st[UNSTARTED] = True
 
     def later_pass(self, forward: Callable[[], Tensor]) -> Tuple[Tensor, Callable[[], None]]:
         """Runs ``forward()`` at this rank's w + e_r: returns the loss, and a function that frees the

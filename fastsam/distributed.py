@@ -33,14 +33,15 @@ Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the choice is the same, at 
 - ``True`` (the default under FSDP2): each rank perturbs its shard of w with its shard of the global grad,
   which the backward pass reduce-scatters to it: one reduce-scatter per pass, as in any FSDP2 step, and one
   small all-reduce per global norm or dot product. Memory stays sharded.
-- ``False`` (m-sharpness; SAM, ASAM and LastSAM): each rank perturbs its own full copy of w with its own
-  batch's grad, inside the forward pass (``fastsam._fsdp_m_sharpness``): the pass at w is not
+- ``False`` (m-sharpness; SAM, ASAM, FriendlySAM and LastSAM): each rank perturbs its own full copy of w
+  with its own batch's grad, inside the forward pass (``fastsam._fsdp_m_sharpness``): the pass at w is not
   reduce-scattered (one reduce-scatter and the norm's all-reduce less per step), but within the step each
   rank holds full-size tensors (up to three per parameter while it makes w + e, then w + e through the
-  later pass): the memory of an unsharded model. CRSAM and
-  orthogonal LastSAM (and LastSAM before its switch) sync the pass at w in both modes (their update uses
-  it, as under DDP). FriendlySAM's EMA of each rank's own grads would be a full-size state per rank that a
-  sharded checkpoint cannot hold: for it, ``False`` raises ValueError.
+  later pass): the memory of an unsharded model. FriendlySAM keeps each rank's EMA of its own grads, as
+  under DDP: a full-size state per rank for good, which the optimizer must be built for
+  (``FriendlySAM(..., per_rank_ema=True)``, so that a checkpoint template has its layout); without it,
+  ``False`` raises ValueError. CRSAM and orthogonal LastSAM (and LastSAM before its switch) sync the pass
+  at w in both modes (their update uses it, as under DDP).
 
 DDP example (one process per rank, after ``torch.distributed.init_process_group``)::
 
@@ -69,7 +70,7 @@ except ImportError:  # a torch build without torch.distributed
 
 from fastsam._checks import _check_bool
 from fastsam._fsdp_m_sharpness import LocalPerturbation
-from fastsam.optim import ASAM, CRSAM, SAM, LastSAM
+from fastsam.optim import ASAM, CRSAM, SAM, FriendlySAM, LastSAM
 from fastsam.optim._sharding import mean_over_ranks
 from fastsam.utils import frozen_bn_stats
 
@@ -109,17 +110,24 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
     if sync_first_pass is None:
         sync_first_pass = is_fsdp
     _check_bool("sync_first_pass", sync_first_pass)
+    per_rank_ema = isinstance(optimizer, FriendlySAM) and optimizer.per_rank_ema
+    if per_rank_ema and not (is_fsdp and not sync_first_pass):
+        raise ValueError("FriendlySAM(per_rank_ema=True) is for m-sharpness under FSDP2: sam_closure(opt, model, ..., "
+                         "sync_first_pass=False) with the fully_shard-ed model")
     local = None  # each rank's own perturbation under FSDP2
     if is_fsdp and not sync_first_pass:
         always_synced = isinstance(optimizer, CRSAM) or (isinstance(optimizer, LastSAM) and optimizer.orthogonal)
-        if type(optimizer) in (SAM, ASAM, LastSAM) and not always_synced:
+        if (type(optimizer) in (SAM, ASAM, LastSAM) and not always_synced) or per_rank_ema:
             local = LocalPerturbation(optimizer, model, FSDPModule)
+        elif isinstance(optimizer, FriendlySAM):
+            raise ValueError("sync_first_pass=False (m-sharpness) with FriendlySAM under FSDP2 keeps an EMA of each "
+                             "rank's own grads, a full-size state per rank: build the optimizer with "
+                             "FriendlySAM(..., per_rank_ema=True), so that it is saved (and a checkpoint template "
+                             "made) in that layout, or use sync_first_pass=True (the default under FSDP2)")
         elif not always_synced:
             raise ValueError(f"sync_first_pass=False (m-sharpness: each rank perturbs with its own batch's grad) "
-                             f"under FSDP2 supports SAM, ASAM and LastSAM, not {type(optimizer).__name__}: "
-                             "FriendlySAM's EMA of each rank's own grads would be a full-size state per rank that a "
-                             "sharded checkpoint cannot hold. Use sync_first_pass=True (the default under FSDP2), "
-                             "or DDP for m-sharpness")
+                             f"under FSDP2 supports SAM, ASAM, FriendlySAM and LastSAM, not "
+                             f"{type(optimizer).__name__}; use sync_first_pass=True (the default under FSDP2)")
     _check_bool("freeze_bn", freeze_bn)
     if not freeze_bn and optimizer.freeze_bn:
         raise ValueError("freeze_bn=False, but the optimizer's step(closure) freezes BatchNorm statistics in the "

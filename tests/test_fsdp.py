@@ -45,7 +45,7 @@ BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
 # fp32 reduce); "closure" the closure of fastsam.distributed.sam_closure; "m-sharpness" that closure with
 # sync_first_pass=False (each rank perturbs its full w with its own batch's grad); "nan": a NaN in one input of
 # rank 1 at step NAN_STEP, under nonfinite="skip".
-PER_RANK = ["sam", "sam_inf", "sam_adaptive", "asam", "asam_filterwise", "lastsam"]  # m-sharpness per rank
+PER_RANK = ["sam", "sam_inf", "sam_adaptive", "asam", "asam_filterwise", "fsam", "lastsam"]  # m-sharpness per rank
 JOBS = ([(m, b, "") for m in METHODS for b in BASES]
         + [("sam", "sgd", "keep"), ("lastsam_orthogonal", "adamw", "keep"), ("sam", "adamw", "accumulate"),
            ("crsam", "sgd", "accumulate"), ("sam", "sgd", "bf16"), ("sam", "sgd", "closure"),
@@ -57,7 +57,7 @@ JOBS = ([(m, b, "") for m in METHODS for b in BASES]
            ("crsam", "sgd", "m-sharpness"), ("lastsam_orthogonal", "adamw", "m-sharpness")])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
 CHECKPOINTED = [("sam", "adamw", ""), ("fsam", "sgd", ""), ("lastsam_orthogonal", "sgd", ""),
-                ("asam", "adamw", "m-sharpness")]
+                ("asam", "adamw", "m-sharpness"), ("fsam", "adamw", "m-sharpness")]
 CHECKPOINT_SWITCH = 7  # LastSAM switches after the checkpoint: a lost steps_done would delay it
 COUNTED = ["sam", "sam_inf", "asam_filterwise", "fsam", "crsam", "crsam_paper", "lastsam_orthogonal", "sam_skip"]
 
@@ -91,6 +91,8 @@ def _optimizer(method: str, base: str, model, switch_at=None, variant: str = "")
     options = dict(options, switch_at=switch_at) if switch_at is not None else options
     if "nan" in variant.split():
         options = dict(options, nonfinite="skip")
+    if cls is fastsam.FriendlySAM and "m-sharpness" in variant.split():
+        options = dict(options, per_rank_ema=True)
     return cls(model.named_parameters(), base_cls, **options, **base_options)
 
 
@@ -192,8 +194,24 @@ def _count_step_collectives(rank: int, sync_first_pass: bool) -> dict:
 def _m_sharpness_refusals() -> dict:
     """The ValueError of sam_closure(..., sync_first_pass=False) where m-sharpness under FSDP2 is not made."""
     errors = {}
-    for method in ("fsam", "stray parameter"):
+    for method in ("fsam", "stray parameter", "per-rank EMA synced"):
         model = _sharded()
+        if method == "per-rank EMA synced":
+            opt = _optimizer("fsam", "sgd", model, variant="m-sharpness")
+            try:
+                sam_closure(opt, model, lambda: None, sync_first_pass=True)
+            except ValueError as e:
+                errors[method] = str(e)
+            x, y = _batch(0, dist.get_rank())
+            try:
+                opt.step(lambda: F.mse_loss(model(x), y).backward())
+            except RuntimeError as e:
+                errors["per-rank EMA, plain step"] = str(e)
+            try:
+                opt.load_state_dict(_optimizer("fsam", "sgd", model).state_dict())
+            except ValueError as e:
+                errors["per-rank EMA, other layout"] = str(e)
+            continue
         if method == "stray parameter":
             opt = fastsam.SAM(list(model.parameters()) + [torch.nn.Parameter(torch.zeros(5))], torch.optim.SGD,
                               lr=0.1)
@@ -241,7 +259,7 @@ def _train_phase(rank: int, ckpt: str) -> dict:
         results["train", method, base, variant] = _full(model)
     for method, base, variant in CHECKPOINTED:
         model = _sharded()
-        opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None)
+        opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None, variant)
         for step in range(STEPS):
             if step == SAVE_AT:
                 dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -306,7 +324,7 @@ def _resume_phase(rank: int, ckpt: str) -> dict:
     results = {}
     for method, base, variant in CHECKPOINTED:
         model = _sharded()
-        opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None)
+        opt = _optimizer(method, base, model, CHECKPOINT_SWITCH if method.startswith("lastsam") else None, variant)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(state, checkpoint_id=os.path.join(ckpt, f"{method}-{base}-{variant}"))
         set_model_state_dict(model, state["model"])
@@ -341,7 +359,7 @@ def _perturbation(method: str, names, w, g):
     """One rank's e at parameters ``w`` from its own grads ``g`` (lists like net.parameters()), written out from
     the methods' formulas: e = rho T^2 g / (||T g|| + eps) over all parameters, or rho T sign(g) for p = inf."""
     rho = METHODS[method][1]["rho"]
-    method = "sam" if method == "lastsam" else method  # its sharpness="sam" (after the switch)
+    method = "sam" if method in ("lastsam", "fsam") else method  # LastSAM's sharpness="sam"; F-SAM: g is d
     if method == "sam_inf":
         return [rho * torch.sign(t) for t in g]
     if method.startswith("asam"):  # T = |w| + eta (filter norms + eta for conv weights) on weights, 1 elsewhere
@@ -375,6 +393,7 @@ def _m_sharpness_reference(method: str, base: str, steps: int = STEPS, nan: bool
         w = [t.detach().requires_grad_() for t in w]
         x, y = _batch(step, rank, nan)
         return torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, dict(zip(names, w)), (x,)), y), w)
+    ema = [None] * WORLD  # Friendly SAM: each rank's EMA of its own grads at w
     for step in range(steps):
         w = [t.detach() for t in leaves]
         later = []
@@ -382,7 +401,13 @@ def _m_sharpness_reference(method: str, base: str, steps: int = STEPS, nan: bool
             if step < METHODS[method][1].get("switch_at", 0):  # LastSAM before its switch: the base step alone
                 later.append(grads(w, step, rank))
                 continue
-            e = _perturbation(method, names, w, grads(w, step, rank))
+            g = grads(w, step, rank)
+            if method == "fsam":  # d = g - sigma m (d = g at the first step), m <- lmbda m + (1 - lmbda) g
+                sigma, lmbda = 1.0, 0.9
+                d = g if ema[rank] is None else [t - sigma * m for t, m in zip(g, ema[rank])]
+                ema[rank] = list(g) if ema[rank] is None else [lmbda * m + (1 - lmbda) * t for m, t in zip(ema[rank], g)]
+                g = d
+            e = _perturbation(method, names, w, g)
             later.append(grads([p + d for p, d in zip(w, e)], step, rank))
         for leaf, per_rank in zip(leaves, zip(*later)):
             leaf.grad = sum(per_rank) / WORLD
@@ -493,8 +518,10 @@ def test_the_update_stays_fused_on_dtensors(ranks):
 
 def test_m_sharpness_refusals_name_the_reason(ranks):
     errors = ranks[0]["m-sharpness refused"]
-    assert "supports SAM, ASAM and LastSAM, not FriendlySAM" in errors["fsam"]
-    assert "sharded checkpoint" in errors["fsam"]
+    assert "FriendlySAM(..., per_rank_ema=True)" in errors["fsam"]
+    assert "is for m-sharpness under FSDP2" in errors["per-rank EMA synced"]
+    assert "step with opt.step(fastsam.distributed.sam_closure(" in errors["per-rank EMA, plain step"]
+    assert "saved by 'FriendlySAM'" in errors["per-rank EMA, other layout"]
     assert "1 other parameter(s) (shapes [(5,)]" in errors["stray parameter"]
     assert "the pass at w of this step did not run through the closure" in errors["pass at w outside"]
     assert errors["unchanged"]  # the step was abandoned with w restored
@@ -585,6 +612,13 @@ def test_dcp_template_of_a_fresh_optimizer_keeps_its_first_step():
         _train_step(opt, model, _rank_losses(model, step, 0, ""))
     straight, _ = _trained("fsam", "sgd", 3)
     _assert_close(list(model.parameters()), list(straight.parameters()), rtol=0, atol=0)
+
+
+def test_per_rank_ema_needs_sharded_parameters():
+    with pytest.raises(ValueError, match="per_rank_ema=True is for FSDP2 parameters"):
+        fastsam.FriendlySAM(_net().parameters(), torch.optim.SGD, lr=0.1, per_rank_ema=True)
+    with pytest.raises(TypeError, match="per_rank_ema must be a bool"):
+        fastsam.FriendlySAM(_net().parameters(), torch.optim.SGD, lr=0.1, per_rank_ema=1)
 
 
 def test_step_without_closure_still_raises():

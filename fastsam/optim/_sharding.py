@@ -77,6 +77,17 @@ def scope_of(p: Tensor, rows: bool = False) -> Scope:
     return Scope(local(p).device, p.device_mesh.get_group(shard_dims[0]))
 
 
+def per_rank_zeros(p: Tensor) -> Tensor:
+    """A zero-filled state for DTensor parameter ``p`` (on a 1-D mesh) that holds a full-size tensor of each
+    rank's own: shape ``(world, *p.shape)``, sharded on dim 0, so rank r's local tensor ``[1, *p.shape]`` is
+    its own and a distributed checkpoint saves and loads every rank's apart."""
+    mesh = p.device_mesh
+    world = mesh.size()
+    mine = torch.zeros((1, *p.shape), device=local(p).device, dtype=p.dtype)
+    return DTensor.from_local(mine, mesh, [Shard(0)], run_check=False, shape=(world, *p.shape),
+                              stride=mine.stride())
+
+
 def device_of(key: Hashable) -> torch.device:
     return key.device if isinstance(key, Scope) else key
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from fastsam.optim import _buckets
-from fastsam.optim.sam import SAM, Direction, _check_nonneg, _check_number
+import torch
+from torch import Tensor
+
+from fastsam.optim import _buckets, _sharding
+from fastsam.optim.sam import SAM, Direction, _check_bool, _check_nonneg, _check_number
 
 
 class FriendlySAM(SAM):
@@ -31,6 +34,13 @@ class FriendlySAM(SAM):
         params, base_optimizer, impl, nonfinite, **base_kwargs: as for :class:`fastsam.SAM`.
         rho: radius (default 0.05). sigma: weight of the removed full-gradient estimate (default 1.0).
         lmbda: EMA decay in [0, 1) (default 0.9). adaptive: :math:`T = |w|`.
+        per_rank_ema: for m-sharpness under FSDP2 (``fastsam.distributed.sam_closure(...,
+            sync_first_pass=False)``, which every step must then use): each rank keeps the EMA of its own
+            grads over the full parameters, as each DDP rank does under m-sharpness. Saved as a state
+            ``"rank_ema"`` of shape ``(world, *p.shape)`` sharded on dim 0 (a full-size tensor per rank,
+            for good), which a distributed checkpoint saves rank by rank; it must be chosen when the
+            optimizer is built, so that a fresh optimizer's checkpoint template has that layout. Needs every
+            parameter to be a DTensor on a 1-D mesh (``fully_shard``).
         sigma, lmbda and rho are param-group options.
 
     Example::
@@ -45,12 +55,39 @@ class FriendlySAM(SAM):
 
     _buffers = ("ema",)
     _saved_buffers = ("ema",)
+    per_rank_ema = False
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9,
-                 adaptive: bool = False, impl: str = "auto", nonfinite: Optional[str] = None, **base_kwargs):
+                 adaptive: bool = False, impl: str = "auto", nonfinite: Optional[str] = None,
+                 per_rank_ema: bool = False, **base_kwargs):
         defaults = dict(rho=_check_nonneg("rho", rho), sigma=_check_number("sigma", sigma), lmbda=_check_lmbda(lmbda),
                         adaptive=bool(adaptive), p=2.0, perturb=True)
+        if _check_bool("per_rank_ema", per_rank_ema):
+            # The optimizer's own steps keep no EMA; the per-rank perturbation's twin updates "rank_ema".
+            self.per_rank_ema = True
+            self._buffers, self._saved_buffers = (), ("rank_ema",)
+            self._per_rank_buffers = {"ema": "rank_ema"}
         self._init_sam(params, base_optimizer, impl, defaults, base_kwargs, nonfinite)
+        if self.per_rank_ema:
+            meshes = [p.device_mesh.ndim if _sharding.is_dtensor(p) else 0 for p in self._params()]
+            if any(n != 1 for n in meshes):
+                raise ValueError("per_rank_ema=True is for FSDP2 parameters (DTensors on a 1-D mesh) under "
+                                 "fastsam.distributed.sam_closure(..., sync_first_pass=False); "
+                                 f"{sum(n != 1 for n in meshes)} parameter(s) are not")
+
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        if self.per_rank_ema and not self._moved_elsewhere and self.next_pass_at_w:
+            raise RuntimeError("FriendlySAM(per_rank_ema=True) perturbs each rank's full parameters with its own "
+                               "EMA: step with opt.step(fastsam.distributed.sam_closure(opt, model, compute_loss, "
+                               "sync_first_pass=False))")
+        super().first_step(zero_grad, grad_scaler)
+
+    def _zero_buffer(self, p: Tensor, key: str) -> Tensor:
+        return _sharding.per_rank_zeros(p) if key == "rank_ema" else super()._zero_buffer(p, key)
+
+    def _method_name(self) -> str:
+        # The EMA of one layout does not load into the other.
+        return "FriendlySAM(per_rank_ema)" if self.per_rank_ema else "FriendlySAM"
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

@@ -498,7 +498,7 @@ class SAM(torch.optim.Optimizer):
             st = self.state[p]
             for k in self._saved_buffers:
                 if p.grad is not None and k not in st:
-                    st[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st[k] = self._zero_buffer(p, k)
                     st[_buckets.UNSTARTED] = True
         self._plan = None
 
@@ -549,6 +549,14 @@ class SAM(torch.optim.Optimizer):
     @property
     def _twin_class(self) -> type:
         return type(self)
+
+    # The twin's per-parameter buffers that carry over from step to step, and the state keys of this
+    # optimizer that keep them for each rank (e.g. Friendly SAM's EMA of a rank's own grads).
+    _per_rank_buffers: Dict[str, str] = {}
+
+    def _zero_buffer(self, p: Tensor, key: str) -> Tensor:
+        """A zero-filled method buffer ``key`` for parameter ``p`` (laid out like ``p``)."""
+        return torch.zeros_like(p, memory_format=torch.contiguous_format)
 
     # ---- where a step stands (for loops that treat the passes differently, e.g. fastsam.distributed) --
     @property
