@@ -52,9 +52,9 @@ JOBS = ([(m, b, "") for m in METHODS for b in BASES]
            ("crsam_paper", "adamw", "closure")]
         + [(m, b, "m-sharpness") for m in PER_RANK for b in BASES]
         + [("sam", "adamw", "m-sharpness keep"), ("asam_filterwise", "sgd", "m-sharpness keep"),
-           ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan"),
-           # their update uses the pass at w, which stays synced (as under DDP): the plain result
-           ("crsam", "sgd", "m-sharpness"), ("lastsam_orthogonal", "adamw", "m-sharpness")])
+           ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan")]
+        # their update uses the pass at w, which stays synced (as under DDP): the plain result
+        + [(m, b, "m-sharpness") for m in ("crsam", "crsam_paper", "lastsam_orthogonal") for b in BASES])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
 CHECKPOINTED = [("sam", "adamw", ""), ("fsam", "sgd", ""), ("lastsam_orthogonal", "sgd", ""),
                 ("asam", "adamw", "m-sharpness"), ("fsam", "adamw", "m-sharpness")]
