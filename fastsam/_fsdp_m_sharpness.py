@@ -23,7 +23,8 @@ is never moved:
 Cost against ``sync_first_pass=True``: one reduce-scatter less per step (the pass at w only all-gathers) and
 no all-reduce of the norm; but each rank holds full-size tensors of its own: three per parameter (its grad,
 w + e_r and the twin's backup of w) while the perturbation is made, then w + e_r (in the unsharded dtype)
-through the later pass. That is the memory of an unsharded model, for the time of one step.
+through the later pass. That is the memory of an unsharded model, for the time of one step (Friendly SAM's
+per-rank EMA, one more full-size tensor per parameter, stays: see ``FriendlySAM(per_rank_ema=True)``).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ OnUnsharded = Callable[[str, Tensor], None]
 
 class LocalPerturbation:
     """One step's per-rank perturbation of the full parameters of an FSDP2 ``model`` (see the module
-    docstring). ``optimizer`` steps ``model``'s sharded parameters and has a twin (SAM, ASAM, LastSAM)."""
+    docstring). ``optimizer`` steps ``model``'s sharded parameters and has a twin (SAM, ASAM, LastSAM, and
+    FriendlySAM with ``per_rank_ema``)."""
 
     def __init__(self, optimizer: SAM, model: torch.nn.Module, fsdp_module_type: type) -> None:
         self.optimizer = optimizer
@@ -65,7 +67,6 @@ class LocalPerturbation:
         self.copies: Dict[str, Tensor] = {}  # this rank's full-size w, then w + e_r, by parameter name
         self.moved: Dict[str, Tensor] = {}  # w + e_r in the dtype of the unsharded parameter, where it moved
         self.seen: Set[str] = set()  # the parameters the pass at w saw unsharded
-        self.ready = False  # the pass at w of the step under way ran here
 
     @contextlib.contextmanager
     def _on_unsharded(self, callback: OnUnsharded) -> Iterator[None]:
@@ -102,7 +103,6 @@ class LocalPerturbation:
         with torch.no_grad():
             self._perturb({n: g for n, g in zip(names, grads) if g is not None},
                           {n: leaves[n].dtype for n in names})
-        self.ready = True
         return loss
 
     def _perturb(self, grads: Dict[str, Tensor], dtypes: Dict[str, torch.dtype]) -> None:
@@ -158,7 +158,7 @@ class LocalPerturbation:
         """Runs ``forward()`` at this rank's w + e_r: returns the loss, and a function that frees the
         perturbation once the backward pass is done. Raises RuntimeError if the pass at w of this step did
         not run through :meth:`pass_at_w` (the caller ran it: it was synced, and w was perturbed as such)."""
-        if not self.ready:
+        if not self.optimizer._step_perturbed_elsewhere:
             raise RuntimeError("sync_first_pass=False under FSDP2: the pass at w of this step did not run through "
                                "the closure (a backward pass before step(closure)?), so it was reduce-scattered and "
                                "no rank has its own perturbation; let step(closure) run every pass")
@@ -182,8 +182,9 @@ class LocalPerturbation:
 
         def unpack(saved):
             return saved.view_of_value() if isinstance(saved, _SavedView) else saved
+
         def release() -> None:
-            self.moved, self.ready = {}, False
+            self.moved = {}
             for _, m in self.fsdp_modules:  # no unsharded parameter keeps w + e_r into the next forward pass
                 m.reshard()
         try:

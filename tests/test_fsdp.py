@@ -44,7 +44,7 @@ BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
 # micro-batches per pass under set_requires_gradient_sync(False); "bf16" MixedPrecisionPolicy(bf16 params,
 # fp32 reduce); "closure" the closure of fastsam.distributed.sam_closure; "m-sharpness" that closure with
 # sync_first_pass=False (each rank perturbs its full w with its own batch's grad); "nan": a NaN in one input of
-# rank 1 at step NAN_STEP, under nonfinite="skip".
+# rank 1 at step NAN_STEP, under nonfinite="skip"; "explicit": first_step/second_step around the closure's passes.
 PER_RANK = ["sam", "sam_inf", "sam_adaptive", "asam", "asam_filterwise", "fsam", "lastsam"]  # m-sharpness per rank
 JOBS = ([(m, b, "") for m in METHODS for b in BASES]
         + [("sam", "sgd", "keep"), ("lastsam_orthogonal", "adamw", "keep"), ("sam", "adamw", "accumulate"),
@@ -52,7 +52,8 @@ JOBS = ([(m, b, "") for m in METHODS for b in BASES]
            ("crsam_paper", "adamw", "closure")]
         + [(m, b, "m-sharpness") for m in PER_RANK for b in BASES]
         + [("sam", "adamw", "m-sharpness keep"), ("asam_filterwise", "sgd", "m-sharpness keep"),
-           ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan")]
+           ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan"),
+           ("asam", "sgd", "m-sharpness explicit")]
         # their update uses the pass at w, which stays synced (as under DDP): the plain result
         + [(m, b, "m-sharpness") for m in ("crsam", "crsam_paper", "lastsam_orthogonal") for b in BASES])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
@@ -99,6 +100,13 @@ def _optimizer(method: str, base: str, model, switch_at=None, variant: str = "")
 def _train_step(opt, model, losses, variant: str = "") -> None:
     """One step through ``step(closure)``; ``losses()`` gives the micro-batch losses of one pass."""
     words = variant.split()
+    if "explicit" in words:  # the closure as the forward + backward of an explicit loop
+        closure = sam_closure(opt, model, lambda: losses()[0], sync_first_pass="m-sharpness" not in words)
+        closure()
+        opt.first_step(zero_grad=True)
+        closure()
+        opt.second_step(zero_grad=True)
+        return
     if "closure" in words or "m-sharpness" in words:
         opt.step(sam_closure(opt, model, lambda: losses()[0], sync_first_pass="m-sharpness" not in words))
         opt.zero_grad()

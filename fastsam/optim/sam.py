@@ -534,6 +534,11 @@ class SAM(torch.optim.Optimizer):
         to restore."""
         self._moved_elsewhere = True
 
+    @property
+    def _step_perturbed_elsewhere(self) -> bool:
+        """Whether the step under way was begun with its perturbation made elsewhere."""
+        return self._perturbed is _PERTURBED_ELSEWHERE
+
     def _twin(self, param_groups: List[dict]) -> "SAM":
         """This method's perturbation, with the method options of ``param_groups`` (whose "params" are other
         tensors, e.g. a rank's full copy of sharded parameters), for its ``first_step`` only: its base
