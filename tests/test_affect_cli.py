@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("PIL")
 
 from fastsam.affect.cli import main  # noqa: E402
+from fastsam.affect.predictions import read_predictions, write_predictions  # noqa: E402
 from fastsam.affect.tasks import get_task  # noqa: E402
 
 
@@ -41,13 +42,18 @@ def f1_by_counting(pred, target, classes):
     return scores
 
 
+AU_COLUMNS = ["image", "AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26"]
+
+
 def recomputed_f1(predictions_csv, ann_dir, task):
+    """F1 from the CSV read with the csv module: 13 columns (image + one 0/1 per AU) or image,expression."""
     with open(predictions_csv, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["image", "label"]
+    assert rows[0] == (AU_COLUMNS if task.multilabel else ["image", "expression"])
+    assert all(len(r) == len(rows[0]) for r in rows)
     per_class = []
-    preds = [[int(v) for v in label.split(",")] for _, label in rows[1:]]
-    truths = [annotation_labels(ann_dir, image) for image, _ in rows[1:]]
+    preds = [[int(v) for v in row[1:]] for row in rows[1:]]
+    truths = [annotation_labels(ann_dir, row[0]) for row in rows[1:]]
     if task.multilabel:
         assert all(len(p) == 12 and set(p) <= {0, 1} for p in preds)
         for k in range(12):  # binary F1 of the positive class of each AU
@@ -94,6 +100,59 @@ def test_metrics_json_f1_equals_f1_from_predictions_and_annotations(pipeline, ca
         assert (run / name).is_file()
 
 
+def test_predictions_read_back_in_both_layouts(pipeline, tmp_path):
+    """read_predictions reads evaluate's CSV and the earlier image,label layout (AU's values in one quoted
+    field) to the same arrays."""
+    task, _, banks, run = pipeline
+    t = get_task(task)
+    current = tmp_path / "pred.csv"
+    run_cli("evaluate", "--run", run, "--bank", banks["val"], "--predictions", current)
+    images, pred = read_predictions(current, t)
+    assert pred.dtype == np.int64 and pred.shape == ((len(images), 12) if t.multilabel else (len(images),))
+    earlier = tmp_path / "earlier.csv"
+    with open(earlier, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label"])
+        for image, p in zip(images, pred):
+            writer.writerow([image, ",".join(map(str, p)) if t.multilabel else int(p)])
+    again_images, again = read_predictions(earlier, t)
+    assert again_images == images
+    np.testing.assert_array_equal(again, pred)
+    rewritten = tmp_path / "rewritten.csv"
+    write_predictions(rewritten, images, pred, t)
+    assert rewritten.read_bytes() == current.read_bytes()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image,AU1\nv/00001.jpg,1\n", "is neither"),
+    ("image,expression\nv/00001.jpg,8\n", "class index in \\[0, 8\\)"),
+    ("image,expression\nv/00001.jpg,x\n", ":2: not integers"),
+    ("image,expression\nv/00001.jpg,1,2\n", ":2: 2 values, expected 1"),
+])
+def test_read_predictions_errors_name_the_file(tmp_path, text, message):
+    path = tmp_path / "p.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_predictions(path, get_task("expr"))
+
+
+def test_annotations_may_be_the_split_folder(pipeline, tmp_path, capsys):
+    """extract --annotations <...>/Train_Set --split train: the same bank as with the parent folder, and the
+    line that says which folder was used."""
+    task, data, banks, _ = pipeline
+    capsys.readouterr()
+    run_cli("extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations" / "Train_Set",
+            "--task", task, "--split", "train", "--checkpoint", data / "encoder.pt", "--out", tmp_path / "bank",
+            "--batch-size", 16)
+    out = capsys.readouterr().out
+    assert f"annotations: {data / 'annotations' / 'Train_Set'} (the --annotations folder itself)" in out
+    for name in ("features.npy", "labels.npy", "index.csv"):
+        assert (tmp_path / "bank" / name).read_bytes() == (banks["train"] / name).read_bytes()
+    run_cli("extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations",
+            "--task", task, "--split", "train", "--checkpoint", data / "encoder.pt", "--out", banks["train"])
+    assert "(the Train_Set folder in --annotations)" in capsys.readouterr().out
+
+
 def test_extract_counts_and_reuses_the_bank(pipeline, capsys):
     task, data, banks, _ = pipeline
     manifest = json.loads((banks["train"] / "manifest.json").read_text())
@@ -132,6 +191,9 @@ def test_paper_preset_beats_the_majority_class_on_demo_data(tmp_path):
       "--split", "train", "--checkpoint", "{tmp}/missing.pt", "--out", "{tmp}/b"], "missing.pt"),
     (["train", "--task", "expr", "--train-bank", "{tmp}/empty", "--val-bank", "{tmp}/empty", "--out", "{tmp}/r"],
      "not a feature bank"),
+    (["extract", "--images", "{data}/cropped_aligned", "--annotations", "{data}/annotations/Validation_Set",
+      "--task", "expr", "--split", "train", "--checkpoint", "{data}/encoder.pt", "--out", "{tmp}/b"],
+     "is the Validation_Set folder, but the split is train"),
     (["evaluate", "--run", "{tmp}/norun", "--bank", "{tmp}/empty"], "model.pt"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastsam.affect.data import SPLITS, Frame, labels_array, read_annotation, scan_split
+from fastsam.affect.data import SPLITS, Frame, labels_array, read_annotation, scan_split, split_folder
 from fastsam.affect.tasks import AU, EXPR
 
 EXPR_HEADER = ",".join(EXPR.names)
@@ -114,6 +114,29 @@ def test_scan_expr(tmp_path):
     np.testing.assert_array_equal(labels_array(frames, EXPR), [0, 6, 4, 1, 5])
 
 
+def test_annotations_may_name_the_split_folder_itself(tmp_path):
+    """--annotations as the task folder (parent of Train_Set/Validation_Set) or as the split folder: the same
+    frames; the other split's folder is refused by name."""
+    images, ann = tmp_path / "cropped_aligned", tmp_path / "annotations"
+    for split, labels in (("train", ["1", "2"]), ("val", ["3"])):
+        _write(ann / SPLITS[split] / "v.txt", EXPR_HEADER, labels)
+    _images(images, "v", [1, 2])
+    for split in ("train", "val"):
+        folder = ann / SPLITS[split]
+        assert split_folder(ann, split) == (str(folder), True)
+        assert split_folder(folder, split) == (str(folder), False)
+        assert scan_split(images, folder, EXPR, split) == scan_split(images, ann, EXPR, split)
+    assert [f.label for f in scan_split(images, ann / "Train_Set", EXPR, "train")[0]] == [1, 2]
+    with pytest.raises(ValueError, match="is the Validation_Set folder, but the split is train"):
+        split_folder(ann / "Validation_Set", "train")
+    with pytest.raises(ValueError, match="is the Train_Set folder, but the split is val"):
+        scan_split(images, ann / "Train_Set", EXPR, "val")
+    # a split folder of another name (a user's own copy) is taken as the split asked for
+    other = tmp_path / "my_train"
+    _write(other / "v.txt", EXPR_HEADER, ["1", "2"])
+    assert split_folder(other, "train") == (str(other), False)
+
+
 def test_scan_au_any_minus_one_is_invalid(tmp_path):
     images, ann = tmp_path / "img", tmp_path / "ann"
     split = ann / SPLITS["val"]
@@ -148,7 +171,8 @@ def test_scan_errors(tmp_path):
         scan_split(tmp_path / "none", ann, EXPR, "train")
     with pytest.raises(FileNotFoundError, match="annotations_dir"):
         scan_split(images, tmp_path / "none", EXPR, "train")
-    with pytest.raises(FileNotFoundError, match=r"expected .*Train_Set with one \.txt per video"):
+    with pytest.raises(FileNotFoundError, match=r"Train_Set not found: --annotations must be the task's folder "
+                                                 r"holding Train_Set and Validation_Set, or the Train_Set folder"):
         scan_split(images, ann, EXPR, "train")
     (ann / "Validation_Set").mkdir()
     with pytest.raises(ValueError, match="no .txt annotation files"):

@@ -6,15 +6,12 @@ Every subcommand has ``--help``. A bad path, a wrong task folder or an empty ban
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 from typing import List, Optional
 
-import numpy as np
-
-from .tasks import TASKS, Task, get_task
+from .tasks import TASKS, get_task
 from .train import OPTIMIZERS, PRESETS
 
 # User errors: paths (OSError: missing, not a folder, no permission) and bad values or inputs.
@@ -31,10 +28,13 @@ def _make_demo(args) -> None:
 
 def _extract(args) -> None:
     from .bank import extract_bank
-    from .data import scan_split
+    from .data import scan_split, split_folder
 
     task = get_task(args.task)
     frames, stats = scan_split(args.images, args.annotations, task, args.split)
+    folder, parent = split_folder(args.annotations, args.split)
+    how = f"the {os.path.basename(folder)} folder in --annotations" if parent else "the --annotations folder itself"
+    print(f"annotations: {folder} ({how})")
     print(f"{args.split}: {stats.videos} videos, {stats.frames} frames "
           f"({stats.invalid} invalid and {stats.missing} without an image skipped)")
     bank = extract_bank(frames, stats, task, args.split, args.images, args.checkpoint, args.out,
@@ -57,19 +57,10 @@ def _train(args) -> None:
     print(f"val F1 {final['val_f1']:.4f} after epoch {final['epoch']}; run files in {args.out}")
 
 
-def write_predictions(path: str, images: List[str], pred: np.ndarray, task: Task) -> None:
-    """``image,label`` CSV, one row per frame: EXPR's label is the class; AU's is its 12 0/1 values joined by
-    commas (a quoted field, so the file stays two columns)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "label"])
-        for image, p in zip(images, pred):
-            writer.writerow([image, ",".join(str(int(v)) for v in p) if task.multilabel else int(p)])
-
-
 def _evaluate(args) -> None:
     from .bank import load_bank
     from .metrics import score
+    from .predictions import write_predictions
     from .train import load_model, predict
 
     model, config = load_model(args.run, device=args.device)
@@ -114,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "inputs is reused; an interrupted one resumes.")
     p.add_argument("--images", required=True, help="the cropped_aligned folder (one sub-folder per video)")
     p.add_argument("--annotations", required=True, help="the task's annotation folder, holding Train_Set "
-                                                        "and Validation_Set")
+                                                        "and Validation_Set, or the split's folder itself")
     p.add_argument("--task", choices=tasks, required=True)
     p.add_argument("--split", choices=["train", "val"], required=True)
     p.add_argument("--checkpoint", required=True, help="OpenAI CLIP checkpoint (ViT-L-14.pt or a state dict)")
@@ -145,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained run on a bank and write predictions",
                        description="Score RUN's model on BANK (EXPR: macro F1 over 8 classes; AU: mean F1 over "
                                    "12 AUs at threshold 0.5), print and write the metrics, and optionally the "
-                                   "predictions as an image,label CSV.")
+                                   "predictions as a CSV: image and one 0/1 column per AU (AU1 ... AU26), or "
+                                   "image,expression with the class index (EXPR).")
     p.add_argument("--run", required=True, help="a folder written by train")
     p.add_argument("--bank", required=True)
     p.add_argument("--predictions", default=None, help="CSV to write, one row per frame")

@@ -1,6 +1,7 @@
 """Aff-Wild2 (ABAW) annotation readers: per-video label files -> frame lists with image names.
 
-Layout: ``<images>/<video>/00001.jpg ...`` and ``<annotations>/{Train_Set,Validation_Set}/<video>.txt``.
+Layout: ``<images>/<video>/00001.jpg ...`` and ``<annotations>/{Train_Set,Validation_Set}/<video>.txt``
+(``annotations`` may also name the split folder itself: see :func:`split_folder`).
 A file's first line is the task's header (``Task.names`` joined by commas); data line i (1-based after
 the header) labels image ``<video>/{i:05d}.jpg``. ``-1`` marks a frame without a valid label.
 Videos named ``*_left``/``*_right`` (two subjects in one clip) have their own image folders and are
@@ -111,10 +112,37 @@ class ScanStats:
         return asdict(self)
 
 
+def split_folder(annotations_dir, split: str) -> Tuple[str, bool]:
+    """The folder of ``split``'s ``.txt`` files, and whether ``annotations_dir`` was its parent.
+
+    ``annotations_dir`` is either the task's folder holding ``Train_Set``/``Validation_Set`` (the parent: its
+    ``SPLITS[split]`` sub-folder is used) or a split folder itself, holding the ``.txt`` files. Raises
+    FileNotFoundError when it is neither, and ValueError when it is the other split's folder."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    annotations_dir = os.fspath(annotations_dir)
+    if not os.path.isdir(annotations_dir):
+        raise FileNotFoundError(f"annotations_dir {annotations_dir} does not exist or is not a folder")
+    inside = os.path.join(annotations_dir, SPLITS[split])
+    if os.path.isdir(inside):
+        return inside, True
+    name = os.path.basename(os.path.normpath(annotations_dir))
+    if any(n.endswith(".txt") for n in os.listdir(annotations_dir)):
+        others = [f for s, f in SPLITS.items() if s != split and f == name]
+        if others:
+            raise ValueError(f"{annotations_dir} is the {others[0]} folder, but the split is {split} "
+                             f"({SPLITS[split]}): point --annotations at {SPLITS[split]} or at their parent")
+        return annotations_dir, False
+    raise FileNotFoundError(f"{inside} not found: --annotations must be the task's folder holding "
+                            f"{' and '.join(SPLITS.values())}, or the {SPLITS[split]} folder itself (one .txt "
+                            "per video)")
+
+
 def scan_split(images_dir, annotations_dir, task: Task, split: str) -> Tuple[List[Frame], ScanStats]:
     """All usable frames of one split, videos sorted by name, frames in file order.
 
-    ``annotations_dir`` holds ``Train_Set``/``Validation_Set``; ``split`` is "train" or "val".
+    ``annotations_dir`` holds ``Train_Set``/``Validation_Set``, or is the split's folder itself (see
+    :func:`split_folder`); ``split`` is "train" or "val".
     EXPR frames labelled -1 and AU frames with ANY -1 entry are skipped as invalid: in ABAW a -1
     marks the whole frame as unannotated, so a partial AU row is not trusted either.
     Frames whose image is absent (including a whole missing image folder) are counted as missing.
@@ -122,14 +150,10 @@ def scan_split(images_dir, annotations_dir, task: Task, split: str) -> Tuple[Lis
     task = _check_task(task)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    images_dir, annotations_dir = os.fspath(images_dir), os.fspath(annotations_dir)
+    images_dir = os.fspath(images_dir)
     if not os.path.isdir(images_dir):
         raise FileNotFoundError(f"images_dir {images_dir} does not exist or is not a folder")
-    if not os.path.isdir(annotations_dir):
-        raise FileNotFoundError(f"annotations_dir {annotations_dir} does not exist or is not a folder")
-    split_dir = os.path.join(annotations_dir, SPLITS[split])
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(f"{split_dir} not found: expected {split_dir} with one .txt per video")
+    split_dir, _ = split_folder(annotations_dir, split)
     names = sorted(n for n in os.listdir(split_dir) if n.endswith(".txt"))
     if not names:
         raise ValueError(f"{split_dir}: no .txt annotation files")
