@@ -1,7 +1,10 @@
-"""Feature bank extraction (create, reuse, resume, refusal), load_bank's errors, and the progress bar."""
-import io
+"""Feature bank extraction (create, reuse, resume, refusal, worker processes, dtypes) and load_bank's errors."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +18,6 @@ from fastsam.affect.bank import extract_bank, load_bank  # noqa: E402
 from fastsam.affect.data import Frame, scan_split  # noqa: E402
 from fastsam.affect.encoder import load_clip_visual, random_clip_state_dict  # noqa: E402
 from fastsam.affect.preprocess import load_image  # noqa: E402
-from fastsam.affect.progress import Progress  # noqa: E402
 from fastsam.affect.tasks import AU, EXPR  # noqa: E402
 
 BATCH = 4
@@ -55,7 +57,13 @@ def ckpt(tmp_path):
 
 def _extract(dataset, ckpt, out, **kw):
     images, frames, stats = dataset
+    kw = {"save_every": 0, **kw}  # the manifest follows every batch unless a test says otherwise
     return extract_bank(frames, stats, EXPR, "train", images, ckpt, out, batch_size=BATCH, progress=False, **kw)
+
+
+def _same_run(manifest):
+    """A manifest without its timing."""
+    return {k: v for k, v in manifest.items() if k != "frames_per_second"}
 
 
 def _counting_load_image(monkeypatch, fail_at=None):
@@ -151,7 +159,33 @@ def test_interrupted_extraction_resumes_bit_for_bit(dataset, ckpt, tmp_path, mon
                                   np.asarray(reference.features).view(np.uint16))
     np.testing.assert_array_equal(resumed.labels, reference.labels)
     assert resumed.images == reference.images
-    assert resumed.manifest == reference.manifest
+    assert _same_run(resumed.manifest) == _same_run(reference.manifest)
+
+
+def test_worker_processes_give_the_same_bank(dataset, ckpt, tmp_path):
+    """Images decoded in 2 DataLoader worker processes: the same rows, in order, bit for bit; the manifest says
+    how fast it went."""
+    reference = _extract(dataset, ckpt, tmp_path / "ref")
+    with_workers = _extract(dataset, ckpt, tmp_path / "workers", workers=2, save_every=30.0)
+    np.testing.assert_array_equal(np.asarray(with_workers.features).view(np.uint16),
+                                  np.asarray(reference.features).view(np.uint16))
+    assert _same_run(with_workers.manifest) == _same_run(reference.manifest)
+    assert with_workers.manifest["frames_per_second"] > 0
+
+
+def test_bfloat16_encoder_is_its_own_bank(dataset, ckpt, tmp_path):
+    """dtype="bfloat16": features within bf16 rounding of the float32 ones; recorded, so a float32 bank in the
+    same folder is refused rather than mixed. float16 needs a GPU."""
+    reference = _extract(dataset, ckpt, tmp_path / "ref")
+    bf16 = _extract(dataset, ckpt, tmp_path / "bf16", dtype="bfloat16")
+    assert bf16.manifest["encoder"]["dtype"] == "bfloat16" and reference.manifest["encoder"]["dtype"] == "float32"
+    np.testing.assert_allclose(np.asarray(bf16.features, dtype=np.float32),
+                               np.asarray(reference.features, dtype=np.float32), rtol=0.1, atol=0.1)
+    assert not np.array_equal(np.asarray(bf16.features), np.asarray(reference.features))
+    with pytest.raises(ValueError, match="encoder dtype bfloat16 instead of float32"):
+        _extract(dataset, ckpt, tmp_path / "bf16")
+    with pytest.raises(ValueError, match="float16 needs a GPU"):
+        _extract(dataset, ckpt, tmp_path / "fp16", dtype="float16")
 
 
 def test_refuses_a_bank_of_other_inputs(dataset, ckpt, tmp_path):
@@ -178,6 +212,9 @@ def test_argument_errors(dataset, ckpt, tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size"):
             extract_bank(frames, stats, EXPR, "train", images, ckpt, out, batch_size=bad, progress=False)
+    for name, bad in (("workers", -1), ("workers", 1.5), ("save_every", -1), ("dtype", "half")):
+        with pytest.raises(ValueError, match=name):
+            extract_bank(frames, stats, EXPR, "train", images, ckpt, out, progress=False, **{name: bad})
     assert not out.exists()
 
 
@@ -206,32 +243,3 @@ def test_load_bank_errors(dataset, ckpt, tmp_path):
     (out / "manifest.json").write_text(json.dumps({**m, "rows": 0}))
     with pytest.raises(ValueError, match="empty"):
         load_bank(out)
-
-
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_output():
-    log = io.StringIO()
-    with Progress(100, "extract", stream=log) as bar:
-        for _ in range(100):
-            bar.update(1)
-    lines = log.getvalue().splitlines()
-    assert 5 <= len(lines) <= 11  # about one line per 10% on a non-terminal
-    assert lines[-1].startswith("extract: 100/100 (100%) ") and lines[-1].endswith(" it/s")
-    assert "\r" not in log.getvalue()
-
-    term = _Terminal()
-    with Progress(7, "x", stream=term, start=2) as bar:
-        bar.update(5)
-    out = term.getvalue()
-    assert out.startswith("\rx: 7/7 (100%)") and out.endswith("\n") and out.count("\n") == 1
-
-    quiet = io.StringIO()
-    with Progress(3, "q", stream=quiet, enabled=False) as bar:
-        bar.update(3)
-    assert quiet.getvalue() == ""
-    with pytest.raises(ValueError, match="total"):
-        Progress(-1, "bad")

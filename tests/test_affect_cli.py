@@ -6,8 +6,10 @@ counting code of this test (not fastsam.affect.metrics), so the two paths check 
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -151,6 +153,43 @@ def test_annotations_may_be_the_split_folder(pipeline, tmp_path, capsys):
     run_cli("extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations",
             "--task", task, "--split", "train", "--checkpoint", data / "encoder.pt", "--out", banks["train"])
     assert "(the Train_Set folder in --annotations)" in capsys.readouterr().out
+
+
+def test_interrupted_extraction_with_workers_resumes_exactly(tmp_path):
+    """extract with 2 decoding workers, killed (SIGKILL, workers too) once the manifest counts some rows; the
+    same command then resumes, and the bank equals one extracted in one go, bit for bit."""
+    data = tmp_path / "data"
+    run_cli("make-demo", data, "--task", "expr", "--videos", 4, "--frames", 100)
+    args = ["extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations", "--task", "expr",
+            "--split", "train", "--checkpoint", data / "encoder.pt", "--batch-size", 4, "--save-every", 0]
+    run_cli(*args, "--out", tmp_path / "straight", "--workers", 0)
+    out = tmp_path / "bank"
+    command = [sys.executable, "-m", "fastsam.affect", *map(str, args), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    done = 0
+    while proc.poll() is None and time.monotonic() < deadline and done == 0:
+        if (out / "manifest.json").is_file():  # replaced atomically: never read half-written
+            done = json.loads((out / "manifest.json").read_text())["done"]
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 0 < manifest["done"] < manifest["rows"] and not manifest["complete"], manifest
+    run_cli(*args, "--out", out, "--workers", 2)
+    for name in ("features.npy", "labels.npy", "index.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_extract_limit_makes_a_trial_bank(pipeline, tmp_path, capsys):
+    task, data, banks, _ = pipeline
+    run_cli("extract", "--images", data / "cropped_aligned", "--annotations", data / "annotations", "--task", task,
+            "--split", "train", "--checkpoint", data / "encoder.pt", "--out", tmp_path / "trial", "--limit", 5)
+    assert "the first 5 frames only" in capsys.readouterr().out
+    full = np.load(banks["train"] / "features.npy")
+    # the rows of the full bank, to one fp16 rounding (another batch size sums in another order)
+    np.testing.assert_allclose(np.load(tmp_path / "trial" / "features.npy").astype(np.float32),
+                               full[:5].astype(np.float32), rtol=1e-2, atol=1e-3)
 
 
 def test_extract_counts_and_reuses_the_bank(pipeline, capsys):

@@ -4,18 +4,26 @@ A bank is a folder holding
   features.npy   float16 [N, D], written row batch by row batch through a memmap;
   labels.npy     int64 [N] (EXPR) or [N, 12] (AU);
   index.csv      header ``image,video,frame`` then one row per feature row;
-  manifest.json  what was extracted (task, split, encoder checkpoint and its sha256, preprocessing,
-                 scan counts, a hash of the frame list) and how far: ``done`` rows, ``complete``.
-An interrupted extraction resumes from ``done``; a complete one with the same checkpoint and frame list
-is reused as is; a bank of anything else is never overwritten.
+  manifest.json  what was extracted (task, split, encoder checkpoint and its sha256, its dtype,
+                 preprocessing, scan counts, a hash of the frame list), how far (``done`` rows, ``complete``)
+                 and how fast (``frames_per_second`` of the last run).
+An interrupted extraction resumes from ``done``; a complete one with the same checkpoint, dtype and frame
+list is reused as is; a bank of anything else is never overwritten.
+
+Images are decoded and preprocessed in DataLoader worker processes (in order), copied to the device from
+pinned memory without blocking, and encoded there. The rows written reach the disk before the manifest
+counts them, every ``save_every`` seconds and at the end, so ``done`` never claims a row an interruption
+could have lost.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -25,7 +33,6 @@ import torch
 from .data import Frame, ScanStats, labels_array
 from .encoder import checkpoint_sha256, load_clip_visual
 from .preprocess import MEAN, STD, load_image
-from .progress import Progress
 from .tasks import Task, get_task
 
 FORMAT = 1
@@ -97,6 +104,8 @@ def _check_reusable(out: str, manifest: dict, wanted: dict) -> None:
     if have.get("sha256") != want["sha256"]:
         diffs.append(f"encoder checkpoint {have.get('checkpoint')} (sha256 {str(have.get('sha256'))[:12]}...) "
                      f"instead of {want['checkpoint']} (sha256 {want['sha256'][:12]}...)")
+    if have.get("dtype", "float32") != want["dtype"]:  # banks of earlier versions were float32
+        diffs.append(f"encoder dtype {have.get('dtype', 'float32')} instead of {want['dtype']}")
     for key in ("task", "split"):
         if manifest.get(key) != wanted[key]:
             diffs.append(f"{key} {manifest.get(key)!r} instead of {wanted[key]!r}")
@@ -124,19 +133,79 @@ def _create(out: str, frames: Sequence[Frame], labels: np.ndarray, manifest: dic
     return features
 
 
+def _progress_bar(total: int, done: int, desc: str, enabled: bool):
+    """A tqdm bar in frames (with frames/s) from ``done`` to ``total``; a silent one without tqdm (an extra:
+    ``pip install "fastsam[affect]"``) or when not ``enabled``."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            print("(no progress bar: tqdm is not installed)", file=sys.stderr)
+        else:
+            return tqdm(total=total, initial=done, desc=desc, unit="frame", dynamic_ncols=True)
+    return contextlib.nullcontext(_NoBar())
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+# Encoder dtypes of --dtype; fp16 and bf16 halve the encoder's memory traffic on a GPU.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_workers() -> int:
+    """The decoding worker processes of ``extract`` by default: one per CPU this process may use (at most 8:
+    more rarely pays for their start-up and memory)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
+class _Images(torch.utils.data.Dataset):
+    """The preprocessed image of each frame (float32 ``[3, R, R]``), decoded where the DataLoader runs it."""
+
+    def __init__(self, images_dir: str, frames: Sequence[Frame], resolution: int) -> None:
+        self.images_dir, self.frames, self.resolution = images_dir, frames, resolution
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image(os.path.join(self.images_dir, self.frames[i].image), self.resolution)
+
+
+def _check_extract_args(batch_size, workers, dtype, device, save_every) -> torch.dtype:
+    """Checks extract_bank's options; returns the encoder dtype."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
+    if isinstance(save_every, bool) or not isinstance(save_every, (int, float)) or not save_every >= 0:
+        raise ValueError(f"save_every must be a number of seconds >= 0, got {save_every!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and torch.device(device).type == "cpu":
+        raise ValueError("dtype float16 needs a GPU (--device cuda); on the CPU use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
 def extract_bank(frames: Sequence[Frame], stats: ScanStats, task: Task, split: str, images_dir, checkpoint, out,
-                 batch_size: int = 64, device="cpu", progress: bool = True) -> Bank:
+                 batch_size: int = 64, device="cpu", progress: bool = True, workers: int = 0,
+                 dtype: str = "float32", save_every: float = 30.0) -> Bank:
     """Encode every frame's image with the CLIP image tower in ``checkpoint`` into the bank folder ``out``.
 
-    Rows follow ``frames`` order; each row is the encoder's fp32 output for
-    ``load_image(images_dir/frame.image, encoder.resolution)`` stored as float16. A complete bank of the
-    same checkpoint (by sha256) and frame list in ``out`` is reused without computing anything; an
+    Rows follow ``frames`` order; each row is the encoder's output for
+    ``load_image(images_dir/frame.image, encoder.resolution)`` stored as float16, the encoder run in
+    ``dtype`` ("float32", or "float16"/"bfloat16": "float16" on a GPU only). ``workers`` DataLoader processes
+    decode the images (0: this process); on CUDA the batches go through pinned memory. The manifest records
+    the rows done every ``save_every`` seconds (0: after every batch) and at the end. A complete bank of the
+    same checkpoint (by sha256), dtype and frame list in ``out`` is reused without computing anything; an
     interrupted one is resumed; a bank of other inputs raises ValueError. Returns ``load_bank(out)``.
     """
     if not isinstance(task, Task):
         raise TypeError(f"task must be a fastsam.affect.tasks.Task (EXPR or AU), got {type(task).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    encoder_dtype = _check_extract_args(batch_size, workers, dtype, device, save_every)
     if len(frames) == 0:
         raise ValueError(
             f"no frames to extract for task {task.name}, split {split!r}: "
@@ -146,7 +215,7 @@ def extract_bank(frames: Sequence[Frame], stats: ScanStats, task: Task, split: s
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out {out} exists and is not a folder; choose another --out")
     labels = labels_array(frames, task)
-    wanted = {"encoder": {"checkpoint": checkpoint, "sha256": checkpoint_sha256(checkpoint)},
+    wanted = {"encoder": {"checkpoint": checkpoint, "sha256": checkpoint_sha256(checkpoint), "dtype": dtype},
               "task": task.name, "split": split, "frames_sha256": frames_sha256(frames)}
 
     existing = None
@@ -164,7 +233,8 @@ def extract_bank(frames: Sequence[Frame], stats: ScanStats, task: Task, split: s
                 "choose another --out or delete that folder"
             )
 
-    encoder = load_clip_visual(checkpoint, device=device).eval()
+    device = torch.device(device)
+    encoder = load_clip_visual(checkpoint, device=device).to(encoder_dtype).eval()
     n = len(frames)
     if existing is None:
         manifest = {
@@ -194,26 +264,47 @@ def extract_bank(frames: Sequence[Frame], stats: ScanStats, task: Task, split: s
         print(f"resuming the feature bank in {out} at row {manifest['done']}/{n}", file=sys.stderr)
 
     done = int(manifest["done"])
-    with Progress(n, f"extract {task.name}/{split}", enabled=progress, start=done) as bar:
-        for start in range(done, n, batch_size):
-            batch = frames[start:start + batch_size]
-            x = torch.stack([load_image(os.path.join(images_dir, f.image), encoder.resolution) for f in batch])
-            with torch.inference_mode():
-                y = encoder(x.to(device))
-            if tuple(y.shape) != (len(batch), manifest["dim"]):
-                raise RuntimeError(f"encoder returned shape {tuple(y.shape)}, "
-                                   f"expected ({len(batch)}, {manifest['dim']})")
-            features[start:start + len(batch)] = y.float().cpu().numpy().astype(np.float16)
-            # Resume safety: the rows reach the disk BEFORE the manifest counts them, so "done" never
-            # claims a row that an interruption could have lost.
-            features.flush()
-            manifest["done"] = start + len(batch)
-            _write_manifest(out, manifest)
-            bar.update(len(batch))
+    _encode_rows(encoder, _Images(images_dir, frames[done:], encoder.resolution), features, done, manifest, out,
+                 batch_size=batch_size, device=device, dtype=encoder_dtype, workers=workers, save_every=save_every,
+                 desc=f"extract {task.name}/{split}", progress=progress)
     del features  # close the writable memmap before reopening read-only
     manifest["complete"] = True
     _write_manifest(out, manifest)
     return load_bank(out, task)
+
+
+def _encode_rows(encoder, images: _Images, features: np.memmap, done: int, manifest: dict, out: str, *,
+                 batch_size: int, device: torch.device, dtype: torch.dtype, workers: int, save_every: float,
+                 desc: str, progress: bool) -> None:
+    """Encodes ``images`` into ``features[done:]`` batch by batch; the manifest's ``done`` follows every
+    ``save_every`` seconds and at the end, after the rows are flushed to disk."""
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    n, dim = features.shape
+    start_time = last_save = time.perf_counter()
+    row = done
+
+    def save() -> None:
+        # Resume safety: the rows reach the disk BEFORE the manifest counts them.
+        features.flush()
+        manifest["done"] = row
+        elapsed = time.perf_counter() - start_time
+        manifest["frames_per_second"] = round((row - done) / elapsed, 2) if elapsed > 0 else None
+        _write_manifest(out, manifest)
+
+    with _progress_bar(n, done, desc, progress) as bar:
+        for x in loader:
+            with torch.inference_mode():
+                y = encoder(x.to(device, dtype, non_blocking=True))
+            if tuple(y.shape) != (len(x), dim):
+                raise RuntimeError(f"encoder returned shape {tuple(y.shape)}, expected ({len(x)}, {dim})")
+            features[row:row + len(x)] = y.float().cpu().numpy().astype(np.float16)
+            row += len(x)
+            bar.update(len(x))
+            if time.perf_counter() - last_save >= save_every:
+                save()
+                last_save = time.perf_counter()
+    save()
 
 
 def load_bank(path, task: Optional[Task] = None) -> Bank:

@@ -27,7 +27,7 @@ def _make_demo(args) -> None:
 
 
 def _extract(args) -> None:
-    from .bank import extract_bank
+    from .bank import default_workers, extract_bank
     from .data import scan_split, split_folder
 
     task = get_task(args.task)
@@ -37,9 +37,18 @@ def _extract(args) -> None:
     print(f"annotations: {folder} ({how})")
     print(f"{args.split}: {stats.videos} videos, {stats.frames} frames "
           f"({stats.invalid} invalid and {stats.missing} without an image skipped)")
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise ValueError(f"--limit must be a positive number of frames, got {args.limit}")
+        frames = frames[:args.limit]
+        print(f"--limit: the first {len(frames)} frames only (a bank of its own)")
+    workers = default_workers() if args.workers is None else args.workers
     bank = extract_bank(frames, stats, task, args.split, args.images, args.checkpoint, args.out,
-                        batch_size=args.batch_size, device=args.device)
-    print(f"bank {bank.path}: {len(bank)} x {bank.dim} float16 features")
+                        batch_size=args.batch_size, device=args.device, workers=workers, dtype=args.dtype,
+                        save_every=args.save_every)
+    rate = bank.manifest.get("frames_per_second")
+    print(f"bank {bank.path}: {len(bank)} x {bank.dim} float16 features"
+          + (f" (extracted at {rate:.1f} frames/s)" if rate else ""))
 
 
 def _train(args) -> None:
@@ -112,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bank folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that decode and preprocess images (default: one per CPU, at most 8; 0: none)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the encoder's dtype (float16 on a GPU only; default float32)")
+    p.add_argument("--limit", type=int, default=None, help="extract the first N frames only (a trial bank)")
+    p.add_argument("--save-every", type=float, default=30.0,
+                   help="seconds between progress saves in the manifest, which a rerun resumes from (default 30)")
     p.set_defaults(handler=_extract)
 
     p = sub.add_parser("train", help="train the MLP on feature banks",
