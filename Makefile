@@ -5,7 +5,7 @@ TRITON_SPEC ?= triton==3.9.0
 # The optional integrations (extras of the package), installed so that their tests run; keep in step with
 # the "dev" extra of pyproject.toml. Installed after torch, so pip finds it satisfied.
 EXTRAS_SPEC ?= "lightning>=2.4" "transformers>=4.46" "accelerate>=1.0" "scikit-learn>=1.3" "matplotlib>=3.7" \
-	"pytorch-optimizer>=4.1" "tqdm>=4.60"
+	"pytorch-optimizer>=4.1" "tqdm>=4.60" "scipy>=1.10"
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip

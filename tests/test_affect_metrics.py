@@ -122,3 +122,25 @@ def test_score_names():
         score(AU, np.zeros((2, 3), dtype=int), np.zeros((2, 3), dtype=int))
     with pytest.raises(TypeError, match="task"):
         score("au", pred, target)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_agrees_with_sklearn(seed):
+    """Random cases (some classes or AUs never predicted or never present) against sklearn.metrics.f1_score:
+    macro over all 8 EXPR classes, binary (positive class 1) per AU, zero_division=0 as ours."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    target, pred = rng.integers(0, 6, n), rng.integers(1, 8, n)  # class 0 never predicted, 6-7 never present
+    f1, per = expr_f1(pred, target)
+    assert f1 == pytest.approx(metrics.f1_score(target, pred, labels=list(range(8)), average="macro",
+                                                zero_division=0), abs=1e-12)
+    np.testing.assert_allclose(per, metrics.f1_score(target, pred, labels=list(range(8)), average=None,
+                                                     zero_division=0), atol=1e-12)
+    au_target, au_pred = rng.integers(0, 2, (n, 12)), rng.integers(0, 2, (n, 12))
+    au_pred[:, 0] = 0  # an AU never predicted
+    au_target[:, 1] = 0  # an AU never present
+    f1, per = au_f1(au_pred, au_target)
+    expected = [metrics.f1_score(au_target[:, k], au_pred[:, k], zero_division=0) for k in range(12)]
+    np.testing.assert_allclose(per, expected, atol=1e-12)
+    assert f1 == pytest.approx(float(np.mean(expected)), abs=1e-12)

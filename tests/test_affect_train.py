@@ -42,6 +42,15 @@ def make_banks(task, n_train=64, n_val=32, seed=0, noise=0.5, weights=None, memm
     return bank(n_train, "train"), bank(n_val, "val")
 
 
+def _assert_plots(run):
+    """loss.png and f1.png are PNG images with something drawn (matplotlib, installed by make test)."""
+    image = pytest.importorskip("matplotlib.image")
+    for name in ("loss.png", "f1.png"):
+        pixels = image.imread(run / name)
+        assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 100, pixels.shape
+        assert pixels.std() > 0.01  # not a blank canvas
+
+
 def quiet(_line):
     pass
 
@@ -159,6 +168,8 @@ def test_every_optimizer_trains_and_writes_the_run(tmp_path, task, name):
 
     model, loaded = load_model(tmp_path)
     assert loaded == config and not model.training
+    if name == OPTIMIZERS[0]:
+        _assert_plots(tmp_path)
     logits, pred = predict(model, val_bank.features, task.name, batch_size=7)
     assert logits.dtype == np.float32 and logits.shape == (32, task.outputs) and pred.dtype == np.int64
     assert score(task, pred, val_bank.labels)["f1"] == metrics["final"]["val_f1"]

@@ -121,6 +121,25 @@ def test_authors_search_minimises_the_objective(n, alpha, on_var):
         assert abs(found.x - var.item()) <= 2 * (SQRT_EPS * abs(found.x) + cvar_peers.XTOL / 3)
 
 
+def test_own_brent_follows_scipy_fminbound():
+    """The fallback minimiser follows scipy's steps: the same number of evaluations, the same point up to the
+    rounding of the parabolic step's arithmetic (1e-8, xtol is 1e-5), on the authors' objective (scipy is what
+    the authors call and what the bench runs when it is installed)."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    assert cvar_peers.minimiser()[1].startswith("scipy.optimize.fminbound")
+    for n, alpha in ((32, 0.3), (4096, 0.3), (1000, 0.01)):
+        logits, target = cvar_peers.make_logits(n)
+        losses = torch.nn.functional.cross_entropy(logits.detach(), target, reduction="none").double()
+
+        def objective(lam):
+            return (lam + torch.relu(losses - lam).mean() / alpha).item()
+        lower, upper = losses.min().item() - cvar_peers.BRACKET, losses.max().item()
+        x, fun, flag, nfev = scipy_optimize.fminbound(objective, lower, upper, xtol=cvar_peers.XTOL,
+                                                      maxfun=cvar_peers.MAXFUN, full_output=True)
+        own = fminbound(objective, lower, upper, xtol=cvar_peers.XTOL, maxfun=cvar_peers.MAXFUN)
+        assert own.nfev == nfev and own.x == pytest.approx(x, rel=0, abs=1e-8) and flag == 0
+
+
 def test_authors_peer_syncs_once_per_evaluation(monkeypatch):
     items = []
     real_item = torch.Tensor.item

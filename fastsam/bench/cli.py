@@ -279,6 +279,7 @@ def run_cvar(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
     timing = dict(CVAR_TIMING[args.quick], reps=args.reps)
     out: Dict[str, Any] = dict(loss="cvar_cross_entropy", classes=cvar_peers.CLASSES, alpha=args.cvar_alpha,
                                peers=list(cvar_peers.CVAR_PEERS), xtol=cvar_peers.XTOL, maxfun=cvar_peers.MAXFUN,
+                               minimiser=cvar_peers.minimiser()[1],
                                sizes=args.cvar_rows, timing=timing, rows=[])
     for n in args.cvar_rows:
         block = []

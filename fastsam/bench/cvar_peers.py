@@ -8,7 +8,8 @@ losses with the ``ceil(k)``-th at the fractional weight ``(k - floor(k)) / k`` (
 ``floor(k) + 1`` largest, a weighted sum (``1/k`` each, ``(k - floor(k))/k`` for the last); the best a careful
 user writes without a custom kernel.
 ``authors``: the affect paper authors' approach: the Rockafellar-Uryasev objective minimised over lambda by
-Brent's bounded method (scipy's ``fminbound``; here :mod:`fastsam.bench.brent`) on
+Brent's bounded method (``scipy.optimize.fminbound``, what their code calls, when scipy is installed;
+otherwise :mod:`fastsam.bench.brent`, written to the same rules: :func:`minimiser` says which) on
 ``[min(l) - 1000, max(l)]``, every objective evaluation a ``.item()`` (one host sync each), then the objective
 at the found lambda (a Python float) as the loss. The evaluations run on ``l.detach()`` without autograd,
 which is the cheapest way to write them: evaluations on the graph would only add work.
@@ -47,9 +48,25 @@ def composite_cvar_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alp
     return (top * weights).sum()
 
 
+def minimiser() -> Tuple[Callable[..., Minimum], str]:
+    """The authors' bounded minimiser ``(f, lower, upper, xtol, maxfun) -> Minimum`` and its name for the
+    report: ``scipy.optimize.fminbound`` when scipy is installed (an extra), else fastsam's own Brent."""
+    try:
+        import scipy
+        from scipy.optimize import fminbound as scipy_fminbound
+    except ImportError:
+        return fminbound, "fastsam.bench.brent.fminbound (scipy is not installed)"
+
+    def run(f: Callable[[float], float], lower: float, upper: float, xtol: float, maxfun: int) -> Minimum:
+        x, fun, flag, nfev = scipy_fminbound(f, lower, upper, xtol=xtol, maxfun=maxfun, full_output=True, disp=0)
+        return Minimum(float(x), float(fun), int(nfev), converged=flag == 0)  # flag 1: maxfun reached
+    return run, f"scipy.optimize.fminbound (scipy {scipy.__version__})"
+
+
 def authors_lambda(losses: torch.Tensor, alpha: float) -> Minimum:
-    """The authors' lambda search: Brent's bounded method over the Rockafellar-Uryasev objective, one ``.item()``
-    per evaluation, on the bracket ``[min(l) - 1000, max(l)]`` read on the host through numpy."""
+    """The authors' lambda search: Brent's bounded method (:func:`minimiser`) over the Rockafellar-Uryasev
+    objective, one ``.item()`` per evaluation, on the bracket ``[min(l) - 1000, max(l)]`` read on the host
+    through numpy."""
     detached = losses.detach()
     host = detached.cpu().float().numpy()  # numpy has no bf16
 
@@ -57,7 +74,8 @@ def authors_lambda(losses: torch.Tensor, alpha: float) -> Minimum:
         with torch.no_grad():
             return (lam + torch.relu(detached - lam).mean() / alpha).item()
 
-    return fminbound(objective, float(host.min()) - BRACKET, float(host.max()), xtol=XTOL, maxfun=MAXFUN)
+    search, _ = minimiser()
+    return search(objective, float(host.min()) - BRACKET, float(host.max()), xtol=XTOL, maxfun=MAXFUN)
 
 
 def authors_cvar_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float,

@@ -132,7 +132,8 @@ def format_cvar_table(result: Dict[str, Any]) -> str:
             f"alpha={cvar['alpha']:g}); loss.backward(); logits a {result['dtype'] or 'fp32'} leaf; "
             f"device {result['device']} ({result['device_name']}, threads={result['threads']}), {_load(result)}\n"
             "composite: F.cross_entropy(reduction='none') + torch.topk + weighted sum; authors: Brent's bounded "
-            f"search of lambda (fminbound, xtol {cvar['xtol']:g}), one .item() per objective evaluation")
+            f"search of lambda ({cvar.get('minimiser', 'fminbound')}, xtol {cvar['xtol']:g}), one .item() per "
+            "objective evaluation")
     cols = ("n", "impl", "ms/call", "reps", *(f"vs {p}" for p in peers), "evals", "loss")
     blocks = []
     for n in cvar["sizes"]:
