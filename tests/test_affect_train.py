@@ -161,7 +161,8 @@ def test_every_optimizer_trains_and_writes_the_run(tmp_path, task, name):
     assert set(epoch["val_per_class"]) == set(task.names)
     assert metrics["final"] == {"val_f1": epoch["val_f1"], "per_class": epoch["val_per_class"], "epoch": 1}
     lines = (tmp_path / "log.csv").read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,val_f1,lr,seconds" and len(lines) == 2
+    assert lines[0] == "epoch,train_loss,val_f1,lr,seconds,steps_per_second" and len(lines) == 2
+    assert float(lines[1].split(",")[-1]) > 0
     assert (tmp_path / "checkpoint.pt").is_file()
     if importlib.util.find_spec("matplotlib") is None:
         assert not (tmp_path / "loss.png").exists()

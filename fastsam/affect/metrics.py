@@ -95,6 +95,15 @@ def expr_predict(logits) -> np.ndarray:
     return logits.argmax(axis=1).astype(np.int64)
 
 
+def score_from_counts(task: Task, tp, fp, fn) -> dict:
+    """:func:`score` from the per-class (EXPR) or per-AU counts of true positives, false positives and false
+    negatives (int arrays ``[classes]``): what a loop that counts on the device reads once."""
+    per = f1_from_counts(tp, fp, fn)
+    if per.shape != (len(task.names),):
+        raise ValueError(f"counts have shape {per.shape} but task {task.name} has {len(task.names)} labels")
+    return {"f1": float(per.mean()), "per_class": {n: float(v) for n, v in zip(task.names, per)}}
+
+
 def score(task: Task, pred, target) -> dict:
     """``{"f1": float, "per_class": {name: float}}`` for ``task`` (EXPR macro F1 or AU mean F1)."""
     if not isinstance(task, Task):

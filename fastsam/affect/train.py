@@ -29,7 +29,7 @@ from fastsam.losses import cvar_bce_with_logits, cvar_cross_entropy
 from fastsam.ops import check_impl
 from fastsam.distributed import sam_closure
 
-from .metrics import au_predict, expr_predict, score
+from .metrics import au_predict, expr_predict, score_from_counts
 from .model import AffectMLP
 from .tasks import TASKS, Task, get_task
 
@@ -208,6 +208,50 @@ def _rows(features, idx: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(features[idx], dtype=np.float32)).to(device)
 
 
+def _resident(features, device: torch.device) -> torch.Tensor:
+    """A bank's features read once into one tensor, in their dtype (fp16 for an extracted bank): on the device
+    when it takes less than half of the GPU's free memory, else in host memory (pinned on CUDA). A step then
+    gathers its rows from memory instead of reading them from the memmap."""
+    host = torch.from_numpy(np.array(features, copy=True, order="C"))  # a memmap is read once, here
+    if device.type != "cuda":
+        return host
+    free, _ = torch.cuda.mem_get_info(device)
+    return host.to(device) if host.numel() * host.element_size() < free // 2 else host.pin_memory()
+
+
+def _batch_order(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, list]:
+    """One epoch's shuffled batches: their row indices, concatenated (int64 on ``device``: one copy per epoch),
+    and each batch's (start, end) in them. Each batch is sorted (a set of rows, read in order); a last batch
+    of one row is dropped (BatchNorm)."""
+    batches = [b.sort().values for b in torch.randperm(n, generator=gen).split(batch_size) if len(b) >= 2]
+    ends = np.cumsum([len(b) for b in batches]).tolist()
+    return torch.cat(batches).to(device), list(zip([0] + ends[:-1], ends))
+
+
+def _validation_counts(model: AffectMLP, features: torch.Tensor, labels: torch.Tensor, task: Task,
+                       batch_size: int = 1024) -> np.ndarray:
+    """Per class (EXPR) or AU: true positives, false positives and false negatives of the model's predictions
+    (as :func:`predict` makes them) on resident rows, counted on the device and read once: int64 ``[3, C]``."""
+    device = next(model.parameters()).device
+    counts = torch.zeros(3, task.outputs, dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(features), batch_size):
+            logits = model(features[i:i + batch_size].to(device, torch.float32, non_blocking=True))
+            target = labels[i:i + batch_size].to(device, non_blocking=True)
+            if task.multilabel:
+                pred = (logits.float() >= 0).long()  # sigmoid(logit) >= 0.5
+                counts += torch.stack([pred & target, pred & (1 - target), (1 - pred) & target]).sum(1)
+            else:
+                pred = logits.argmax(1)
+                hit = torch.bincount(target[pred == target], minlength=task.outputs)
+                counts += torch.stack([hit, torch.bincount(pred, minlength=task.outputs) - hit,
+                                       torch.bincount(target, minlength=task.outputs) - hit])
+    model.train(was_training)
+    return counts.cpu().numpy()
+
+
 def predict(model: AffectMLP, features, task, batch_size: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
     """Logits (float32 ``[N, outputs]``) and predictions (int64: ``[N]`` classes for EXPR, ``[N, 12]`` 0/1 for
     AU) for ``features`` (array-like ``[N, in_dim]``, any float dtype), in eval mode, ``batch_size`` rows at
@@ -249,9 +293,11 @@ def _metrics(config: TrainConfig, history: list) -> dict:
 def _log_csv(history: list) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["epoch", "train_loss", "val_f1", "lr", "seconds"])
+    w.writerow(["epoch", "train_loss", "val_f1", "lr", "seconds", "steps_per_second"])
     for h in history:
-        w.writerow([h["epoch"], repr(h["train_loss"]), repr(h["val_f1"]), repr(h["lr"]), f"{h['seconds']:.3f}"])
+        # steps/s: of the training steps alone (the epoch's seconds include validation and the run files)
+        w.writerow([h["epoch"], repr(h["train_loss"]), repr(h["val_f1"]), repr(h["lr"]), f"{h['seconds']:.3f}",
+                    f"{h.get('steps_per_second', float('nan')):.2f}"])
     return buf.getvalue()
 
 
@@ -327,27 +373,32 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
         log(f"resuming {out_dir} after epoch {ckpt['epoch']}")
 
     loss_fn = make_loss(config)
-    labels = np.asarray(train_bank.labels)
+    # Both banks in memory (on the device when they fit): no memmap read, and on CUDA no host sync, per step.
+    features, val_features = _resident(train_bank.features, device), _resident(val_bank.features, device)
+    labels = torch.from_numpy(np.asarray(train_bank.labels)).to(features.device)
+    val_labels = torch.from_numpy(np.asarray(val_bank.labels)).to(device)
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         total = torch.zeros((), dtype=torch.float64, device=device)
-        batches = [b for b in torch.randperm(n_train, generator=gen).split(config.batch_size) if len(b) >= 2]
-        for b in batches:
-            idx = np.sort(b.numpy())  # a batch is a set: sorted rows read a memmap sequentially
-            x = _rows(train_bank.features, idx, device)
-            y = torch.from_numpy(labels[idx]).to(device)
+        order, spans = _batch_order(n_train, config.batch_size, gen, features.device)
+        for begin, end in spans:
+            idx = order[begin:end]
+            x = features.index_select(0, idx).to(device, torch.float32, non_blocking=True)
+            y = labels.index_select(0, idx).to(device, non_blocking=True)
             total += train_step(model, optimizer, loss_fn, x, y).double()
+        train_loss = float(total) / len(spans)  # the epoch's one read of the device
+        steps_per_second = len(spans) / (time.perf_counter() - start)
         scheduler.step()
-        _, pred = predict(model, val_bank.features, task)
-        val = score(task, pred, np.asarray(val_bank.labels))
-        history.append({"epoch": epoch, "train_loss": float(total) / len(batches), "val_f1": val["f1"],
-                        "val_per_class": val["per_class"], "lr": lr, "seconds": time.perf_counter() - start})
+        val = score_from_counts(task, *_validation_counts(model, val_features, val_labels, task))
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_f1": val["f1"],
+                        "val_per_class": val["per_class"], "lr": lr, "seconds": time.perf_counter() - start,
+                        "steps_per_second": steps_per_second})
         _write_epoch(out_dir, config, model, optimizer, scheduler, gen, history, data_shape, device)
         h = history[-1]
         log(f"epoch {epoch}/{config.epochs}  train_loss {h['train_loss']:.4f}  val_f1 {h['val_f1']:.4f}  "
-            f"lr {lr:.3g}  {h['seconds']:.1f}s")
+            f"lr {lr:.3g}  {h['seconds']:.1f}s  {steps_per_second:.1f} steps/s")
     return _metrics(config, history)
 
 
