@@ -36,7 +36,7 @@ from torch import Tensor
 
 from fastsam.optim import SAM
 from fastsam.optim._buckets import UNSTARTED
-from fastsam.optim._sharding import is_dtensor, local
+from fastsam.optim._sharding import is_dtensor, local, mesh_dims
 
 # A name -> unsharded parameter callback, run for each parameter of an FSDP module about to run forward.
 OnUnsharded = Callable[[str, Tensor], None]
@@ -57,13 +57,12 @@ class LocalPerturbation:
             raise ValueError(f"sync_first_pass=False under FSDP2 perturbs the parameters that fully_shard made of "
                              f"the model's own; the optimizer also steps {len(strays)} other parameter(s) (shapes "
                              f"{strays[:3]}): pass the model's parameters only, or use sync_first_pass=True")
-        meshes = {p.device_mesh.ndim for p in self.name_of if is_dtensor(p)}
+        meshes = mesh_dims(p for g in optimizer.param_groups for p in g["params"])
         if meshes != {1}:
             # On HSDP's and TP's 2-D meshes the unsharded parameters differ (DTensors under TP): not made yet.
             raise ValueError(f"sync_first_pass=False under FSDP2 supports parameters sharded on a 1-D device mesh; "
                              f"this model's meshes have {sorted(meshes)} dimensions: use sync_first_pass=True")
         self.fsdp_modules = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, fsdp_module_type)]
-        self.dtype_of = {name: p.dtype for p, name in self.name_of.items()}
         self.copies: Dict[str, Tensor] = {}  # this rank's full-size w, then w + e_r, by parameter name
         self.moved: Dict[str, Tensor] = {}  # w + e_r in the dtype of the unsharded parameter, where it moved
         self.seen: Set[str] = set()  # the parameters the pass at w saw unsharded
@@ -75,7 +74,7 @@ class LocalPerturbation:
         sharded belong to a nested FSDP module, whose own hook sees them."""
         def hook(prefix: str, module: torch.nn.Module, args) -> None:
             for name, p in module.named_parameters(prefix=prefix):
-                if not is_dtensor(p) and name in self.dtype_of:
+                if not is_dtensor(p) and name in self.param_of:
                     callback(name, p)
         handles = [m.register_forward_pre_hook(lambda module, args, prefix=prefix: hook(prefix, module, args))
                    for prefix, m in self.fsdp_modules]
@@ -94,7 +93,7 @@ class LocalPerturbation:
         def capture(name: str, p: Tensor) -> None:
             leaves[name] = p
             if name not in self.copies:  # a module run twice sees the same w
-                self.copies[name] = p.detach().to(self.dtype_of[name], copy=True)
+                self.copies[name] = p.detach().to(self.param_of[name].dtype, copy=True)
         with self._on_unsharded(capture):
             loss = forward()
         self.seen = set(leaves)
@@ -109,16 +108,14 @@ class LocalPerturbation:
         """Moves the copies that got a grad, in the groups the optimizer perturbs, to w + e_r (``grads`` and
         ``dtypes``: those of the unsharded parameters, by name). The twin's buffers that carry over (Friendly
         SAM's EMA) are this rank's own part of the optimizer's per-rank state, updated in place."""
-        options = set(self.optimizer.defaults) - set(self.optimizer.base_optimizer.defaults)
         groups, members_all, moved = [], [], []
         for group in self.optimizer.param_groups:
             members = [self.name_of[p] for p in group["params"] if self.name_of[p] in grads]
             if not members:
                 continue
             for name in members:
-                self.copies[name].grad = grads[name].to(self.dtype_of[name])
-            twin_group = {k: group[k] for k in options if k in group}
-            twin_group["params"] = [self.copies[n] for n in members]
+                self.copies[name].grad = grads[name].to(self.param_of[name].dtype)
+            twin_group = {**group, "params": [self.copies[n] for n in members]}
             if "param_names" in group:  # ASAM tells weights from biases by name
                 twin_group["param_names"] = members
             groups.append(twin_group)

@@ -98,9 +98,13 @@ def expr_predict(logits) -> np.ndarray:
 def score_from_counts(task: Task, tp, fp, fn) -> dict:
     """:func:`score` from the per-class (EXPR) or per-AU counts of true positives, false positives and false
     negatives (int arrays ``[classes]``): what a loop that counts on the device reads once."""
-    per = f1_from_counts(tp, fp, fn)
+    return _result(task, f1_from_counts(tp, fp, fn))
+
+
+def _result(task: Task, per: np.ndarray) -> dict:
+    """The score dict of per-class (or per-AU) F1 ``per``; their mean is the score."""
     if per.shape != (len(task.names),):
-        raise ValueError(f"counts have shape {per.shape} but task {task.name} has {len(task.names)} labels")
+        raise ValueError(f"pred has {len(per)} labels but task {task.name} has {len(task.names)}")
     return {"f1": float(per.mean()), "per_class": {n: float(v) for n, v in zip(task.names, per)}}
 
 
@@ -109,9 +113,7 @@ def score(task: Task, pred, target) -> dict:
     if not isinstance(task, Task):
         raise TypeError(f"task must be a fastsam.affect.tasks.Task, got {type(task).__name__}")
     if task.multilabel:
-        f1, per = au_f1(pred, target)
+        _, per = au_f1(pred, target)
     else:
-        f1, per = expr_f1(pred, target, num_classes=len(task.names))
-    if len(per) != len(task.names):
-        raise ValueError(f"pred has {len(per)} labels but task {task.name} has {len(task.names)}")
-    return {"f1": f1, "per_class": {n: float(v) for n, v in zip(task.names, per)}}
+        _, per = expr_f1(pred, target, num_classes=len(task.names))
+    return _result(task, per)

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from fastsam.losses import cvar_bce_with_logits, cvar_cross_entropy
 from fastsam.ops import check_impl
 from fastsam.distributed import sam_closure
 
-from .metrics import au_predict, expr_predict, score_from_counts
+from .metrics import score_from_counts
 from .model import AffectMLP
 from .tasks import TASKS, Task, get_task
 
@@ -228,45 +228,64 @@ def _batch_order(n: int, batch_size: int, gen: torch.Generator, device: torch.de
     return torch.cat(batches).to(device), list(zip([0] + ends[:-1], ends))
 
 
+def _predictions(logits: torch.Tensor, task: Task) -> torch.Tensor:
+    """int64 predictions of float32 ``logits`` [n, C], where they are: the class (argmax, EXPR) or, per AU,
+    sigmoid(logit) >= 0.5, i.e. logit >= 0 (:func:`fastsam.affect.metrics.au_predict`'s default)."""
+    return (logits >= 0).long() if task.multilabel else logits.argmax(1)
+
+
+def _eval_chunks(model: AffectMLP, rows: Callable[[int, int], torch.Tensor], n: int,
+                 batch_size: int) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """``(start, end, logits)`` of rows ``[start, end)`` (``rows(start, end)``: float32 on the model's device),
+    ``batch_size`` at a time, in eval mode without autograd; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                end = min(start + batch_size, n)
+                yield start, end, model(rows(start, end)).float()
+    finally:
+        model.train(was_training)
+
+
 def _validation_counts(model: AffectMLP, features: torch.Tensor, labels: torch.Tensor, task: Task,
                        batch_size: int = 1024) -> np.ndarray:
     """Per class (EXPR) or AU: true positives, false positives and false negatives of the model's predictions
-    (as :func:`predict` makes them) on resident rows, counted on the device and read once: int64 ``[3, C]``."""
+    (those of :func:`predict`) on resident rows, counted on the device and read once: int64 ``[3, C]``."""
     device = next(model.parameters()).device
     counts = torch.zeros(3, task.outputs, dtype=torch.int64, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(features), batch_size):
-            logits = model(features[i:i + batch_size].to(device, torch.float32, non_blocking=True))
-            target = labels[i:i + batch_size].to(device, non_blocking=True)
-            if task.multilabel:
-                pred = (logits.float() >= 0).long()  # sigmoid(logit) >= 0.5
-                counts += torch.stack([pred & target, pred & (1 - target), (1 - pred) & target]).sum(1)
-            else:
-                pred = logits.argmax(1)
-                hit = torch.bincount(target[pred == target], minlength=task.outputs)
-                counts += torch.stack([hit, torch.bincount(pred, minlength=task.outputs) - hit,
-                                       torch.bincount(target, minlength=task.outputs) - hit])
-    model.train(was_training)
+
+    def rows(start: int, end: int) -> torch.Tensor:
+        return features[start:end].to(device, torch.float32, non_blocking=True)
+    for start, end, logits in _eval_chunks(model, rows, len(features), batch_size):
+        pred, target = _predictions(logits, task), labels[start:end].to(device, non_blocking=True)
+        if task.multilabel:
+            counts += torch.stack([pred & target, pred & (1 - target), (1 - pred) & target]).sum(1)
+        else:
+            hit = torch.bincount(target[pred == target], minlength=task.outputs)
+            counts += torch.stack([hit, torch.bincount(pred, minlength=task.outputs) - hit,
+                                   torch.bincount(target, minlength=task.outputs) - hit])
     return counts.cpu().numpy()
 
 
 def predict(model: AffectMLP, features, task, batch_size: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
     """Logits (float32 ``[N, outputs]``) and predictions (int64: ``[N]`` classes for EXPR, ``[N, 12]`` 0/1 for
-    AU) for ``features`` (array-like ``[N, in_dim]``, any float dtype), in eval mode, ``batch_size`` rows at
-    a time. The model's train/eval mode is restored afterwards."""
+    AU, as :func:`fastsam.affect.metrics.expr_predict` / ``au_predict`` make them) for ``features``
+    (array-like ``[N, in_dim]``, any float dtype), in eval mode, ``batch_size`` rows at a time. The model's
+    train/eval mode is restored afterwards."""
     task = task if isinstance(task, Task) else get_task(task)
     batch_size = _integer("batch_size", batch_size, 1)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        chunks = [model(_rows(features, np.arange(i, min(i + batch_size, len(features))), device)).float().cpu()
-                  for i in range(0, len(features), batch_size)]
-    model.train(was_training)
-    logits = (torch.cat(chunks) if chunks else torch.empty(0, model.outputs)).numpy()
-    return logits, au_predict(logits) if task.multilabel else expr_predict(logits)
+
+    def rows(start: int, end: int) -> torch.Tensor:
+        return _rows(features, np.arange(start, end), device)
+    chunks = [(logits.cpu(), _predictions(logits, task).cpu())
+              for _, _, logits in _eval_chunks(model, rows, len(features), batch_size)]
+    if not chunks:
+        empty = torch.empty(0, model.outputs)
+        return empty.numpy(), _predictions(empty, task).numpy()
+    return tuple(torch.cat(parts).numpy() for parts in zip(*chunks))
 
 
 # ---- run files -------------------------------------------------------------------------------------

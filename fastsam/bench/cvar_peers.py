@@ -16,6 +16,7 @@ which is the cheapest way to write them: evaluations on the graph would only add
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -48,6 +49,7 @@ def composite_cvar_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alp
     return (top * weights).sum()
 
 
+@functools.lru_cache(maxsize=None)  # looked up once: the authors' row calls it in every timed step
 def minimiser() -> Tuple[Callable[..., Minimum], str]:
     """The authors' bounded minimiser ``(f, lower, upper, xtol, maxfun) -> Minimum`` and its name for the
     report: ``scipy.optimize.fminbound`` when scipy is installed (an extra), else fastsam's own Brent."""

@@ -77,6 +77,11 @@ def scope_of(p: Tensor, rows: bool = False) -> Scope:
     return Scope(local(p).device, p.device_mesh.get_group(shard_dims[0]))
 
 
+def mesh_dims(params: Iterable[Tensor]) -> set:
+    """The numbers of device-mesh dimensions among ``params`` (0 for a plain tensor): {1} for FSDP2's 1-D mesh."""
+    return {p.device_mesh.ndim if is_dtensor(p) else 0 for p in params}
+
+
 def per_rank_zeros(p: Tensor) -> Tensor:
     """A zero-filled state for DTensor parameter ``p`` (on a 1-D mesh) that holds a full-size tensor of each
     rank's own: shape ``(world, *p.shape)``, sharded on dim 0, so rank r's local tensor ``[1, *p.shape]`` is

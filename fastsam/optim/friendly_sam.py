@@ -69,11 +69,11 @@ class FriendlySAM(SAM):
             self._per_rank_buffers = {"ema": "rank_ema"}
         self._init_sam(params, base_optimizer, impl, defaults, base_kwargs, nonfinite)
         if self.per_rank_ema:
-            meshes = [p.device_mesh.ndim if _sharding.is_dtensor(p) else 0 for p in self._params()]
-            if any(n != 1 for n in meshes):
+            meshes = _sharding.mesh_dims(self._params())
+            if meshes != {1}:
                 raise ValueError("per_rank_ema=True is for FSDP2 parameters (DTensors on a 1-D mesh) under "
-                                 "fastsam.distributed.sam_closure(..., sync_first_pass=False); "
-                                 f"{sum(n != 1 for n in meshes)} parameter(s) are not")
+                                 "fastsam.distributed.sam_closure(..., sync_first_pass=False); these parameters "
+                                 f"have meshes of {sorted(meshes)} dimensions (0: a plain tensor)")
 
     def first_step(self, zero_grad: bool = False, grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if self.per_rank_ema and not self._moved_elsewhere and self.next_pass_at_w:

@@ -540,16 +540,23 @@ class SAM(torch.optim.Optimizer):
         return self._perturbed is _PERTURBED_ELSEWHERE
 
     def _twin(self, param_groups: List[dict]) -> "SAM":
-        """This method's perturbation, with the method options of ``param_groups`` (whose "params" are other
-        tensors, e.g. a rank's full copy of sharded parameters), for its ``first_step`` only: its base
+        """This method's perturbation over other tensors (e.g. a rank's full copy of sharded parameters), for
+        its ``first_step`` only: ``param_groups`` are groups like this optimizer's whose "params" (and
+        "param_names") are the other tensors; their method options are kept, the rest dropped. The base
         optimizer is a plain SGD that is never stepped. Made by :attr:`_twin_class`, whose constructor must
         do nothing but ``_init_sam`` with options kept in the groups (SAM, ASAM)."""
-        options = set(self.defaults) - set(self.base_optimizer.defaults)
+        options = self._method_options
+        kept = options | {"params", "param_names"}
+        groups = [{k: v for k, v in g.items() if k in kept} for g in param_groups]
         cls = self._twin_class
         twin = cls.__new__(cls)
-        twin._init_sam(param_groups, torch.optim.SGD, self.impl, {k: self.defaults[k] for k in options},
-                       dict(lr=0.0))
+        twin._init_sam(groups, torch.optim.SGD, self.impl, {k: self.defaults[k] for k in options}, dict(lr=0.0))
         return twin
+
+    @property
+    def _method_options(self) -> set:
+        """The group options of the method (rho, ...), as opposed to the base optimizer's."""
+        return set(self.defaults) - set(self.base_optimizer.defaults)
 
     @property
     def _twin_class(self) -> type:
@@ -628,7 +635,7 @@ class SAM(torch.optim.Optimizer):
         current = self.param_groups
         self.base_optimizer.load_state_dict(base_dict)
         self.param_groups = self.base_optimizer.param_groups  # re-link: the base made new group dicts
-        method_options = set(self.defaults) - set(self.base_optimizer.defaults)
+        method_options = self._method_options
         for old, new in zip(current, self.param_groups):
             for k in method_options & set(old):
                 new.setdefault(k, old[k])
