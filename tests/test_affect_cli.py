@@ -234,6 +234,10 @@ def test_paper_preset_beats_the_majority_class_on_demo_data(tmp_path):
       "--task", "expr", "--split", "train", "--checkpoint", "{data}/encoder.pt", "--out", "{tmp}/b"],
      "is the Validation_Set folder, but the split is train"),
     (["evaluate", "--run", "{tmp}/norun", "--bank", "{tmp}/empty"], "model.pt"),
+    (["train", "--task", "expr", "--train-bank", "{tmp}/empty", "--val-bank", "{tmp}/empty", "--out", "{tmp}/r",
+      "--cuda-graph"], "cuda_graph needs a CUDA device (--device cuda), got device 'cpu'"),
+    (["train", "--task", "expr", "--train-bank", "{tmp}/empty", "--val-bank", "{tmp}/empty", "--out", "{tmp}/r",
+      "--cuda-graph", "--device", "cuda", "--optimizer", "lastsam"], "optimizer 'lastsam'"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     data = tmp_path / "data"

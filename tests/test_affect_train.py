@@ -234,6 +234,21 @@ def test_bad_inputs(tmp_path):
         load_model(tmp_path / "nothing")
 
 
+def test_cuda_graph_refusals(tmp_path):
+    # Refused before anything is written: a device other than CUDA, LastSAM (its phase is picked on the host),
+    # a non-bool. (Capture and replay themselves: tests/test_cuda_graphs.py, on a GPU.)
+    train_bank, val_bank = make_banks(EXPR)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device .*'cpu'"):
+        train(small("expr"), train_bank, val_bank, run, log=quiet, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph: optimizer 'lastsam'"):
+        train(small("expr", optimizer="lastsam", device="cuda"), train_bank, val_bank, run, log=quiet,
+              cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        train(small("expr"), train_bank, val_bank, run, log=quiet, cuda_graph=1)
+    assert not run.exists()
+
+
 def test_paper_preset_beats_the_majority_class(tmp_path):
     weights = [0.4, 0.1, 0.05, 0.05, 0.15, 0.1, 0.1, 0.05]  # imbalanced, as EXPR is
     train_bank, val_bank = make_banks(EXPR, n_train=384, n_val=256, noise=0.8, weights=weights)

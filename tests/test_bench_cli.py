@@ -31,7 +31,7 @@ def _bench(tmp_path, *argv):
 def test_quick_run_prints_the_table_and_writes_json(tmp_path):
     """All tables by default: SAM's, CVaR's and the affect one's (tests/test_bench_cvar.py and
     tests/test_bench_affect.py check the latter two's contents)."""
-    table, record = _bench(tmp_path, "--methods", "sam", "--cvar-rows", "32")
+    table, record = _bench(tmp_path, "--methods", "sam", "--cvar-rows", "32", "--affect-rows", "64")
     expected = [r for r in METHODS["sam"].rows("cpu") if r != "torch"]  # the reference: only if --impl names it
     assert expected[:3] == ["loop", "foreach", "compiled"] and "fastsam:torch" not in {c[4] for c in table if len(c) > 4}
     labels = {cells[4] for cells in table if cells and cells[0] == "mlp"}

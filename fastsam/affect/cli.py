@@ -11,6 +11,8 @@ import os
 import sys
 from typing import List, Optional
 
+import torch
+
 from .tasks import TASKS, get_task
 from .train import OPTIMIZERS, PRESETS
 
@@ -53,15 +55,18 @@ def _extract(args) -> None:
 
 def _train(args) -> None:
     from .bank import load_bank
+    from .graphed import check_cuda_graph
     from .train import make_config, train
 
     task = get_task(args.task)
-    train_bank = load_bank(args.train_bank, task)
-    val_bank = load_bank(args.val_bank, task)
     config = make_config(task.name, args.preset, optimizer=args.optimizer, alpha=args.alpha, rho=args.rho,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, impl=args.impl,
                          seed=args.seed, device=args.device)
-    metrics = train(config, train_bank, val_bank, args.out)
+    if args.cuda_graph:  # before the banks are read
+        check_cuda_graph(config.optimizer, torch.device(config.device))
+    train_bank = load_bank(args.train_bank, task)
+    val_bank = load_bank(args.val_bank, task)
+    metrics = train(config, train_bank, val_bank, args.out, cuda_graph=args.cuda_graph)
     final = metrics["final"]
     print(f"val F1 {final['val_f1']:.4f} after epoch {final['epoch']}; run files in {args.out}")
 
@@ -147,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=kind, default=None, help="default: the preset's")
     p.add_argument("--impl", default=None, help="fastsam kernel impl: auto, cuda, triton, cpu or torch")
     p.add_argument("--device", default=None, help="default: cpu")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step in a CUDA graph and replay it per batch (CUDA only; the "
+                        "training bank must fit on the GPU; not with lastsam)")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("evaluate", help="score a trained run on a bank and write predictions",

@@ -29,6 +29,7 @@ from fastsam.losses import cvar_bce_with_logits, cvar_cross_entropy
 from fastsam.ops import check_impl
 from fastsam.distributed import sam_closure
 
+from .graphed import GraphedStep, check_cuda_graph
 from .metrics import score_from_counts
 from .model import AffectMLP
 from .tasks import TASKS, Task, get_task
@@ -145,10 +146,12 @@ def make_config(task: str, preset: str = "paper", **overrides) -> TrainConfig:
 
 
 # ---- the pieces of a step ----------------------------------------------------------------------------
-def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int) -> torch.optim.Optimizer:
-    """The optimizer ``config`` names, over ``model``'s parameters (named: ASAM leaves biases unscaled)."""
+def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``model``'s parameters (named: ASAM leaves biases unscaled).
+    ``capturable``: Adam/AdamW keep their step counts on the device, so a CUDA graph can replay the step."""
     steps_per_epoch = _integer("steps_per_epoch", steps_per_epoch, 1)
-    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
+    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay, **({"capturable": True} if capturable else {}))
     if config.optimizer in BASES:
         return BASES[config.optimizer](model.parameters(), **kwargs)
     kwargs.update(rho=config.rho, impl=config.impl)
@@ -219,9 +222,9 @@ def _resident(features, device: torch.device) -> torch.Tensor:
     return host.to(device) if host.numel() * host.element_size() < free // 2 else host.pin_memory()
 
 
-def _batch_order(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, list]:
-    """One epoch's shuffled batches: their row indices, concatenated (int64 on ``device``: one copy per epoch),
-    and each batch's (start, end) in them. Each batch is sorted (a set of rows, read in order); a last batch
+def batch_order(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, list]:
+    """One epoch's shuffled batches of ``n`` rows, drawn from ``gen``: their row indices, concatenated (int64
+    ``[n]`` or one fewer, on ``device``: one copy per epoch), and each batch's (start, end) in them. Each batch is sorted (a set of rows, read in order); a last batch
     of one row is dropped (BatchNorm)."""
     batches = [b.sort().values for b in torch.randperm(n, generator=gen).split(batch_size) if len(b) >= 2]
     ends = np.cumsum([len(b) for b in batches]).tolist()
@@ -341,7 +344,8 @@ def _save(obj, path: str) -> None:
 
 
 # ---- training --------------------------------------------------------------------------------------
-def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str], None] = print) -> dict:
+def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str], None] = print,
+          cuda_graph: bool = False) -> dict:
     """Train ``config``'s run in ``out_dir`` and return its metrics (the content of ``metrics.json``).
 
     ``train_bank``/``val_bank``: objects with ``.features`` (float array ``[N, D]``, e.g. an fp16 memmap),
@@ -350,9 +354,17 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
     (BatchNorm). After each epoch the model is scored on ``val_bank`` and all run files are rewritten.
     An ``out_dir`` holding a checkpoint of the same config resumes (or, if finished, returns at once);
     one of another config raises ValueError.
+
+    ``cuda_graph``: capture the whole training step in a CUDA graph and replay it per batch
+    (:mod:`fastsam.affect.graphed`); needs ``config.device`` on CUDA, the training bank held on the GPU, Adam or
+    AdamW made ``capturable`` (done here; a run begun without it resumes without it) and not LastSAM.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if cuda_graph:
+        check_cuda_graph(config.optimizer, torch.device(config.device))
     task = get_task(config.task)
     n_train, in_dim = _check_bank("train_bank", train_bank, task)
     n_val, val_dim = _check_bank("val_bank", val_bank, task)
@@ -370,7 +382,7 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
     model = AffectMLP(task.outputs, in_dim=in_dim).to(device)
     # Batches of one row are dropped, so a last batch of one row does not count as a step.
     steps_per_epoch = n_train // config.batch_size + (n_train % config.batch_size >= 2)
-    optimizer = make_optimizer(config, model, steps_per_epoch)
+    optimizer = make_optimizer(config, model, steps_per_epoch, capturable=cuda_graph)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.t_max, eta_min=config.eta_min)
     gen = torch.Generator().manual_seed(config.seed)
     history: list = []
@@ -383,7 +395,10 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
         if ckpt["epoch"] >= config.epochs:
             return _metrics(config, history)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # its param groups replace ours, "capturable" among them
+        if cuda_graph and not all(g.get("capturable", True) for g in optimizer.param_groups):
+            raise ValueError(f"{out_dir} was begun without cuda_graph (its Adam counts steps on the host, which a "
+                             "captured step would freeze): resume it without --cuda-graph")
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda":
@@ -396,17 +411,24 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
     features, val_features = _resident(train_bank.features, device), _resident(val_bank.features, device)
     labels = torch.from_numpy(np.asarray(train_bank.labels)).to(features.device)
     val_labels = torch.from_numpy(np.asarray(val_bank.labels)).to(device)
+    if cuda_graph and features.device != device:
+        raise ValueError(f"cuda_graph: the training bank ({features.numel() * features.element_size() / 2**30:.1f} "
+                         "GiB) takes more than half of the GPU's free memory, and a captured step gathers its rows "
+                         "on the GPU; train without --cuda-graph")
+
+    def step(idx: torch.Tensor) -> torch.Tensor:  # the batch of rows idx, gathered where the bank is
+        x = features.index_select(0, idx).to(device, torch.float32, non_blocking=True)
+        y = labels.index_select(0, idx).to(device, non_blocking=True)
+        return train_step(model, optimizer, loss_fn, x, y)
+    run_step = GraphedStep(step, optimizer, config.batch_size) if cuda_graph else step
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         total = torch.zeros((), dtype=torch.float64, device=device)
-        order, spans = _batch_order(n_train, config.batch_size, gen, features.device)
+        order, spans = batch_order(n_train, config.batch_size, gen, features.device)
         for begin, end in spans:
-            idx = order[begin:end]
-            x = features.index_select(0, idx).to(device, torch.float32, non_blocking=True)
-            y = labels.index_select(0, idx).to(device, non_blocking=True)
-            total += train_step(model, optimizer, loss_fn, x, y).double()
+            total += run_step(order[begin:end]).double()
         train_loss = float(total) / len(spans)  # the epoch's one read of the device
         steps_per_second = len(spans) / (time.perf_counter() - start)
         scheduler.step()
@@ -417,7 +439,8 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
         _write_epoch(out_dir, config, model, optimizer, scheduler, gen, history, data_shape, device)
         h = history[-1]
         log(f"epoch {epoch}/{config.epochs}  train_loss {h['train_loss']:.4f}  val_f1 {h['val_f1']:.4f}  "
-            f"lr {lr:.3g}  {h['seconds']:.1f}s  {steps_per_second:.1f} steps/s")
+            f"lr {lr:.3g}  {h['seconds']:.1f}s  {steps_per_second:.1f} steps/s"
+            + (f"  (CUDA graph, captured {run_step.captures}x)" if cuda_graph else ""))
     return _metrics(config, history)
 
 
@@ -449,4 +472,4 @@ def load_model(run_dir, device="cpu") -> Tuple[AffectMLP, TrainConfig]:
 
 
 __all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "make_config", "make_optimizer", "make_loss", "train_step",
-           "train", "predict", "load_model"]
+           "batch_order", "train", "predict", "load_model"]

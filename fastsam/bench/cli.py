@@ -22,7 +22,7 @@ import torch
 
 import fastsam
 from fastsam._extension import IMPLS, extension_error
-from fastsam.bench import affect_peers, cvar_peers, po_peers, stream
+from fastsam.bench import affect_extraction, affect_peers, cvar_peers, po_peers, stream
 from fastsam.bench.methods import METHODS, SAM_PEERS
 from fastsam.bench.peers import PEERS, fastsam_impls
 from fastsam.bench.report import (default_out, device_name, format_affect_table, format_cvar_table, format_table,
@@ -41,6 +41,10 @@ PAIRED_TIMING = {False: dict(warmup=3, budget_s=12.0, min_rounds=7, max_rounds=1
 # CVaR rows take 0.05-50 ms a call: 12 rows in well under a minute
 CVAR_TIMING = {False: dict(warmup=3, budget_s=1.0, min_reps=7, max_reps=300),
                True: dict(warmup=1, budget_s=0.1, min_reps=3, max_reps=20)}
+# Affect rows: calls of 20 training steps (0.2-1 s each on 2 CPU cores), in paired rounds.
+AFFECT_TIMING = {False: dict(warmup=1, budget_s=20.0, min_rounds=5, max_rounds=50),
+                 True: dict(warmup=1, budget_s=0.5, min_rounds=2, max_rounds=5)}
+EXTRACTION_ROUNDS = {False: 3, True: 1}  # extractions of the demo per worker count
 TABLES = ("sam", "cvar", "affect")
 
 
@@ -90,8 +94,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "SAM and its variants, for every available fastsam impl against a per-parameter loop of the "
                     "published algorithm (davda54/sam's for SAM) and a torch._foreach version of it; then the "
                     "forward + backward of fastsam.losses.cvar_cross_entropy against a torch.topk composite and "
-                    "the affect paper authors' lambda search; then whole training steps of the affect MLP (two "
-                    "passes, CVaR, SAM + Adam) against the authors' loop and a stock-PyTorch one.")
+                    "the affect paper authors' lambda search; then training steps of the affect MLP (two passes, "
+                    "CVaR, SAM + Adam) over a synthetic feature bank against the authors' loop and a stock-PyTorch "
+                    "one, and the affect pipeline's feature extraction at 1, 2 and all worker processes.")
     p.add_argument("--tables", type=_comma_list(TABLES, "table"),
                    help=f"comma list of {', '.join(TABLES)} (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
@@ -111,10 +116,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         f"(default: {','.join(map(str, cvar_peers.CVAR_ROWS))})")
     p.add_argument("--cvar-alpha", type=_fraction, default=cvar_peers.ALPHA,
                    help=f"CVaR level alpha in (0, 1] (default: {cvar_peers.ALPHA})")
+    p.add_argument("--affect-rows", type=_positive, default=affect_peers.BANK_ROWS,
+                   help="rows of the affect table's synthetic feature bank "
+                        f"(default: {affect_peers.BANK_ROWS}; an epoch is rows / 32 steps)")
     p.add_argument("--quick", action="store_true",
                    help="few reps, and skip vit_b16 and gpt2_medium unless --shapes names them")
     p.add_argument("--reps", type=_positive,
-                   help="paired rounds per shape set and method (CVaR, affect: calls per row) (default: fit a "
+                   help="paired rounds per shape set and method (CVaR: calls per row; affect: paired rounds of 20-step "
+                        "calls) (default: fit a "
                         "time budget)")
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's choice); 1 resists other processes on the cores")
@@ -299,24 +308,39 @@ def run_cvar(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
 
 
 def run_affect(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
-    """Times one training step of the affect MLP per row (:mod:`fastsam.bench.affect_peers`) and returns the
-    record's ``affect`` entry: the setting and a row each with its timings, steps per second and its speed-up
-    over each peer (``speedup_vs_<peer>`` = peer ms / row ms). fp32 whatever ``--dtype`` (the MLP trains in
-    fp32)."""
+    """Times training steps of the affect MLP per row over one synthetic bank of ``args.affect_rows`` rows
+    (:mod:`fastsam.bench.affect_peers`: calls of 20 steps, the rows in paired rounds), then extracts the demo
+    data at 1, 2 and all workers (:mod:`fastsam.bench.affect_extraction`). Returns the record's ``affect``
+    entry: the setting, a row each with its per-step timings, steps per second, the seconds an epoch of the
+    bank takes and its speed-up over each peer (``speedup_vs_<peer>`` = peer ms / row ms), and the
+    ``extraction`` entry. The MLP trains in fp32 whatever ``--dtype``."""
     device = torch.device(args.device)
-    timing = dict(CVAR_TIMING[args.quick], reps=args.reps)
+    timing = dict(AFFECT_TIMING[args.quick], rounds=args.reps)
+    steps = affect_peers.STEPS_PER_CALL
+    features, labels = affect_peers.make_bank(args.affect_rows, device)
+    rows = affect_peers.affect_rows(device, args.impl)
+    fns = {row: affect_peers.BankSteps(affect_peers.step_fn(*affect_peers.make_row(row, device)), features, labels,
+                                       steps=steps) for row in rows}
+    timed = time_paired(fns, device, **timing)
     out: Dict[str, Any] = dict(batch=affect_peers.BATCH, dim=affect_peers.DIM, classes=affect_peers.CLASSES,
                                alpha=affect_peers.ALPHA, rho=affect_peers.RHO, lr=affect_peers.LR,
+                               bank_rows=args.affect_rows, bank_dtype="fp16", bank_device=str(features.device),
+                               steps_per_call=steps, steps_per_epoch=fns[rows[0]].steps_per_epoch,
                                peers=list(PEERS), timing=timing, rows=[])
-    for row in affect_peers.affect_rows(device, args.impl):
-        times = time_calls(affect_peers.step_fn(*affect_peers.make_row(row, device)), device, **timing)
-        out["rows"].append(dict(impl=row, kind="peer" if row in PEERS else "fastsam", **_stats(times)))
-        out["rows"][-1]["steps_per_s"] = 1e3 / out["rows"][-1]["median_ms"]
-        print(f"affect    {row:10s} {out['rows'][-1]['median_ms']:10.3f} ms  ({len(times)} reps)", file=log,
+    del fns, features, labels
+    for row in rows:
+        r = dict(impl=row, kind="peer" if row in PEERS else "fastsam", **_stats([t / steps for t in timed[row]["times"]]))
+        r.update(steps_per_s=1e3 / r["median_ms"], epoch_s=out["steps_per_epoch"] * r["median_ms"] / 1e3)
+        out["rows"].append(r)
+        print(f"affect    {row:10s} {r['median_ms']:10.3f} ms/step  ({r['reps']} calls of {steps} steps)", file=log,
               flush=True)
     peer_ms = {r["impl"]: r["median_ms"] for r in out["rows"] if r["kind"] == "peer"}
     for r in out["rows"]:
         r.update({f"speedup_vs_{peer}": ms / r["median_ms"] for peer, ms in peer_ms.items()})
+    out["extraction"] = affect_extraction.run_extraction(device, EXTRACTION_ROUNDS[args.quick], args.quick)
+    for r in out["extraction"]["rows"]:
+        print(f"extract   {r['workers']} workers {r['frames_per_s']:10.1f} frames/s  ({len(r['runs'])} runs)", file=log,
+              flush=True)
     return out
 
 

@@ -145,19 +145,32 @@ def format_cvar_table(result: Dict[str, Any]) -> str:
 
 
 def format_affect_table(result: Dict[str, Any]) -> str:
-    """The affect table: a row per peer and fastsam impl with its median ms per training step, steps per second
-    and its speed-up over each peer (peer ms / row ms)."""
+    """The affect tables: training (a row per peer and fastsam impl with its median ms per step, steps per
+    second, seconds per epoch of the bank and its speed-up over each peer (peer ms / row ms)), then feature
+    extraction (frames per second per worker count and the speed-up over 1 worker)."""
     affect = result["affect"]
     peers = affect["peers"]
-    head = (f"Affect MLP training step: batch {affect['batch']} x {affect['dim']} features, {affect['classes']} "
-            f"classes, 2 forward/backward passes, CVaR alpha {affect['alpha']:g}, SAM rho {affect['rho']:g} + "
-            f"Adam, fp32; device {result['device']} ({result['device_name']}, threads={result['threads']}), "
-            f"{_load(result)}\nloop: per-parameter SAM (davda54) + the authors' CVaR (Brent lambda search, a "
-            ".item() per evaluation); foreach: torch._foreach SAM + torch.topk CVaR")
-    cols = ("impl", "ms/step", "steps/s", "reps", *(f"vs {p}" for p in peers))
-    lines = [(row_label(r), _ms(r["median_ms"]), f"{r['steps_per_s']:.1f}", str(r["reps"]),
+    head = (f"Affect MLP training: steps of batch {affect['batch']} from a synthetic bank of {affect['bank_rows']:,} x "
+            f"{affect['dim']} {affect['bank_dtype']} rows held on {affect['bank_device']} ({affect['steps_per_epoch']:,} "
+            f"steps an epoch), {affect['classes']} classes, 2 forward/backward passes, CVaR alpha "
+            f"{affect['alpha']:g}, SAM rho {affect['rho']:g} + Adam, fp32; device {result['device']} "
+            f"({result['device_name']}, threads={result['threads']}), {_load(result)}\n"
+            "loop: per-parameter SAM (davda54) + the authors' CVaR (Brent lambda search, a .item() per evaluation); "
+            f"foreach: torch._foreach SAM + torch.topk CVaR; timed in calls of {affect['steps_per_call']} steps, "
+            "the rows in paired rounds")
+    cols = ("impl", "ms/step", "steps/s", "s/epoch", "rounds", *(f"vs {p}" for p in peers))
+    lines = [(row_label(r), _ms(r["median_ms"]), f"{r['steps_per_s']:.1f}", f"{r['epoch_s']:.0f}", str(r["reps"]),
               *(f"{r[f'speedup_vs_{p}']:.2f}x" for p in peers)) for r in affect["rows"]]
-    return _columns(head, cols, [lines], right=set(range(1, len(cols))))
+    training = _columns(head, cols, [lines], right=set(range(1, len(cols))))
+    ext = affect["extraction"]
+    head = (f"Affect feature extraction (python -m fastsam.affect extract): the demo's {ext['frames']:,} training "
+            f"frames, JPEG decode + resize + crop in DataLoader workers, its tiny random CLIP tower in {ext['dtype']}, "
+            f"batch {ext['batch']}; frames/s as extract reports them (worker start-up included), median of "
+            f"{len(ext['rows'][0]['runs'])} runs; all = {ext['default_workers']} workers (extract's default)")
+    lines = [(f"{r['workers']}{' (all)' if r['all'] else ''}", f"{r['frames_per_s']:,.0f}", str(len(r["runs"])),
+              f"{r['speedup_vs_1']:.2f}x") for r in ext["rows"]]
+    extraction = _columns(head, ("workers", "frames/s", "runs", "vs 1 worker"), [lines], right={1, 2, 3})
+    return training + "\n\n" + extraction
 
 
 def write_json(result: Dict[str, Any], path: Path) -> Path:
