@@ -16,6 +16,10 @@ NVCC ?= nvcc
 NVCC_FLAGS ?= -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 # `make test` requires these impls to be present, so a broken build fails instead of skipping.
 REQUIRE_IMPLS ?= cpu,triton
+# pytest-xdist processes (auto: one per core; 0: none), each test file on one of them (--dist loadfile: a module's
+# fixtures run once), and one torch thread each: two processes of two OpenMP threads on 2 cores spin against each
+# other and ran the suite slower than one process did.
+TEST_WORKERS ?= auto
 # `make gpu-check` runs with the GPU machine's own python (torch with CUDA preinstalled, no network): not .venv.
 GPU_PYTHON ?= python3
 
@@ -26,7 +30,7 @@ $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "$(TRITON_SPEC)" numpy ninja pillow "pytest>=8" "pytest-benchmark>=4"
+	$(PIP) install -q "$(TRITON_SPEC)" numpy ninja pillow "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3"
 	$(PIP) install -q $(EXTRAS_SPEC)
 	touch $@
 
@@ -47,7 +51,7 @@ cuda-check: $(CUDA_OBJECTS)
 test: install
 	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -j2 cuda-check; \
 	  else echo "nvcc not found: skipping the CUDA compile check"; fi
-	FASTSAM_REQUIRE_IMPLS=$(REQUIRE_IMPLS) $(PY) -m pytest tests -q
+	OMP_NUM_THREADS=1 FASTSAM_REQUIRE_IMPLS=$(REQUIRE_IMPLS) $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PY) -m fastsam.bench $(BENCH_ARGS)
