@@ -224,8 +224,8 @@ def _resident(features, device: torch.device) -> torch.Tensor:
 
 def batch_order(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, list]:
     """One epoch's shuffled batches of ``n`` rows, drawn from ``gen``: their row indices, concatenated (int64
-    ``[n]`` or one fewer, on ``device``: one copy per epoch), and each batch's (start, end) in them. Each batch is sorted (a set of rows, read in order); a last batch
-    of one row is dropped (BatchNorm)."""
+    ``[n]`` or one fewer, on ``device``: one copy per epoch), and each batch's (start, end) in them. Each batch
+    is sorted (a set of rows, read in order); a last batch of one row is dropped (BatchNorm)."""
     batches = [b.sort().values for b in torch.randperm(n, generator=gen).split(batch_size) if len(b) >= 2]
     ends = np.cumsum([len(b) for b in batches]).tolist()
     return torch.cat(batches).to(device), list(zip([0] + ends[:-1], ends))
@@ -411,7 +411,7 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
     features, val_features = _resident(train_bank.features, device), _resident(val_bank.features, device)
     labels = torch.from_numpy(np.asarray(train_bank.labels)).to(features.device)
     val_labels = torch.from_numpy(np.asarray(val_bank.labels)).to(device)
-    if cuda_graph and features.device != device:
+    if cuda_graph and features.device.type != "cuda":  # _resident left it in host memory
         raise ValueError(f"cuda_graph: the training bank ({features.numel() * features.element_size() / 2**30:.1f} "
                          "GiB) takes more than half of the GPU's free memory, and a captured step gathers its rows "
                          "on the GPU; train without --cuda-graph")

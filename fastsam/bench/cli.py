@@ -329,7 +329,8 @@ def run_affect(args: argparse.Namespace, log=sys.stderr) -> Dict[str, Any]:
                                peers=list(PEERS), timing=timing, rows=[])
     del fns, features, labels
     for row in rows:
-        r = dict(impl=row, kind="peer" if row in PEERS else "fastsam", **_stats([t / steps for t in timed[row]["times"]]))
+        per_step = [t / steps for t in timed[row]["times"]]
+        r = dict(impl=row, kind="peer" if row in PEERS else "fastsam", **_stats(per_step))
         r.update(steps_per_s=1e3 / r["median_ms"], epoch_s=out["steps_per_epoch"] * r["median_ms"] / 1e3)
         out["rows"].append(r)
         print(f"affect    {row:10s} {r['median_ms']:10.3f} ms/step  ({r['reps']} calls of {steps} steps)", file=log,
