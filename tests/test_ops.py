@@ -277,3 +277,53 @@ def test_unavailable_impl_names_itself():
     t = [torch.zeros(3)]
     with pytest.raises(RuntimeError, match="impl='cuda'"):
         O.restore_(t, t, impl="cuda")
+
+
+def _tensors(n=2):
+    return [torch.randn(4, 3) for _ in range(n)]
+
+
+# A list one tensor short (or long, for a list that may also be empty), per op: (the list named, the call).
+# Before the shared checks of fastsam/ops/list_checks.py the reference cut such lists short with zip.
+SHORT_LISTS = {
+    "norm_sq_ params": ("params", lambda impl: O.norm_sq_(torch.zeros(1), _tensors(), _tensors(1), [], 0, 0.0,
+                                                          impl=impl)),
+    "norm_sq_ ema": ("ema", lambda impl: O.norm_sq_(torch.zeros(1), _tensors(), _tensors(), [], 0, 0.0,
+                                                    ema=_tensors(3), sigma=0.5, impl=impl)),
+    "norm_sq_ row_scales": ("row_scales", lambda impl: O.norm_sq_(torch.zeros(1), _tensors(), _tensors(),
+                                                                  [torch.ones(4)], 2, 0.0, impl=impl)),
+    "row_norm_ out": ("out", lambda impl: O.row_norm_([torch.zeros(4)], _tensors(), 0.0, impl=impl)),
+    "perturb_ backups": ("backups", lambda impl: O.perturb_(_tensors(), _tensors(), _tensors(1), [], torch.ones(1),
+                                                            0.1, 1e-12, 0, 0.0, False, impl=impl)),
+    "perturb_ ema": ("ema", lambda impl: O.perturb_(_tensors(), _tensors(), _tensors(), [], torch.ones(1), 0.1,
+                                                    1e-12, 0, 0.0, False, ema=_tensors(1), impl=impl)),
+    "reflect_ dirs": ("dirs", lambda impl: O.reflect_(_tensors(), _tensors(), _tensors(1), torch.ones(1), 0.1, 1e-12,
+                                                      impl=impl)),
+    "reflect_ grad_copies": ("grads and grad_copies", lambda impl: O.reflect_(_tensors(), _tensors(), _tensors(),
+                                                                    torch.ones(1), 0.1, 1e-12, grads=_tensors(),
+                                                                    grad_copies=_tensors(1), impl=impl)),
+    "dot_norm_sq_ b": ("b", lambda impl: O.dot_norm_sq_(torch.zeros(2), _tensors(), _tensors(3), impl=impl)),
+    "restore_ backups": ("backups", lambda impl: O.restore_(_tensors(), _tensors(1), impl=impl)),
+    "restore_sgd_ grads": ("grads", lambda impl: O.restore_sgd_(_tensors(), _tensors(1), [], [], 0.1, 0.0, 0.0, 0.0,
+                                                                False, False, False, impl=impl)),
+    "restore_sgd_ momentum_buffers": ("momentum_buffers", lambda impl: O.restore_sgd_(
+        _tensors(), _tensors(), [], _tensors(1), 0.1, 0.0, 0.9, 0.0, False, False, False, impl=impl)),
+    "restore_sgd_ grads_b": ("grads_b", lambda impl: O.restore_sgd_(
+        _tensors(), _tensors(), [], [], 0.1, 0.0, 0.0, 0.0, False, False, False, grads_b=_tensors(1),
+        coef=torch.ones(3), impl=impl)),
+    "restore_adam_ exp_avg_sqs": ("exp_avg_sqs", lambda impl: O.restore_adam_(
+        _tensors(), _tensors(), [], _tensors(), _tensors(1), 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False, 1.0,
+        impl=impl)),
+    "restore_adam_ steps": ("steps", lambda impl: O.restore_adam_(
+        _tensors(), _tensors(), [], _tensors(), _tensors(), 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False, 1.0,
+        steps=[torch.ones(1)], impl=impl)),
+}
+
+
+@pytest.mark.parametrize("device,impl", [p for p in impl_params() if p.values in {("cpu", "torch"), ("cpu", "triton")}])
+@pytest.mark.parametrize("case", sorted(SHORT_LISTS))
+def test_a_list_of_the_wrong_length_is_named(case, device, impl):
+    # The compiled ops check the same rules with their own messages (tests/test_cpu_ext_build.py).
+    name, call = SHORT_LISTS[case]
+    with pytest.raises(ValueError, match=rf"^{name} must (be both empty or both )?hold 2 tensors"):
+        call(impl)

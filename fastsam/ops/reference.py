@@ -51,6 +51,8 @@ from typing import List
 import torch
 from torch import Tensor
 
+from fastsam.ops import list_checks
+
 MODE_IDENTITY = 0
 MODE_ABS = 1
 MODE_ROW = 2
@@ -131,6 +133,7 @@ def norm_sq_(
     acc: fp32, shape ``[1]``, on the device of the tensors. grads/params/ema: matching shapes.
     A non-finite grad makes ``acc`` non-finite (the optimizers' found_inf of the pass at w).
     """
+    list_checks.norm_sq_(grads, params, row_scales, mode, ema)
     total = torch.zeros((), dtype=torch.float32, device=acc.device)
     for j, g in enumerate(grads):
         d = _direction(_grad(g, inv_scale), ema, j, sigma)
@@ -148,6 +151,7 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
 
     out[j]: fp32, shape ``[params[j].shape[0]]``.
     """
+    list_checks.row_norm_(out, params)
     for o, w in zip(out, params):
         o.copy_(upcast(w).reshape(w.shape[0], -1).norm(dim=1) + eta)
 
@@ -184,6 +188,7 @@ def perturb_(
     ema: empty, or tensors like ``params``.
     inv_scale, found_inf: see the module docstring (skipped: backups written, ``w`` and ``ema`` kept).
     """
+    list_checks.perturb_(params, grads, backups, row_scales, mode, ema)
     scale = rho / (norm_sq[0].sqrt() + eps)  # 0-dim, so that 0-dim parameters keep their shape
     skip = _skip(found_inf)
     for j, (w, g, b) in enumerate(zip(params, grads, backups)):
@@ -226,6 +231,7 @@ def reflect_(
     grads, grad_copies: both empty, or tensors like ``params``.
     inv_scale, found_inf: see the module docstring (skipped: ``w <- backup``; the copies are still made).
     """
+    list_checks.reflect_(params, backups, dirs, grads, grad_copies)
     scale = rho / (norm_sq[0].sqrt() + eps)
     skip = _skip(found_inf)
     for j, (w, b, d) in enumerate(zip(params, backups, dirs)):
@@ -237,6 +243,7 @@ def reflect_(
 @torch.no_grad()
 def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
     """``acc[0] += sum_j <a_j, b_j>`` and ``acc[1] += sum_j ||b_j||^2`` (acc: fp32, shape ``[2]``)."""
+    list_checks.dot_norm_sq_(a, b)
     dot = torch.zeros((), dtype=torch.float32, device=acc.device)
     sq = torch.zeros((), dtype=torch.float32, device=acc.device)
     for x, y in zip(a, b):
@@ -250,6 +257,7 @@ def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
 @torch.no_grad()
 def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
     """``params[j] <- backups[j]``, bit-exactly."""
+    list_checks.restore_(params, backups)
     for w, b in zip(params, backups):
         w.copy_(b)
 
@@ -280,6 +288,7 @@ def restore_sgd_(
     no restore. ``coef`` given: the grad is ``coef[0] g + coef[1] g_b + coef[2] g_c``.
     inv_scale, found_inf: see the module docstring (skipped: only the restore).
     """
+    list_checks.restore_sgd_(params, grads, backups, momentum_buffers, momentum, grads_b, grads_c, coef)
     skip = _skip(found_inf)
     for j, w in enumerate(params):
         if backups:
@@ -333,6 +342,7 @@ def restore_adam_(
     bias corrections of tensor j come from ``steps[j]``, read on the device (in fp64 math, as the
     float path does on the host). The op does not change ``steps``.
     """
+    list_checks.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, steps or [], grads_b, grads_c, coef)
     skip = _skip(found_inf)
     for j, w in enumerate(params):
         if steps:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastsam.ops import list_checks
 from fastsam.ops._triton_multi_tensor import (BITS, ELEMENTS, INTERPRET, ONE, PARAM_DTYPES, ROWS, block_of, device_fn,
                                               lanes, launch, ld, ptr_of, table)
 
@@ -405,14 +406,6 @@ def _adam_kernel(table, coef, inv_scale, found_inf, lr, lerp_w, beta2, one_m_bet
 
 # ------------------------------------------------------------------------------------------ checks
 
-def _count(n: int, optional: bool = False, **lists) -> None:
-    """Each list holds one tensor per parameter (or, ``optional``, none: a feature the call does not use)."""
-    for name, lst in lists.items():
-        if len(lst) != n and (lst or not optional):
-            either = " or none" if optional else ""
-            raise ValueError(f"{name} must hold {n} tensors (one per parameter){either}, got {len(lst)}")
-
-
 def _param_dtype(name: str, lst: List[Tensor]) -> torch.dtype:
     dt = lst[0].dtype
     if dt not in PARAM_DTYPES:
@@ -427,13 +420,6 @@ def _scalar(name: str, t: Tensor, like: Tensor, n: int = 1) -> None:
     if t.numel() < n or t.device != like.device or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous tensor of shape [{n}] on {like.device}, "
                          f"got shape {tuple(t.shape)}, strides {t.stride()} on {t.device}")
-
-
-def _mode(mode: int, n: int, row_scales: List[Tensor]) -> None:
-    if mode not in (0, 1, 2):
-        raise ValueError(f"mode must be 0 (identity), 1 (abs) or 2 (row), got {mode}")
-    if mode == 2:
-        _count(n, row_scales=row_scales)
 
 
 def _reduce(kernel, tab, acc: Tensor, k: int, *args, **constexprs) -> None:
@@ -465,7 +451,6 @@ def _update_lists(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     if coef is None:
         grads_b = grads_c = []  # not read
     else:
-        _count(len(params), optional=True, grads_b=grads_b, grads_c=grads_c)
         _scalar("coef", coef, params[0], 3)
     # Nothing to restore: w is read where it is written, with no kernel variant of its own.
     specs = (("params", params, dt, ELEMENTS), ("grads", grads, dt, ELEMENTS),
@@ -485,11 +470,7 @@ def _uses_ema(ema: List[Tensor], sigma: float) -> bool:
 @torch.no_grad()
 def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales: List[Tensor],
              mode: int, eta: float, ema: List[Tensor], sigma: float, inv_scale: Optional[Tensor]) -> None:
-    n = len(grads)
-    _count(n, params=params)
-    _count(n, optional=True, ema=ema)
-    _mode(mode, n, row_scales)
-    if n == 0:
+    if list_checks.norm_sq_(grads, params, row_scales, mode, ema) == 0:
         return
     dt = _param_dtype("grads", grads)
     _scalar("acc", acc, grads[0])
@@ -503,9 +484,7 @@ def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales:
 
 @torch.no_grad()
 def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
-    n = len(params)
-    _count(n, out=out)
-    if n == 0:
+    if list_checks.row_norm_(out, params) == 0:
         return
     dt = _param_dtype("params", params)
     tab = table((("params", params, dt, ELEMENTS), ("out", out, _F32, ROWS)), rows=True)
@@ -516,11 +495,7 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
 def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], row_scales: List[Tensor],
              norm_sq: Tensor, rho: float, eps: float, mode: int, eta: float, sign: bool, ema: List[Tensor],
              sigma: float, lmbda: float, inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    n = len(params)
-    _count(n, grads=grads, backups=backups)
-    _count(n, optional=True, ema=ema)
-    _mode(mode, n, row_scales)
-    if n == 0:
+    if list_checks.perturb_(params, grads, backups, row_scales, mode, ema) == 0:
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
@@ -537,13 +512,7 @@ def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], r
 def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], norm_sq: Tensor, rho: float,
              eps: float, grads: List[Tensor], grad_copies: List[Tensor], inv_scale: Optional[Tensor],
              found_inf: Optional[Tensor]) -> None:
-    n = len(params)
-    _count(n, backups=backups, dirs=dirs)
-    if len(grads) != len(grad_copies):
-        raise ValueError(f"grads and grad_copies must be both empty or both hold {n} tensors, "
-                         f"got {len(grads)} and {len(grad_copies)}")
-    _count(n, optional=True, grads=grads, grad_copies=grad_copies)
-    if n == 0:
+    if list_checks.reflect_(params, backups, dirs, grads, grad_copies) == 0:
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
@@ -557,9 +526,7 @@ def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], no
 
 @torch.no_grad()
 def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
-    n = len(a)
-    _count(n, b=b)
-    if n == 0:
+    if list_checks.dot_norm_sq_(a, b) == 0:
         return
     dt = _param_dtype("a", a)
     _scalar("acc", acc, a[0], 2)
@@ -569,9 +536,7 @@ def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
 
 @torch.no_grad()
 def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
-    n = len(params)
-    _count(n, backups=backups)
-    if n == 0:
+    if list_checks.restore_(params, backups) == 0:
         return
     dt = _param_dtype("params", params)
     tab = table((("params", params, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS)))
@@ -583,10 +548,7 @@ def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
                  lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
                  maximize: bool, init_momentum: bool, grads_b: List[Tensor], grads_c: List[Tensor],
                  coef: Optional[Tensor], inv_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    n = len(params)
-    _count(n, grads=grads, **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
-    _count(n, optional=True, backups=backups)
-    if n == 0:
+    if list_checks.restore_sgd_(params, grads, backups, momentum_buffers, momentum, grads_b, grads_c, coef) == 0:
         return
     dt, specs, switches = _update_lists(params, grads, backups, grads_b, grads_c, coef, inv_scale, found_inf)
     tab = table(specs + (("momentum_buffers", momentum_buffers if momentum != 0 else None, dt, ELEMENTS),))
@@ -601,10 +563,7 @@ def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
                   eps: float, decoupled: bool, maximize: bool, step: float, grads_b: List[Tensor],
                   grads_c: List[Tensor], coef: Optional[Tensor], inv_scale: Optional[Tensor],
                   found_inf: Optional[Tensor], steps: List[Tensor]) -> None:
-    n = len(params)
-    _count(n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    _count(n, optional=True, backups=backups, steps=steps)
-    if n == 0:
+    if list_checks.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, steps, grads_b, grads_c, coef) == 0:
         return
     dt, specs, switches = _update_lists(params, grads, backups, grads_b, grads_c, coef, inv_scale, found_inf)
     tab = table(specs + (("exp_avgs", exp_avgs, dt, ELEMENTS), ("exp_avg_sqs", exp_avg_sqs, dt, ELEMENTS),
