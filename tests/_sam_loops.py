@@ -1,4 +1,4 @@
-"""Small models, data and straightforward per-parameter loops of the DESIGN.md math: the oracles of the
+"""Small models, data and straightforward per-parameter loops of the math of docs/design.md: the oracles of the
 optimizer tests."""
 import math
 

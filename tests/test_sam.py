@@ -1,4 +1,4 @@
-"""fastsam.SAM and fastsam.ASAM against straightforward loops of the DESIGN.md math."""
+"""fastsam.SAM and fastsam.ASAM against straightforward loops of the math of docs/design.md."""
 import copy
 import math
 

@@ -1,4 +1,4 @@
-"""FriendlySAM, CRSAM, LastSAM and per-group perturbation against straightforward loops of the DESIGN.md math."""
+"""FriendlySAM, CRSAM, LastSAM and per-group perturbation against straightforward loops of docs/design.md's math."""
 import copy
 
 import pytest

@@ -16,7 +16,7 @@ def _check_positive_int(name: str, value) -> int:
 class AffectMLP(nn.Module):
     """``blocks`` x (Linear -> BatchNorm1d -> ReLU -> Dropout), then a Linear to ``outputs`` logits.
 
-    The authors' head (DESIGN.md section 3): 3 blocks of width 768, dropout 0.6. Every Linear weight gets
+    The authors' head (docs/design.md section 4): 3 blocks of width 768, dropout 0.6. Every Linear weight gets
     Kaiming-uniform init (fan_in, relu); biases and BatchNorm keep torch's defaults.
 
     Args:

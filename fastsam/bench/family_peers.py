@@ -7,7 +7,7 @@ Same two styles as :mod:`fastsam.bench.peers`, whose classes these extend:
   and the base optimizer's own step (SGD with ``foreach=False``).
 * ``Foreach*``: the same math with ``torch._foreach_*`` ops and buffers made once, over SGD(foreach=True).
 
-The math is that of fastsam's optimizers (DESIGN.md section 2); tests/test_bench_peers.py checks that the peers
+The math is that of fastsam's optimizers (docs/design.md section 2); tests/test_bench_peers.py checks that the peers
 and every available fastsam impl end a few steps at the same parameters. Unlike the authors' Friendly SAM code,
 the peers never write into ``.grad`` before the base step: the benchmark gives each pass the same grad tensors.
 """

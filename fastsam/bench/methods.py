@@ -11,9 +11,9 @@ move are those of a real step, and their time does not depend on the values: no 
 stay exact zeros or far above the denormal range), no op skips work on zeros.
 
 Bandwidth limit: the least memory traffic of a fully fused step, in words per parameter (fp32: 4 bytes each),
-counted as DESIGN.md section 4 counts SAM's 10 (m: SGD's momentum buffer). The restore is exact, from a
-backup (DESIGN.md), and a grad kept for a later pass must be copied: ``.grad`` belongs to the training loop
-(the next backward may accumulate into it).
+counted as docs/design.md section 3 counts SAM's 10 (m: SGD's momentum buffer). The restore is exact, from a
+backup (docs/design.md section 1), and a grad kept for a later pass must be copied: ``.grad`` belongs to the
+training loop (the next backward may accumulate into it).
 
 * ``sam`` (10): norm: read g (1) | perturb: read g, w; write w, backup (4) | restore + update: read backup,
   g, m; write w, m (5).
