@@ -82,10 +82,11 @@ class GraphedStep:
         return loss
 
     def _capture(self, idx: torch.Tensor) -> None:
-        """Records ``step`` on a static copy of ``idx`` (nothing runs: the caller replays it for this batch).
+        """Records ``step`` reading a static index buffer like ``idx`` (nothing runs: the caller fills the buffer
+        and replays the graph for this batch).
         A host read inside ``step`` fails the capture loudly instead of baking a value in."""
         self.graph = self._loss = None  # the old graph's memory pool goes before the new one is made
-        self._idx = idx.clone()
+        self._idx = torch.empty_like(idx)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._loss = self.step(self._idx)

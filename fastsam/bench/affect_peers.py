@@ -94,15 +94,18 @@ class BankSteps:
         self.step, self.features, self.labels, self.batch, self.steps = step, features, labels, batch, steps
         self.gen = torch.Generator().manual_seed(seed)
         self.total = torch.zeros((), dtype=torch.float64, device=features.device)
-        self.order, spans = batch_order(len(features), batch, self.gen, features.device)
-        self.steps_per_epoch = len(spans)
+        self.steps_per_epoch = self._new_epoch()
+
+    def _new_epoch(self) -> int:
+        """Draws the next epoch's order; returns its number of batches."""
+        self.order, spans = batch_order(len(self.features), self.batch, self.gen, self.features.device)
         self._spans = iter(spans)
+        return len(spans)
 
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         span = next(self._spans, None)
-        if span is None:  # the epoch is over: the next one's order
-            self.order, spans = batch_order(len(self.features), self.batch, self.gen, self.features.device)
-            self._spans = iter(spans)
+        if span is None:  # the epoch is over
+            self._new_epoch()
             span = next(self._spans)
         idx = self.order[span[0]:span[1]]
         return self.features.index_select(0, idx).float(), self.labels.index_select(0, idx)

@@ -123,8 +123,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="few reps, and skip vit_b16 and gpt2_medium unless --shapes names them")
     p.add_argument("--reps", type=_positive,
                    help="paired rounds per shape set and method (CVaR: calls per row; affect: paired rounds of 20-step "
-                        "calls) (default: fit a "
-                        "time budget)")
+                        "calls) (default: fit a time budget)")
     p.add_argument("--threads", type=_positive,
                    help="CPU threads for torch (default: torch's choice); 1 resists other processes on the cores")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/<host>-<device>.json)")

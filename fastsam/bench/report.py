@@ -152,8 +152,8 @@ def format_affect_table(result: Dict[str, Any]) -> str:
     peers = affect["peers"]
     head = (f"Affect MLP training: steps of batch {affect['batch']} from a synthetic bank of {affect['bank_rows']:,} x "
             f"{affect['dim']} {affect['bank_dtype']} rows held on {affect['bank_device']} "
-            f"({affect['steps_per_epoch']:,} steps an epoch), {affect['classes']} classes, 2 forward/backward passes, CVaR alpha "
-            f"{affect['alpha']:g}, SAM rho {affect['rho']:g} + Adam, fp32; device {result['device']} "
+            f"({affect['steps_per_epoch']:,} steps an epoch), {affect['classes']} classes, 2 forward/backward passes, "
+            f"CVaR alpha {affect['alpha']:g}, SAM rho {affect['rho']:g} + Adam, fp32; device {result['device']} "
             f"({result['device_name']}, threads={result['threads']}), {_load(result)}\n"
             "loop: per-parameter SAM (davda54) + the authors' CVaR (Brent lambda search, a .item() per evaluation); "
             f"foreach: torch._foreach SAM + torch.topk CVaR; timed in calls of {affect['steps_per_call']} steps, "
