@@ -12,18 +12,23 @@ IMPLS = ("cuda", "triton", "cpu", "torch")
 
 @functools.lru_cache(maxsize=None)
 def extension_error() -> str | None:
-    """None if fastsam._C loaded (and registered torch.ops.fastsam.*), else why it did not."""
+    """None if fastsam._C loaded (and registered its CPU kernels of the ops), else why it did not."""
+    from fastsam.ops import op_table
+
+    op_table.define()  # the schemas first: the extension registers kernels for them
     try:
-        from fastsam import _C  # noqa: F401  (importing registers the ops)
+        from fastsam import _C  # noqa: F401  (importing registers the kernels)
     except ImportError as exc:  # not built: the package still works on the other impls
         return str(exc)
-    from fastsam.ops import _fake
-
-    missing = [name for name in _fake.OPS if not hasattr(torch.ops.fastsam, name)]
+    missing = [name for name in op_table.NAMES if not has_kernel(name, "CPU")]
     if missing:  # a build of older sources (an editable install that was not rebuilt)
         return f"fastsam._C is out of date: it lacks {', '.join(missing)}; rebuild it (make install)"
-    _fake.register()
     return None
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel of op ``name`` for ``dispatch_key`` ("CPU", "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsam::{name}", dispatch_key)
 
 
 def has_extension() -> bool:
@@ -36,7 +41,7 @@ def has_cuda_kernels() -> bool:
     return (
         has_extension()
         and torch.cuda.is_available()
-        and torch._C._dispatch_has_kernel_for_dispatch_key("fastsam::perturb_", "CUDA")
+        and has_kernel("perturb_", "CUDA")
     )
 
 

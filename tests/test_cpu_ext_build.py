@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fastsam import _extension
-from fastsam.ops import _fake
+from fastsam.ops import op_table
 from fastsam.ops import reference as R
 
 pytestmark = pytest.mark.skipif(not _extension.impl_works_on("cpu", "cpu"), reason="fastsam._C is not built")
-OPS = _fake.OPS
+OPS = op_table.NAMES
 
 
 def F():
@@ -104,7 +104,6 @@ def test_reductions_do_not_depend_on_thread_count():
 def test_baseline_isa_loops_match_reference():
     code = """
 import torch, fastsam.ops as O
-from fastsam.ops import _fake
 from fastsam.ops import reference as R
 g = torch.Generator().manual_seed(0)
 for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -127,7 +126,7 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
 def test_cvar_isa_copies_match_reference(isa):
     # The CVaR ops run an AVX-512 copy of their loops where the CPU has it; this runs the others.
     code = """
-import torch, fastsam.ops.cvar as O
+import torch, fastsam.ops as O
 from fastsam.ops import cvar_reference as R
 g = torch.Generator().manual_seed(0)
 for C in (3, 8, 13):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsam import _extension
-from fastsam.ops import cvar as C
+import fastsam.ops as C
 from fastsam.ops import cvar_reference as R
 
 from _impls import assert_close, impl_params

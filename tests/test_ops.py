@@ -197,8 +197,15 @@ COMBINATIONS = {
 def combination(shapes, dtype, device, name):
     c = COMBINATIONS[name]
     extra = [make(shapes, dtype, device, 30 + i) for i in range(c["terms"])] + [[], []]
-    coef = None if c["coef"] is None else torch.tensor(c["coef"], device=device)
-    return dict(grads_b=extra[0], grads_c=extra[1], coef=coef), c["restore"]
+    grad = None if c["coef"] is None else O.GradArgs(torch.tensor(c["coef"], device=device), extra[0], extra[1])
+    return grad, c["restore"]
+
+
+def reference_terms(grad):
+    """The reference's arguments of a combination (the op entries take it as ``grad``)."""
+    if grad is None:
+        return dict(grads_b=[], grads_c=[], coef=None)
+    return dict(grads_b=grad.grads_b, grads_c=grad.grads_c, coef=grad.coef)
 
 
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
@@ -211,11 +218,11 @@ def test_restore_sgd_combination(device, impl, dtype, case, config, combo):
     kw.setdefault("init_momentum", False)
     shapes = CASES[case]
     params, grads, backups, bufs = (make(shapes, dtype, device, s) for s in (7, 8, 9, 10))
-    more, restore = combination(shapes, dtype, device, combo)
+    grad, restore = combination(shapes, dtype, device, combo)
     backups = backups if restore else []
     ref_params, ref_bufs = clone(params), clone(bufs)
-    O.restore_sgd_(params, grads, backups, bufs, impl=impl, **more, **kw)
-    R.restore_sgd_(ref_params, grads, backups, ref_bufs, **more, **kw)
+    O.restore_sgd_(params, grads, backups, bufs, impl=impl, grad=grad, **kw)
+    R.restore_sgd_(ref_params, grads, backups, ref_bufs, **reference_terms(grad), **kw)
     for a, e in zip(params + bufs, ref_params + ref_bufs):
         assert_close(a, e)
 
@@ -256,11 +263,11 @@ def test_restore_adam_combination(device, impl, dtype, case, config, combo):
     shapes = CASES[case]
     params, grads, backups, exp_avgs = (make(shapes, dtype, device, s) for s in (11, 12, 13, 14))
     exp_avg_sqs = make(shapes, dtype, device, 15, positive=True)
-    more, restore = combination(shapes, dtype, device, combo)
+    grad, restore = combination(shapes, dtype, device, combo)
     backups = backups if restore else []
     refs = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
-    O.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, impl=impl, **more, **kw)
-    R.restore_adam_(refs[0], grads, backups, refs[1], refs[2], **more, **kw)
+    O.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, impl=impl, grad=grad, **kw)
+    R.restore_adam_(refs[0], grads, backups, refs[1], refs[2], **reference_terms(grad), **kw)
     for a, e in zip(params + exp_avgs + exp_avg_sqs, refs[0] + refs[1] + refs[2]):
         assert_close(a, e)
 
@@ -309,8 +316,8 @@ SHORT_LISTS = {
     "restore_sgd_ momentum_buffers": ("momentum_buffers", lambda impl: O.restore_sgd_(
         _tensors(), _tensors(), [], _tensors(1), 0.1, 0.0, 0.9, 0.0, False, False, False, impl=impl)),
     "restore_sgd_ grads_b": ("grads_b", lambda impl: O.restore_sgd_(
-        _tensors(), _tensors(), [], [], 0.1, 0.0, 0.0, 0.0, False, False, False, grads_b=_tensors(1),
-        coef=torch.ones(3), impl=impl)),
+        _tensors(), _tensors(), [], [], 0.1, 0.0, 0.0, 0.0, False, False, False,
+        grad=O.GradArgs(torch.ones(3), _tensors(1)), impl=impl)),
     "restore_adam_ exp_avg_sqs": ("exp_avg_sqs", lambda impl: O.restore_adam_(
         _tensors(), _tensors(), [], _tensors(), _tensors(1), 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False, 1.0,
         impl=impl)),

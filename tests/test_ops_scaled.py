@@ -122,7 +122,7 @@ def test_norm_sq_scaled(device, impl, dtype, case, mode):
     for e, sigma in (([], 0.0), (ema, 0.5)):
         acc, expected = torch.zeros(1, device=device), torch.zeros(1, device=device)
         R.norm_sq_(expected, grads, params, rows, mode, 0.01, e, sigma, _inv(device))
-        O.norm_sq_(acc, grads, params, rows, mode, 0.01, e, sigma, _inv(device), impl=impl)
+        O.norm_sq_(acc, grads, params, rows, mode, 0.01, e, sigma, amp=O.AmpArgs(_inv(device)), impl=impl)
         torch.testing.assert_close(acc, expected, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)
 
 
@@ -146,7 +146,8 @@ def test_perturb_scaled(device, impl, dtype, case, mode, sign, ema_kind, found):
         [clone(params), [torch.empty_like(p) for p in params], clone(ema0)]
     args = (rows, norm_sq, 0.05, 1e-12, mode, 0.01, sign)
     R.perturb_(want[0], grads, want[1], *args, want[2], sigma, lmbda, _inv(device), scalar(found, device))
-    O.perturb_(got[0], grads, got[1], *args, got[2], sigma, lmbda, _inv(device), scalar(found, device), impl=impl)
+    O.perturb_(got[0], grads, got[1], *args, got[2], sigma, lmbda, amp=O.AmpArgs(_inv(device), scalar(found, device)),
+               impl=impl)
     for a, b in zip(sum(got, []), sum(want, [])):
         assert_close(a, b)
         if found:
@@ -165,8 +166,8 @@ def test_reflect_scaled(device, impl, dtype, case, found):
     got, want = [make(shapes, dtype, device, 3), [torch.empty_like(p) for p in backups]], \
         [make(shapes, dtype, device, 3), [torch.empty_like(p) for p in backups]]
     R.reflect_(want[0], backups, dirs, norm_sq, 0.05, 1e-12, grads, want[1], _inv(device), scalar(found, device))
-    O.reflect_(got[0], backups, dirs, norm_sq, 0.05, 1e-12, grads, got[1], _inv(device), scalar(found, device),
-               impl=impl)
+    O.reflect_(got[0], backups, dirs, norm_sq, 0.05, 1e-12, grads, got[1],
+               amp=O.AmpArgs(_inv(device), scalar(found, device)), impl=impl)
     for a, b in zip(sum(got, []), sum(want, [])):
         torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **TOL[dtype])
 
@@ -176,6 +177,11 @@ def _combination(shapes, dtype, device, combo):
         return [], [], None
     gb, gc = make(shapes, dtype, device, 7), make(shapes, dtype, device, 8)
     return gb, gc, torch.tensor([0.7, -0.2, 0.4], device=device)
+
+
+def _group(gb, gc, coef):
+    """The entries' ``grad`` argument of a combination (None without coef)."""
+    return None if coef is None else O.GradArgs(coef, gb, gc)
 
 
 @pytest.mark.parametrize("device,impl", OP_IMPLS)
@@ -193,9 +199,10 @@ def test_restore_sgd_scaled(device, impl, dtype, case, momentum, init, backups, 
     gb, gc, coef = _combination(shapes, dtype, device, combo)
     b = saved if backups else []
     states = [[clone(start), clone(bufs)] for _ in range(2)]
-    for (w, m), fn, kw in zip(states, (R.restore_sgd_, O.restore_sgd_), ({}, {"impl": impl})):
-        fn(w, grads, b, m, 0.1, 0.01, momentum, 0.1, momentum != 0, False, init, gb, gc, coef, _inv(device),
-           scalar(found, device), **kw)
+    hyper = (0.1, 0.01, momentum, 0.1, momentum != 0, False, init)
+    amp = O.AmpArgs(_inv(device), scalar(found, device))
+    R.restore_sgd_(states[0][0], grads, b, states[0][1], *hyper, gb, gc, coef, *amp)
+    O.restore_sgd_(states[1][0], grads, b, states[1][1], *hyper, grad=_group(gb, gc, coef), amp=amp, impl=impl)
     for a, e in zip(sum(states[1], []), sum(states[0], [])):
         assert_close(a, e)
         if found:
@@ -218,9 +225,11 @@ def test_restore_adam_scaled(device, impl, dtype, case, decoupled, combo, found,
     # Device step counts differ per tensor (parameters that joined later); the float step is then ignored.
     steps = [torch.tensor(float(1 + (j * 5) % 9), device=device) for j in range(len(shapes))] if device_steps else None
     states = [[clone(start), clone(m), clone(v)] for _ in range(2)]
-    for (w, m2, v2), fn, kw in zip(states, (R.restore_adam_, O.restore_adam_), ({}, {"impl": impl})):
-        fn(w, grads, saved, m2, v2, 1e-2, 0.9, 0.999, 0.01, 1e-8, decoupled, False, 4.0, gb, gc, coef, _inv(device),
-           scalar(found, device), steps, **kw)
+    hyper = (1e-2, 0.9, 0.999, 0.01, 1e-8, decoupled, False, 4.0)
+    amp = O.AmpArgs(_inv(device), scalar(found, device))
+    R.restore_adam_(states[0][0], grads, saved, *states[0][1:], *hyper, gb, gc, coef, *amp, steps)
+    O.restore_adam_(states[1][0], grads, saved, *states[1][1:], *hyper, steps, grad=_group(gb, gc, coef), amp=amp,
+                    impl=impl)
     for a, e in zip(sum(states[1], []), sum(states[0], [])):
         assert_close(a, e)
         if found:
@@ -236,8 +245,8 @@ def test_loss_scale_arguments_are_checked(device, impl, name):
     bad = {"inv_scale": None, "found_inf": None, name: torch.ones(2, device=device)}
     with pytest.raises((ValueError, RuntimeError), match=name):
         O.restore_sgd_(params, clone(params), clone(params), [], 0.1, 0.0, 0.0, 0.0, False, False, False,
-                       impl=impl, **bad)
+                       amp=O.AmpArgs(**bad), impl=impl)
     bad[name] = torch.ones(1, dtype=torch.float64, device=device)
     with pytest.raises((TypeError, RuntimeError), match=name):
         O.restore_sgd_(params, clone(params), clone(params), [], 0.1, 0.0, 0.0, 0.0, False, False, False,
-                       impl=impl, **bad)
+                       amp=O.AmpArgs(**bad), impl=impl)

@@ -32,7 +32,7 @@ if ROOT not in sys.path:  # run as a script, tools/ is on sys.path, not the repo
 import fastsam  # noqa: E402
 from fastsam import losses  # noqa: E402
 from fastsam import ops as O  # noqa: E402
-from fastsam.ops import cvar as C  # noqa: E402
+import fastsam.ops as C  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16)
 # 70001 > one chunk; 40 tiny tensors > one launch's tensor slots (29 with 7 lists); a 4-d filter bank for the
@@ -63,21 +63,22 @@ def sam_ops(device: str, impl: str, dtype: torch.dtype) -> None:
 
     O.row_norm_(rows, w, 0.01, impl=impl)
     O.norm_sq_(acc, g, w, [], O.MODE_IDENTITY, 0.0, impl=impl)
-    O.norm_sq_(acc, g, w, [], O.MODE_ABS, 0.01, ema=ema, sigma=0.5, inv_scale=inv_scale, impl=impl)
+    O.norm_sq_(acc, g, w, [], O.MODE_ABS, 0.01, ema=ema, sigma=0.5, amp=O.AmpArgs(inv_scale), impl=impl)
     O.norm_sq_(acc, g, w, rows, O.MODE_ROW, 0.01, impl=impl)
     O.perturb_(w, g, b, [], acc, 0.05, 1e-12, O.MODE_IDENTITY, 0.0, False, impl=impl)
-    O.perturb_(w, g, b, rows, acc, 0.05, 1e-12, O.MODE_ROW, 0.01, True, ema=ema, sigma=0.5, lmbda=0.9,
-               inv_scale=inv_scale, found_inf=found_inf, impl=impl)
-    O.reflect_(w, b, ema, acc, 0.1, 1e-12, grads=g, grad_copies=gb, inv_scale=inv_scale, found_inf=found_inf,
+    amp = O.AmpArgs(inv_scale, found_inf)
+    O.perturb_(w, g, b, rows, acc, 0.05, 1e-12, O.MODE_ROW, 0.01, True, ema=ema, sigma=0.5, lmbda=0.9, amp=amp,
+               impl=impl)
+    O.reflect_(w, b, ema, acc, 0.1, 1e-12, grads=g, grad_copies=gb, amp=amp,
                impl=impl)
     O.dot_norm_sq_(acc2, g, gb, impl=impl)
     O.restore_(w, b, impl=impl)
     O.restore_sgd_(w, g, b, m, 0.1, 1e-4, 0.9, 0.0, True, False, True, impl=impl)
-    O.restore_sgd_(w, g, b, m, 0.1, 1e-4, 0.9, 0.1, False, True, False, grads_b=gb, grads_c=gc, coef=coef,
-                   inv_scale=inv_scale, found_inf=found_inf, impl=impl)
+    O.restore_sgd_(w, g, b, m, 0.1, 1e-4, 0.9, 0.1, False, True, False, grad=O.GradArgs(coef, gb, gc), amp=amp,
+                   impl=impl)
     O.restore_adam_(w, g, b, m, v, 1e-3, 0.9, 0.999, 1e-2, 1e-8, True, False, 3.0, impl=impl)
-    O.restore_adam_(w, g, [], m, v, 1e-3, 0.9, 0.999, 1e-2, 1e-8, False, True, 3.0, grads_b=gb, grads_c=gc,
-                    coef=coef, inv_scale=inv_scale, found_inf=found_inf, steps=steps, impl=impl)
+    O.restore_adam_(w, g, [], m, v, 1e-3, 0.9, 0.999, 1e-2, 1e-8, False, True, 3.0, steps=steps,
+                    grad=O.GradArgs(coef, gb, gc), amp=amp, impl=impl)
 
 
 def cvar_ops(device: str, impl: str, dtype: torch.dtype) -> None:

@@ -71,8 +71,9 @@ def kernels(arrays: List[torch.Tensor]) -> Dict[str, Callable[[], object]]:
     def triad():
         torch.add(b, c, alpha=SCALAR, out=a)
 
-    def mix():  # w = a, g = b, backup = c, momentum = d
-        ops.restore_sgd_([a], [b], [c], [d], LR, 0.0, MOMENTUM, 0.0, False, False, False)
+    def mix():
+        ops.restore_sgd_(params=[a], grads=[b], backups=[c], momentum_buffers=[d], lr=LR, weight_decay=0.0,
+                         momentum=MOMENTUM, dampening=0.0, nesterov=False, maximize=False, init_momentum=False)
 
     return dict(read=read, copy=copy, triad=triad, mix=mix)
 

@@ -29,7 +29,6 @@ from torch import Tensor
 
 from fastsam import ops
 from fastsam._checks import _check_number
-from fastsam.ops import cvar as cvar_ops
 
 LossOut = Union[Tensor, Tuple[Tensor, Tensor]]
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -109,7 +108,7 @@ def cvar(losses: Tensor, alpha: float, *, return_lambda: bool = False, impl: str
     alpha = _check_alpha(alpha)
     ops.check_impl(impl)
     flat = _check_float_tensor("losses", losses).reshape(-1).contiguous()
-    value, var = _apply(flat, cvar_ops.cvar_select, alpha, impl=impl)
+    value, var = _apply(flat, ops.cvar_select, alpha, impl=impl)
     return _out(value, var, return_lambda)
 
 
@@ -158,7 +157,7 @@ def cvar_cross_entropy(logits: Tensor, target: Tensor, alpha: float, ignore_inde
             value = int(target[bad][0])
             raise ValueError(f"target holds class {value}, outside [0, {logits.shape[1]}) and not "
                              f"ignore_index={ignore_index}")
-    value, var = _apply(logits.contiguous(), cvar_ops.cvar_cross_entropy, target, alpha, ignore_index, smoothing,
+    value, var = _apply(logits.contiguous(), ops.cvar_cross_entropy, target, alpha, ignore_index, smoothing,
                         impl=impl)
     return _out(value, var, return_lambda)
 
@@ -214,7 +213,7 @@ def cvar_bce_with_logits(logits: Tensor, target: Tensor, alpha: float, reduction
             raise ValueError(f"pos_weight must have shape [{x.shape[1]}] (one weight per label), "
                              f"got {tuple(pos_weight.shape)}")
         pw = pos_weight.to(torch.float32).contiguous()
-    value, var = _apply(x.contiguous(), cvar_ops.cvar_bce_with_logits, target, pw, alpha, per_sample, ignore,
+    value, var = _apply(x.contiguous(), ops.cvar_bce_with_logits, target, pw, alpha, per_sample, ignore,
                         impl=impl)
     return _out(value, var, return_lambda)
 

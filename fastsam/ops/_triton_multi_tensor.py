@@ -52,6 +52,13 @@ PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.fl
 BITS = {torch.float32: tl.int32, torch.bfloat16: tl.int16, torch.float16: tl.int16}
 # What a list holds per tensor of the first list (see the module docstring).
 ELEMENTS, ROWS, ONE = "elements", "rows", "one"
+# The words of a table row (see the module docstring): a block row's, then the same words of a packed block's head.
+ROW_START = tl.constexpr(0)  # first element (or dim-0 row) of the block
+ROW_NUMEL = tl.constexpr(1)  # the tensor's elements (rows); -S in a packed head
+ROW_INNER = tl.constexpr(2)  # elements per dim-0 row
+ROW_PTRS = tl.constexpr(3)  # data_ptr in list 0, ..., list L-1: row word ROW_PTRS + k is list k's
+PACKED_ELEMENTS = ROW_INNER  # a packed head: the elements of its S tensors in all
+PACKED_RECORDS = ROW_PTRS  # a packed head: the table row index of its first record
 
 
 def device_fn(fn):
@@ -123,7 +130,7 @@ def _build(specs, rows: bool) -> Table:
                 raise ValueError(f"{name}[{i}] must have {want}, got shape {tuple(t.shape)}")
         ptrs.append([t.data_ptr() for t in lst])
     tab = Table()
-    tab.device, tab.width, tab.scratch, tab.cols = device, 3 + len(ptrs), None, 1
+    tab.device, tab.width, tab.scratch, tab.cols = device, ROW_PTRS.value + len(ptrs), None, 1
     # Every pointer is a multiple of this many bytes (at most 16): the kernels hint it for vector access. A
     # ONE tensor is a scalar load, and may be a view into a bigger tensor: it would only lower the hint.
     tab.align = reduce(math.gcd, (p for col, v in zip(ptrs, vector) if v for p in col), 16)
@@ -155,7 +162,8 @@ def _build(specs, rows: bool) -> Table:
         heads, recs = [], []
         for g in groups:
             offsets = list(accumulate((sizes[j] for j in g), initial=0))
-            heads.append([0, -len(g), offsets[-1], tab.nb + len(recs)] + [0] * (tab.width - 4))
+            head = [0, -len(g), offsets[-1], tab.nb + len(recs)]  # ROW_START .. PACKED_RECORDS
+            heads.append(head + [0] * (tab.width - len(head)))
             recs += [[o] + per_tensor[j].tolist() for o, j in zip(offsets, g)]
         parts += [torch.tensor(heads, dtype=torch.int64), torch.tensor(recs, dtype=torch.int64)]
     tab.pack_log = max((len(g) - 1).bit_length() for g in groups) if groups else 0
@@ -188,7 +196,7 @@ def launch(kernel, tab: Table, *args, grid=None, **constexprs) -> None:
 def block_of(table, W: tl.constexpr, BLOCK: tl.constexpr):
     """(table row, first element or row, numel) of this program's block; numel < 0 for a packed block."""
     row = table + tl.program_id(0) * W
-    return row, tl.multiple_of(tl.load(row), BLOCK), tl.load(row + 1)
+    return row, tl.multiple_of(tl.load(row + ROW_START), BLOCK), tl.load(row + ROW_NUMEL)
 
 
 @device_fn
@@ -203,7 +211,7 @@ def lanes(table, row, start, numel, W: tl.constexpr, BLOCK: tl.constexpr, PACK_L
     if PACK_LOG > 0:
         rows = tl.broadcast_to(row, (BLOCK,))
         if numel < 0:
-            recs = table + tl.load(row + 3) * W
+            recs = table + tl.load(row + PACKED_RECORDS) * W
             lo = tl.zeros((BLOCK,), tl.int32)
             hi = lo - numel.to(tl.int32)
             for _ in tl.static_range(PACK_LOG):
@@ -212,8 +220,8 @@ def lanes(table, row, start, numel, W: tl.constexpr, BLOCK: tl.constexpr, PACK_L
                 lo = tl.where(go, mid, lo)
                 hi = tl.where(go, hi, mid)
             rows = recs + lo * W
-            offs = i - tl.load(rows)
-            mask = i < tl.load(row + 2)
+            offs = i - tl.load(rows)  # a record's first word: its tensor's offset in the packed block
+            mask = i < tl.load(row + PACKED_ELEMENTS)
     return rows, offs, mask
 
 
@@ -222,7 +230,7 @@ def ptr_of(row, k: tl.constexpr, DT: tl.constexpr, ALIGN: tl.constexpr):
     """Data pointer(s), typed ``DT``, in list ``k`` of the tensor(s) of ``row`` (a row or a row per lane).
     Every data pointer is a multiple of ALIGN bytes, checked on the host (the table's align; for a ONE list,
     which the table's align does not cover, the size of DT)."""
-    return tl.multiple_of(tl.load(row + (3 + k)).to(tl.pointer_type(DT)), ALIGN)
+    return tl.multiple_of(tl.load(row + (ROW_PTRS + k)).to(tl.pointer_type(DT)), ALIGN)
 
 
 @device_fn

@@ -16,10 +16,32 @@ import triton.language as tl
 from torch import Tensor
 
 from fastsam.ops import list_checks
-from fastsam.ops._triton_multi_tensor import (BITS, ELEMENTS, INTERPRET, ONE, PARAM_DTYPES, ROWS, block_of, device_fn,
-                                              lanes, launch, ld, ptr_of, table)
+from fastsam.ops._triton_multi_tensor import (BITS, ELEMENTS, INTERPRET, ONE, PARAM_DTYPES, ROW_INNER, ROWS, block_of,
+                                              device_fn, lanes, launch, ld, ptr_of, table)
 
 _F32 = torch.float32
+
+# ------------------------------------------------------------------------------------ list columns
+# Each op's lists, by their column in its table (``ptr_of(row, column, ...)``). The host code hands the
+# table its specs through _columns, which checks that they come in this order.
+NORM_SQ_GRADS, NORM_SQ_PARAMS, NORM_SQ_ROW_SCALES, NORM_SQ_EMA = map(tl.constexpr, range(4))
+ROW_NORM_PARAMS, ROW_NORM_OUT = map(tl.constexpr, range(2))
+PERTURB_PARAMS, PERTURB_GRADS, PERTURB_BACKUPS, PERTURB_ROW_SCALES, PERTURB_EMA = map(tl.constexpr, range(5))
+REFLECT_PARAMS, REFLECT_BACKUPS, REFLECT_DIRS, REFLECT_GRADS, REFLECT_GRAD_COPIES = map(tl.constexpr, range(5))
+DOT_A, DOT_B = map(tl.constexpr, range(2))
+RESTORE_PARAMS, RESTORE_BACKUPS = map(tl.constexpr, range(2))
+# The fused updates: the lists every one reads, then the base optimizer's state.
+UPDATE_PARAMS, UPDATE_GRADS, UPDATE_BACKUPS, UPDATE_GRADS_B, UPDATE_GRADS_C = map(tl.constexpr, range(5))
+SGD_MOMENTUM_BUFFERS = tl.constexpr(5)
+ADAM_EXP_AVGS, ADAM_EXP_AVG_SQS, ADAM_STEPS = map(tl.constexpr, range(5, 8))
+# coef's entries: the weights of g, g_b and g_c
+COEF_G, COEF_B, COEF_C = map(tl.constexpr, range(3))
+
+
+def _columns(*specs):
+    """The table specs ``(column, name, list, dtype, kind)``, checked to come in column order, without columns."""
+    assert [c.value for c, *_ in specs] == list(range(len(specs))), [c.value for c, *_ in specs]
+    return tuple(spec for _, *spec in specs)
 
 
 def _sum_block(n: int) -> int:
@@ -39,7 +61,7 @@ def _t_operator(row, start, offs, mask, w, eta, K_ROW: tl.constexpr, MODE: tl.co
     if MODE == 1:
         t = tl.abs(w) + eta
     elif MODE == 2:
-        inner = tl.load(row + 2)
+        inner = tl.load(row + ROW_INNER)
         if mask is None:
             r0 = start // inner
             rem = start - r0 * inner
@@ -103,13 +125,13 @@ def _or_start(go, new, start, MAY_SKIP: tl.constexpr):
 @device_fn
 def _norm_sq_block(row, start, offs, mask, eta, sigma, inv_scale, DT: tl.constexpr, MODE: tl.constexpr,
                    DIR: tl.constexpr, UNSCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    d = _unscaled(ld(ptr_of(row, 0, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
+    d = _unscaled(ld(ptr_of(row, NORM_SQ_GRADS, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
     if DIR:
-        d = d - sigma * ld(ptr_of(row, 3, DT, ALIGN), offs, mask)
+        d = d - sigma * ld(ptr_of(row, NORM_SQ_EMA, DT, ALIGN), offs, mask)
     w = d
     if MODE == 1:
-        w = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
-    x = _t_operator(row, start, offs, mask, w, eta, 2, MODE, BLOCK, ALIGN) * d
+        w = ld(ptr_of(row, NORM_SQ_PARAMS, DT, ALIGN), offs, mask)
+    x = _t_operator(row, start, offs, mask, w, eta, NORM_SQ_ROW_SCALES, MODE, BLOCK, ALIGN) * d
     return tl.sum(x * x)  # masked lanes read d = 0
 
 
@@ -129,8 +151,8 @@ def _norm_sq_kernel(table, partials, eta, sigma, inv_scale, BLOCK: tl.constexpr,
 
 @device_fn
 def _dot_norm_sq_block(row, offs, mask, DT: tl.constexpr, ALIGN: tl.constexpr):
-    a = ld(ptr_of(row, 0, DT, ALIGN), offs, mask)
-    b = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
+    a = ld(ptr_of(row, DOT_A, DT, ALIGN), offs, mask)
+    b = ld(ptr_of(row, DOT_B, DT, ALIGN), offs, mask)
     return tl.sum(a * b), tl.sum(b * b)  # masked lanes read 0
 
 
@@ -166,14 +188,14 @@ def _row_norm_kernel(table, eta, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl
     # Row table: BLOCK rows per program, swept COLS columns at a time, so every row sum stays in one program.
     row, r0, nrows = block_of(table, W, BLOCK)
     rows, r, rmask = lanes(table, row, r0, nrows, W, BLOCK, PACK_LOG)
-    inner = tl.broadcast_to(tl.load(rows + 2), (BLOCK,))
-    lines = ptr_of(rows, 0, DT, ALIGN) + r * inner
+    inner = tl.broadcast_to(tl.load(rows + ROW_INNER), (BLOCK,))
+    lines = ptr_of(rows, ROW_NORM_PARAMS, DT, ALIGN) + r * inner
     acc = tl.zeros([BLOCK, COLS], tl.float32)
     for c in range(0, tl.max(inner, 0), COLS):
         cols = c + tl.arange(0, COLS)
         x = tl.load(lines[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < inner[:, None]), other=0)
         acc += x.to(tl.float32) * x.to(tl.float32)
-    tl.store(ptr_of(rows, 1, tl.float32, ALIGN) + r, tl.sqrt_rn(tl.sum(acc, axis=1)) + eta, mask=rmask)
+    tl.store(ptr_of(rows, ROW_NORM_OUT, tl.float32, ALIGN) + r, tl.sqrt_rn(tl.sum(acc, axis=1)) + eta, mask=rmask)
 
 
 @device_fn
@@ -187,16 +209,17 @@ def _perturb_block(row, start, offs, mask, norm_sq, inv_scale, found_inf, rho, e
                    DT: tl.constexpr, MODE: tl.constexpr, SIGN: tl.constexpr, DIR: tl.constexpr, EMA: tl.constexpr,
                    BLEND: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr, BLOCK: tl.constexpr,
                    ALIGN: tl.constexpr):
-    wp = ptr_of(row, 0, DT, ALIGN) + offs
+    wp = ptr_of(row, PERTURB_PARAMS, DT, ALIGN) + offs
     w_raw = tl.load(wp, mask=mask)
-    tl.store(ptr_of(row, 2, DT, ALIGN) + offs, w_raw, mask=mask)  # skipped steps too: the caller restores from it
+    # skipped steps too: the caller restores from it
+    tl.store(ptr_of(row, PERTURB_BACKUPS, DT, ALIGN) + offs, w_raw, mask=mask)
     w = w_raw.to(tl.float32)
-    g_raw = tl.load(ptr_of(row, 1, DT, ALIGN) + offs, mask=mask)
+    g_raw = tl.load(ptr_of(row, PERTURB_GRADS, DT, ALIGN) + offs, mask=mask)
     g = _unscaled(g_raw.to(tl.float32), inv_scale, UNSCALE)
     d = g
     go = _taken(found_inf, offs, MAY_SKIP)
     if EMA:
-        mp = ptr_of(row, 4, DT, ALIGN) + offs
+        mp = ptr_of(row, PERTURB_EMA, DT, ALIGN) + offs
         if DIR or BLEND:
             m = tl.load(mp, mask=mask).to(tl.float32)
         if DIR:
@@ -208,7 +231,7 @@ def _perturb_block(row, start, offs, mask, norm_sq, inv_scale, found_inf, rho, e
         else:
             # lmbda = 0: the grad's own bits, not a round trip through fp32
             _commit(mp, g_raw, mask, go, MAY_SKIP)
-    t = _t_operator(row, start, offs, mask, w, eta, 3, MODE, BLOCK, ALIGN)
+    t = _t_operator(row, start, offs, mask, w, eta, PERTURB_ROW_SCALES, MODE, BLOCK, ALIGN)
     if SIGN:
         # sign(0) = 0 and NaN stays NaN, as torch.sign
         e = rho * t * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
@@ -241,16 +264,16 @@ def _copy(row, offs, mask, K_DST: tl.constexpr, K_SRC: tl.constexpr, DT: tl.cons
 @device_fn
 def _reflect_block(row, offs, mask, norm_sq, inv_scale, found_inf, rho, eps, DT: tl.constexpr, ALIGN: tl.constexpr,
                    COPY: tl.constexpr, UNSCALE: tl.constexpr, MAY_SKIP: tl.constexpr):
-    b = ld(ptr_of(row, 1, DT, ALIGN), offs, mask)
-    d = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
+    b = ld(ptr_of(row, REFLECT_BACKUPS, DT, ALIGN), offs, mask)
+    d = ld(ptr_of(row, REFLECT_DIRS, DT, ALIGN), offs, mask)
     w = _or_start(_taken(found_inf, offs, MAY_SKIP), b - _sam_scale(norm_sq, rho, eps) * d, b, MAY_SKIP)
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, w.to(DT), mask=mask)
+    tl.store(ptr_of(row, REFLECT_PARAMS, DT, ALIGN) + offs, w.to(DT), mask=mask)
     if COPY:
         if UNSCALE:
-            g = _unscaled(ld(ptr_of(row, 3, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
-            tl.store(ptr_of(row, 4, DT, ALIGN) + offs, g.to(DT), mask=mask)
+            g = _unscaled(ld(ptr_of(row, REFLECT_GRADS, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
+            tl.store(ptr_of(row, REFLECT_GRAD_COPIES, DT, ALIGN) + offs, g.to(DT), mask=mask)
         else:
-            _copy(row, offs, mask, 4, 3, DT, ALIGN)
+            _copy(row, offs, mask, REFLECT_GRAD_COPIES, REFLECT_GRADS, DT, ALIGN)
 
 
 @triton.jit
@@ -272,10 +295,10 @@ def _restore_kernel(table, BLOCK: tl.constexpr, ALIGN: tl.constexpr, W: tl.const
                     DT: tl.constexpr):
     row, start, numel = block_of(table, W, BLOCK)
     if start + BLOCK <= numel:
-        _copy(row, start + tl.arange(0, BLOCK), None, 0, 1, DT, ALIGN)
+        _copy(row, start + tl.arange(0, BLOCK), None, RESTORE_PARAMS, RESTORE_BACKUPS, DT, ALIGN)
     else:
         rows, offs, mask = lanes(table, row, start, numel, W, BLOCK, PACK_LOG)
-        _copy(rows, offs, mask, 0, 1, DT, ALIGN)
+        _copy(rows, offs, mask, RESTORE_PARAMS, RESTORE_BACKUPS, DT, ALIGN)
 
 
 # The fused updates share their first five lists: params, grads, backups (params themselves when there is
@@ -287,14 +310,14 @@ def _update_inputs(row, offs, mask, coef, inv_scale, DT: tl.constexpr, ALIGN: tl
                    COEF: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr, UNSCALE: tl.constexpr):
     """(w the update starts from, its fp32 grad: ``g`` or ``coef[0] g + coef[1] g_b + coef[2] g_c``, ``g``
     unscaled; g_b and g_c were stored unscaled)."""
-    w = ld(ptr_of(row, 2, DT, ALIGN), offs, mask)
-    g = _unscaled(ld(ptr_of(row, 1, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
+    w = ld(ptr_of(row, UPDATE_BACKUPS, DT, ALIGN), offs, mask)
+    g = _unscaled(ld(ptr_of(row, UPDATE_GRADS, DT, ALIGN), offs, mask), inv_scale, UNSCALE)
     if COEF:
-        g = tl.load(coef) * g
+        g = tl.load(coef + COEF_G) * g
         if GB:
-            g += tl.load(coef + 1) * ld(ptr_of(row, 3, DT, ALIGN), offs, mask)
+            g += tl.load(coef + COEF_B) * ld(ptr_of(row, UPDATE_GRADS_B, DT, ALIGN), offs, mask)
         if GC:
-            g += tl.load(coef + 2) * ld(ptr_of(row, 4, DT, ALIGN), offs, mask)
+            g += tl.load(coef + COEF_C) * ld(ptr_of(row, UPDATE_GRADS_C, DT, ALIGN), offs, mask)
     if MAXIMIZE:
         g = -g
     return w, g
@@ -310,7 +333,7 @@ def _sgd_block(row, offs, mask, coef, inv_scale, found_inf, lr, weight_decay, mo
     if WD:
         d = d + weight_decay * w
     if MOMENTUM:
-        bp = ptr_of(row, 5, DT, ALIGN) + offs
+        bp = ptr_of(row, SGD_MOMENTUM_BUFFERS, DT, ALIGN) + offs
         if INIT:
             buf = d
         else:
@@ -320,7 +343,7 @@ def _sgd_block(row, offs, mask, coef, inv_scale, found_inf, lr, weight_decay, mo
             d = d + momentum * buf
         else:
             d = buf
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, _or_start(go, w - lr * d, w, MAY_SKIP).to(DT), mask=mask)
+    tl.store(ptr_of(row, UPDATE_PARAMS, DT, ALIGN) + offs, _or_start(go, w - lr * d, w, MAY_SKIP).to(DT), mask=mask)
 
 
 @triton.jit
@@ -350,7 +373,7 @@ def _bias_corrections(row, lr, lerp_w, one_m_beta2, step_size, bc2_sqrt, STEPS: 
     """(step size ``lr / (1 - beta1^s)``, ``sqrt(1 - beta2^s)``): the host's, of the float step; with STEPS
     (torch's capturable step tensors, column 7), from this tensor's own step count, in fp64 as on the host."""
     if STEPS:
-        s = tl.load(ptr_of(row, 7, tl.float32, 4)).to(tl.float64)
+        s = tl.load(ptr_of(row, ADAM_STEPS, tl.float32, 4)).to(tl.float64)
         step_size = (tl.cast(lr, tl.float64) / _one_minus_pow(lerp_w, s)).to(tl.float32)
         bc2_sqrt = tl.sqrt(_one_minus_pow(one_m_beta2, s)).to(tl.float32)
     return step_size, bc2_sqrt
@@ -365,7 +388,7 @@ def _adam_block(row, offs, mask, coef, inv_scale, found_inf, lr, lerp_w, beta2, 
     w0, g = _update_inputs(row, offs, mask, coef, inv_scale, DT, ALIGN, MAXIMIZE, COEF, GB, GC, UNSCALE)
     go = _taken(found_inf, offs, MAY_SKIP)
     step_size, bc2_sqrt = _bias_corrections(row, lr, lerp_w, one_m_beta2, step_size, bc2_sqrt, STEPS)
-    mp, vp = ptr_of(row, 5, DT, ALIGN) + offs, ptr_of(row, 6, DT, ALIGN) + offs
+    mp, vp = ptr_of(row, ADAM_EXP_AVGS, DT, ALIGN) + offs, ptr_of(row, ADAM_EXP_AVG_SQS, DT, ALIGN) + offs
     w = w0
     if WD:
         if DECOUPLED:
@@ -383,7 +406,7 @@ def _adam_block(row, offs, mask, coef, inv_scale, found_inf, lr, lerp_w, beta2, 
     _commit(vp, v.to(DT), mask, go, MAY_SKIP)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     w = _or_start(go, w - step_size * tl.div_rn(m, denom), w0, MAY_SKIP)
-    tl.store(ptr_of(row, 0, DT, ALIGN) + offs, w.to(DT), mask=mask)
+    tl.store(ptr_of(row, UPDATE_PARAMS, DT, ALIGN) + offs, w.to(DT), mask=mask)
 
 
 @triton.jit
@@ -453,9 +476,10 @@ def _update_lists(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     else:
         _scalar("coef", coef, params[0], 3)
     # Nothing to restore: w is read where it is written, with no kernel variant of its own.
-    specs = (("params", params, dt, ELEMENTS), ("grads", grads, dt, ELEMENTS),
-             ("backups", backups or params, dt, ELEMENTS), ("grads_b", grads_b or None, dt, ELEMENTS),
-             ("grads_c", grads_c or None, dt, ELEMENTS))
+    specs = ((UPDATE_PARAMS, "params", params, dt, ELEMENTS), (UPDATE_GRADS, "grads", grads, dt, ELEMENTS),
+             (UPDATE_BACKUPS, "backups", backups or params, dt, ELEMENTS),
+             (UPDATE_GRADS_B, "grads_b", grads_b or None, dt, ELEMENTS),
+             (UPDATE_GRADS_C, "grads_c", grads_c or None, dt, ELEMENTS))
     return dt, specs, dict(COEF=coef is not None, GB=bool(grads_b), GC=bool(grads_c),
                            **_loss_scaling(params[0], inv_scale, found_inf))
 
@@ -475,9 +499,10 @@ def norm_sq_(acc: Tensor, grads: List[Tensor], params: List[Tensor], row_scales:
     dt = _param_dtype("grads", grads)
     _scalar("acc", acc, grads[0])
     direction = _uses_ema(ema, sigma)
-    tab = table((("grads", grads, dt, ELEMENTS), ("params", params if mode == 1 else None, dt, ELEMENTS),
-                 ("row_scales", row_scales if mode == 2 else None, _F32, ROWS),
-                 ("ema", ema if direction else None, dt, ELEMENTS)))
+    tab = table(_columns((NORM_SQ_GRADS, "grads", grads, dt, ELEMENTS),
+                         (NORM_SQ_PARAMS, "params", params if mode == 1 else None, dt, ELEMENTS),
+                         (NORM_SQ_ROW_SCALES, "row_scales", row_scales if mode == 2 else None, _F32, ROWS),
+                         (NORM_SQ_EMA, "ema", ema if direction else None, dt, ELEMENTS)))
     _reduce(_norm_sq_kernel, tab, acc, 1, float(eta), float(sigma), inv_scale, DT=PARAM_DTYPES[dt], MODE=mode,
             DIR=direction, **_loss_scaling(grads[0], inv_scale))
 
@@ -487,7 +512,8 @@ def row_norm_(out: List[Tensor], params: List[Tensor], eta: float) -> None:
     if list_checks.row_norm_(out, params) == 0:
         return
     dt = _param_dtype("params", params)
-    tab = table((("params", params, dt, ELEMENTS), ("out", out, _F32, ROWS)), rows=True)
+    tab = table(_columns((ROW_NORM_PARAMS, "params", params, dt, ELEMENTS), (ROW_NORM_OUT, "out", out, _F32, ROWS)),
+                rows=True)
     launch(_row_norm_kernel, tab, float(eta), DT=PARAM_DTYPES[dt], COLS=tab.cols)
 
 
@@ -499,8 +525,11 @@ def perturb_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], r
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
-    tab = table((("params", params, dt, ELEMENTS), ("grads", grads, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS),
-                 ("row_scales", row_scales if mode == 2 else None, _F32, ROWS), ("ema", ema or None, dt, ELEMENTS)))
+    tab = table(_columns((PERTURB_PARAMS, "params", params, dt, ELEMENTS),
+                         (PERTURB_GRADS, "grads", grads, dt, ELEMENTS),
+                         (PERTURB_BACKUPS, "backups", backups, dt, ELEMENTS),
+                         (PERTURB_ROW_SCALES, "row_scales", row_scales if mode == 2 else None, _F32, ROWS),
+                         (PERTURB_EMA, "ema", ema or None, dt, ELEMENTS)))
     has_ema = bool(ema)  # without it every EMA switch is off: no kernel variant differs in unused switches only
     launch(_perturb_kernel, tab, norm_sq, inv_scale, found_inf, float(rho), float(eps), float(eta), float(sigma),
            float(lmbda), float(1 - lmbda), DT=PARAM_DTYPES[dt], MODE=mode, SIGN=bool(sign),
@@ -516,8 +545,11 @@ def reflect_(params: List[Tensor], backups: List[Tensor], dirs: List[Tensor], no
         return
     dt = _param_dtype("params", params)
     _scalar("norm_sq", norm_sq, params[0])
-    tab = table((("params", params, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS), ("dirs", dirs, dt, ELEMENTS),
-                 ("grads", grads or None, dt, ELEMENTS), ("grad_copies", grad_copies or None, dt, ELEMENTS)))
+    tab = table(_columns((REFLECT_PARAMS, "params", params, dt, ELEMENTS),
+                         (REFLECT_BACKUPS, "backups", backups, dt, ELEMENTS),
+                         (REFLECT_DIRS, "dirs", dirs, dt, ELEMENTS),
+                         (REFLECT_GRADS, "grads", grads or None, dt, ELEMENTS),
+                         (REFLECT_GRAD_COPIES, "grad_copies", grad_copies or None, dt, ELEMENTS)))
     if not grads:
         inv_scale = None  # read by the copies only: no kernel variant differs in unused arguments only
     launch(_reflect_kernel, tab, norm_sq, inv_scale, found_inf, float(rho), float(eps), DT=PARAM_DTYPES[dt],
@@ -530,7 +562,7 @@ def dot_norm_sq_(acc: Tensor, a: List[Tensor], b: List[Tensor]) -> None:
         return
     dt = _param_dtype("a", a)
     _scalar("acc", acc, a[0], 2)
-    tab = table((("a", a, dt, ELEMENTS), ("b", b, dt, ELEMENTS)))
+    tab = table(_columns((DOT_A, "a", a, dt, ELEMENTS), (DOT_B, "b", b, dt, ELEMENTS)))
     _reduce(_dot_norm_sq_kernel, tab, acc, 2, DT=PARAM_DTYPES[dt])
 
 
@@ -539,7 +571,8 @@ def restore_(params: List[Tensor], backups: List[Tensor]) -> None:
     if list_checks.restore_(params, backups) == 0:
         return
     dt = _param_dtype("params", params)
-    tab = table((("params", params, dt, ELEMENTS), ("backups", backups, dt, ELEMENTS)))
+    tab = table(_columns((RESTORE_PARAMS, "params", params, dt, ELEMENTS),
+                         (RESTORE_BACKUPS, "backups", backups, dt, ELEMENTS)))
     launch(_restore_kernel, tab, DT=BITS[dt])
 
 
@@ -551,7 +584,8 @@ def restore_sgd_(params: List[Tensor], grads: List[Tensor], backups: List[Tensor
     if list_checks.restore_sgd_(params, grads, backups, momentum_buffers, momentum, grads_b, grads_c, coef) == 0:
         return
     dt, specs, switches = _update_lists(params, grads, backups, grads_b, grads_c, coef, inv_scale, found_inf)
-    tab = table(specs + (("momentum_buffers", momentum_buffers if momentum != 0 else None, dt, ELEMENTS),))
+    tab = table(_columns(*specs, (SGD_MOMENTUM_BUFFERS, "momentum_buffers", momentum_buffers if momentum != 0 else None,
+                                  dt, ELEMENTS)))
     launch(_sgd_kernel, tab, coef, inv_scale, found_inf, float(lr), float(weight_decay), float(momentum),
            float(1 - dampening), DT=PARAM_DTYPES[dt], MAXIMIZE=bool(maximize), WD=weight_decay != 0,
            MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), INIT=bool(init_momentum), **switches)
@@ -566,8 +600,9 @@ def restore_adam_(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     if list_checks.restore_adam_(params, grads, backups, exp_avgs, exp_avg_sqs, steps, grads_b, grads_c, coef) == 0:
         return
     dt, specs, switches = _update_lists(params, grads, backups, grads_b, grads_c, coef, inv_scale, found_inf)
-    tab = table(specs + (("exp_avgs", exp_avgs, dt, ELEMENTS), ("exp_avg_sqs", exp_avg_sqs, dt, ELEMENTS),
-                         ("steps", steps or None, _F32, ONE)))
+    tab = table(_columns(*specs, (ADAM_EXP_AVGS, "exp_avgs", exp_avgs, dt, ELEMENTS),
+                         (ADAM_EXP_AVG_SQS, "exp_avg_sqs", exp_avg_sqs, dt, ELEMENTS),
+                         (ADAM_STEPS, "steps", steps or None, _F32, ONE)))
     # Scalars in double on the host, as the reference; the kernel gets them rounded to fp32 once (floats:
     # Triton would make an int argument equal to 1 a compile-time constant). With device step counts the
     # kernel computes the bias corrections ("step" is ignored, and may be 0).

@@ -17,7 +17,7 @@ torch.compile) takes the generic path: restore, then ``base_optimizer.step()``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -55,18 +55,19 @@ def _capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-# (inv_scale, found_inf) of a gated step on the bucket's device, or None.
-GateArgs = Optional[Tuple[Optional[Tensor], Tensor]]
+def _taken(grad: Optional[ops.GradArgs], idx: Optional[List[int]]) -> Optional[ops.GradArgs]:
+    """``grad`` with its kept grads restricted to the tensors ``idx`` (all for None)."""
+    return None if grad is None else grad._replace(grads_b=take(grad.grads_b, idx), grads_c=take(grad.grads_c, idx))
 
 
-def _sgd(base, bucket, lists, gate: GateArgs) -> None:
+def _sgd(base, bucket, grads, backups, grad: Optional[ops.GradArgs], amp: Optional[ops.AmpArgs]) -> None:
     group, params, impl = bucket.group, bucket.params, bucket.impl
-    grads, backups, grads_b, grads_c, coef = lists
-    scaling = gate or (None, None)
     momentum = group["momentum"]
-    args = (group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
+    hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
+                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
     if momentum == 0:
-        ops.restore_sgd_(params, grads, backups, [], *args, False, grads_b, grads_c, coef, *scaling, impl=impl)
+        ops.restore_sgd_(params=params, grads=grads, backups=backups, momentum_buffers=[], init_momentum=False,
+                         **hyper, grad=grad, amp=amp, impl=impl)
         return
     keys = bucket.keys()
     states = [base.state[p] for p in keys]
@@ -74,7 +75,7 @@ def _sgd(base, bucket, lists, gate: GateArgs) -> None:
     for i in new:
         # A gated first step may be skipped on the device, leaving the buffer unwritten, and the next one
         # takes it as initialized: zeros make that step torch's first step exactly when dampening is 0.
-        make = torch.zeros_like if gate is not None else torch.empty_like
+        make = torch.zeros_like if amp is not None else torch.empty_like
         states[i]["momentum_buffer"] = make(keys[i], memory_format=torch.preserve_format)
     bufs = [kernel_view(s["momentum_buffer"]) for s in states]
     # First step of some parameters: torch sets their buffer to d_p; the kernel does that in place.
@@ -82,16 +83,16 @@ def _sgd(base, bucket, lists, gate: GateArgs) -> None:
     for idx, init in calls:
         if idx == []:
             continue
-        ops.restore_sgd_(take(params, idx), take(grads, idx), take(backups, idx), take(bufs, idx), *args, init,
-                         take(grads_b, idx), take(grads_c, idx), coef, *scaling, impl=impl)
+        ops.restore_sgd_(params=take(params, idx), grads=take(grads, idx), backups=take(backups, idx),
+                         momentum_buffers=take(bufs, idx), init_momentum=init, **hyper, grad=_taken(grad, idx),
+                         amp=amp, impl=impl)
 
 
-def _adam(base, bucket, lists, gate: GateArgs) -> None:
+def _adam(base, bucket, grads, backups, grad: Optional[ops.GradArgs], amp: Optional[ops.AmpArgs]) -> None:
     group, params, impl = bucket.group, bucket.params, bucket.impl
-    grads, backups, grads_b, grads_c, coef = lists
     keys = bucket.keys()
     states = [base.state[p] for p in keys]
-    on_device = gate is not None or bool(group.get("capturable"))
+    on_device = amp is not None or bool(group.get("capturable"))
     for p, s in zip(keys, states):
         if len(s) == 0:  # torch's lazy init, in torch's layout (step on the CPU: no device sync to read it)
             s["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -102,16 +103,16 @@ def _adam(base, bucket, lists, gate: GateArgs) -> None:
     steps = [s["step"] for s in states]
     beta1, beta2 = group["betas"]
     decoupled = bool(group.get("decoupled_weight_decay", False)) or type(base) is torch.optim.AdamW
-    tensors = (params, grads, backups, [kernel_view(s["exp_avg"]) for s in states],
-               [kernel_view(s["exp_avg_sq"]) for s in states])
-    hyper = (group["lr"], beta1, beta2, group["weight_decay"], group["eps"], decoupled, group["maximize"])
+    tensors = dict(params=params, grads=grads, backups=backups, exp_avgs=[kernel_view(s["exp_avg"]) for s in states],
+                   exp_avg_sqs=[kernel_view(s["exp_avg_sq"]) for s in states])
+    hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                 decoupled=decoupled, maximize=group["maximize"])
     if on_device:
         bucket.adam_steps = None  # the counts are not known on the host any more
         torch._foreach_add_(steps, 1)
-        inv_scale, found_inf = gate or (None, None)
-        ops.restore_adam_(*tensors, *hyper, 0.0, grads_b, grads_c, coef, inv_scale, found_inf, steps, impl=impl)
-        if found_inf is not None:  # a skipped step does not count
-            torch._foreach_add_(steps, found_inf.reshape(()), alpha=-1)
+        ops.restore_adam_(**tensors, **hyper, step=0.0, steps=steps, grad=grad, amp=amp, impl=impl)
+        if amp is not None and amp.found_inf is not None:  # a skipped step does not count
+            torch._foreach_add_(steps, amp.found_inf.reshape(()), alpha=-1)
         return
     # Parameters that joined later have fewer steps: one call per distinct count (usually one). The
     # grouping is cached; one counter read checks that nothing else stepped these parameters.
@@ -125,15 +126,15 @@ def _adam(base, bucket, lists, gate: GateArgs) -> None:
     bucket.adam_steps = cached = [(step + 1, idx) for step, idx in cached]
     for step, idx in cached:
         idx = idx if len(cached) > 1 else None
-        ops.restore_adam_(*(take(ts, idx) for ts in tensors), *hyper, step, take(grads_b, idx), take(grads_c, idx),
-                          coef, impl=impl)
+        ops.restore_adam_(**{k: take(ts, idx) for k, ts in tensors.items()}, **hyper, step=step,
+                          grad=_taken(grad, idx), impl=impl)
 
 
-def restore_and_update(kind: str, base, bucket, grads: List[Tensor], grads_b: List[Tensor], grads_c: List[Tensor],
-                       coef: Optional[Tensor], gate: GateArgs = None, restore: bool = True) -> None:
+def restore_and_update(kind: str, base, bucket, grads: List[Tensor], *, grad: Optional[ops.GradArgs] = None,
+                       amp: Optional[ops.AmpArgs] = None, restore: bool = True) -> None:
     """w <- backup (when the bucket was perturbed and ``restore``), then the base optimizer's step for the
-    parameters of ``bucket`` (one device and dtype) with the grad ``coef[0] g + coef[1] g_b + coef[2] g_c``
-    (``g`` when ``coef`` is None). ``gate``: (inv_scale, found_inf) on the bucket's device: ``g`` is
-    unscaled in the kernel, and a set flag leaves only the restore."""
+    parameters of ``bucket`` (one device and dtype) with the grad ``g``, or ``grad``'s combination
+    ``coef[0] g + coef[1] g_b + coef[2] g_c``. ``amp``: the gated step's loss-scale arguments on the bucket's
+    device: ``g`` is unscaled in the kernel, and a set found flag leaves only the restore."""
     backups = bucket.backups if restore else []
-    (_sgd if kind == "sgd" else _adam)(base, bucket, (grads, backups, grads_b, grads_c, coef), gate)
+    (_sgd if kind == "sgd" else _adam)(base, bucket, grads, backups, grad, amp)

@@ -21,6 +21,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from fastsam.ops.groups import AmpArgs
+
 NONFINITE_POLICIES = (None, "skip", "raise")
 
 
@@ -38,9 +40,9 @@ class Gate:
     inv: Optional[Dict[torch.device, Tensor]] = None
     scaler: Optional[object] = None
 
-    def on(self, device: torch.device):
-        """(inv_scale, found_inf) of the ops on ``device``."""
-        return (None if self.inv is None else self.inv[device]), self.found[device]
+    def on(self, device: torch.device) -> AmpArgs:
+        """The loss-scale arguments of the ops on ``device``."""
+        return AmpArgs(inv_scale=None if self.inv is None else self.inv[device], found_inf=self.found[device])
 
 
 def active_scaler(grad_scaler):

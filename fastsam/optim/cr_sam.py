@@ -85,12 +85,13 @@ class CRSAM(SAM):
             self._flag_pass(gate, buckets)
         for b in buckets:
             grads, copies = b.grads(), b.buffers["grad_plus"]
-            inv_scale, found_inf = gate.on(b.params[0].device) if gate else (None, None)
+            amp = gate.on(b.params[0].device) if gate else None
             if b.perturbed:
-                ops.reflect_(b.params, b.backups, b.buffers["grad0"], self._norm_sq[b.params[0].device],
-                             b.group["rho"], self._eps_norm, grads, copies, inv_scale, found_inf, impl=b.impl)
-            elif inv_scale is not None:
-                torch._foreach_copy_(copies, torch._foreach_mul([g.float() for g in grads], inv_scale))
+                ops.reflect_(params=b.params, backups=b.backups, dirs=b.buffers["grad0"],
+                             norm_sq=self._norm_sq[b.params[0].device], rho=b.group["rho"], eps=self._eps_norm,
+                             grads=grads, grad_copies=copies, amp=amp, impl=b.impl)
+            elif amp is not None and amp.inv_scale is not None:
+                torch._foreach_copy_(copies, torch._foreach_mul([g.float() for g in grads], amp.inv_scale))
             else:
                 torch._foreach_copy_(copies, grads)
         self._moved = buckets

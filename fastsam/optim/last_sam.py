@@ -117,7 +117,7 @@ class LastSAM(SAM):
             grads = b.grads()
             # A parameter without a grad in this pass takes no step: it is left out of the projection too.
             idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
-            ops.dot_norm_sq_(dots[b.scope], take(grads, idx), take(b.buffers["grad0"], idx), impl=b.impl)
+            ops.dot_norm_sq_(acc=dots[b.scope], a=take(grads, idx), b=take(b.buffers["grad0"], idx), impl=b.impl)
         for d, acc in _sharding.global_sums(dots).items():
             if d not in self._coef:
                 self._coef[d] = torch.tensor([1.0, 0.0, 0.0], device=d)

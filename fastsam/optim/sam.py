@@ -233,22 +233,23 @@ class SAM(torch.optim.Optimizer):
         inv = _gate.scaler_inverse_scales(scaler, devices) if scaler is not None else None
         for b in buckets:
             if b.perturbed and b.mode == ops.MODE_ROW:
-                ops.row_norm_(b.row_scales, b.params, b.eta, impl=b.impl)
+                ops.row_norm_(out=b.row_scales, params=b.params, eta=b.eta, impl=b.impl)
         grads = [b.grads() for b in buckets]
         norm_sq = self._norm_sq = self._global_norm_sq(buckets, grads, inv)
         gate = None
         if scaler is not None or self.nonfinite is not None:
             gate = _gate.Gate(self._found_at_w(buckets, grads, norm_sq), inv, scaler)
         for b, g in zip(buckets, grads):
-            inv_scale, found_inf = gate.on(b.params[0].device) if gate else (None, None)
+            amp = gate.on(b.params[0].device) if gate else None
             for idx, ema, sigma, lmbda in self._directions(b):
                 if b.perturbed:
-                    ops.perturb_(take(b.params, idx), take(g, idx), take(b.backups, idx), take(b.row_scales, idx),
-                                 norm_sq[b.params[0].device], b.group["rho"], self._eps_norm, b.mode, b.eta,
-                                 b.group["p"] == math.inf, take(ema, idx), sigma, lmbda, inv_scale, found_inf,
-                                 impl=b.impl)
+                    ops.perturb_(params=take(b.params, idx), grads=take(g, idx), backups=take(b.backups, idx),
+                                 row_scales=take(b.row_scales, idx), norm_sq=norm_sq[b.params[0].device],
+                                 rho=b.group["rho"], eps=self._eps_norm, mode=b.mode, eta=b.eta,
+                                 sign=b.group["p"] == math.inf, ema=take(ema, idx), sigma=sigma, lmbda=lmbda,
+                                 amp=amp, impl=b.impl)
                 elif ema:  # not perturbed, but the kept grads (EMA, copy) follow every step
-                    _ema_update(take(ema, idx), take(g, idx), lmbda, inv_scale, found_inf)
+                    _ema_update(take(ema, idx), take(g, idx), lmbda, amp)
             b.fresh = []
         self._perturbed, self._gate = buckets, gate
         weights_moved()
@@ -267,8 +268,9 @@ class SAM(torch.optim.Optimizer):
         for b, g, n in zip(buckets, grads, normed):
             if n:
                 for idx, ema, sigma, _ in self._directions(b):
-                    ops.norm_sq_(accs[b.scope], take(g, idx), take(b.params, idx), take(b.row_scales, idx), b.mode,
-                                 b.eta, take(ema, idx), sigma, None if inv is None else inv[b.scope.device],
+                    ops.norm_sq_(acc=accs[b.scope], grads=take(g, idx), params=take(b.params, idx),
+                                 row_scales=take(b.row_scales, idx), mode=b.mode, eta=b.eta, ema=take(ema, idx),
+                                 sigma=sigma, amp=None if inv is None else ops.AmpArgs(inv[b.scope.device]),
                                  impl=b.impl)
         return _sharding.global_sums(accs, added={b.scope for b, n in zip(buckets, normed) if n})
 
@@ -289,7 +291,8 @@ class SAM(torch.optim.Optimizer):
         sums = _sharding.zeroed(buffers, scopes, 1)
         for b, g in pairs:
             idx = [i for i, t in enumerate(g) if t is not None]
-            ops.norm_sq_(sums[b.scope], take(g, idx), take(b.params, idx), [], ops.MODE_IDENTITY, 0.0, impl=b.impl)
+            ops.norm_sq_(acc=sums[b.scope], grads=take(g, idx), params=take(b.params, idx), row_scales=[],
+                         mode=ops.MODE_IDENTITY, eta=0.0, impl=b.impl)
         return _sharding.global_sums(sums, added={b.scope for b, _ in pairs})
 
     def _flag_pass(self, gate: _gate.Gate, buckets) -> None:
@@ -328,16 +331,16 @@ class SAM(torch.optim.Optimizer):
                 b.impl != "torch" for b in perturbed):
             combination = self._combination(perturbed, gate.inv if gate else None)
             for b in perturbed:
-                more, coef = ([], []), None
+                grad = None
                 if combination is not None:
-                    more, coef = combination[0](b), combination[1][b.params[0].device]
-                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), *more, coef,
-                                                 gate.on(b.params[0].device) if gate else None, restore)
+                    grad = ops.GradArgs(combination[1][b.params[0].device], *combination[0](b))
+                _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), grad=grad,
+                                                 amp=gate.on(b.params[0].device) if gate else None, restore=restore)
         else:
             # Every perturbed parameter is restored, also one that got no grad in this pass.
             for b in perturbed:
                 if restore and b.perturbed:
-                    ops.restore_(b.params, b.backups, impl=b.impl)
+                    ops.restore_(params=b.params, backups=b.backups, impl=b.impl)
                 b.adam_steps = None  # the base's own step moves the counters of some parameters
                 if gate is not None and gate.inv is not None:
                     grads = [g for g in b.grads() if g is not None]
@@ -685,7 +688,7 @@ def restore_w(buckets: List[_buckets.Bucket]) -> None:
     """Every perturbed parameter of ``buckets`` back to w, exactly (from its backup)."""
     for b in buckets:
         if b.perturbed:
-            ops.restore_(b.params, b.backups, impl=b.impl)
+            ops.restore_(params=b.params, backups=b.backups, impl=b.impl)
     weights_moved()
 
 
@@ -711,10 +714,10 @@ def _any_found(gate: _gate.Gate) -> bool:
     return bool(next(iter(gate.found.values())).item())
 
 
-def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float, inv_scale: Optional[Tensor] = None,
-                found_inf: Optional[Tensor] = None) -> None:
+def _ema_update(ema: List[Tensor], grads: List[Tensor], lmbda: float, amp: Optional[ops.AmpArgs] = None) -> None:
     """``m <- lmbda m + (1 - lmbda) g`` (``m <- g`` for ``lmbda = 0``) outside a fused perturb; ``g``
-    unscaled by ``inv_scale``, and ``m`` kept when ``found_inf`` is set (see reference.perturb_)."""
+    unscaled by ``amp.inv_scale``, and ``m`` kept when ``amp.found_inf`` is set (see reference.perturb_)."""
+    inv_scale, found_inf = amp or (None, None)
     if inv_scale is None and found_inf is None:
         if lmbda == 0:
             torch._foreach_copy_(ema, grads)

@@ -1,0 +1,89 @@
+"""Builds the Python entry of each op of op_table: one function per op, with the schema's arguments.
+
+An entry takes the schema's arguments by name or position (``mode`` for the schema's ``t_mode``), except the
+members of a group, which it takes as one keyword argument (``amp``: :class:`~fastsam.ops.groups.AmpArgs`,
+``grad``: :class:`~fastsam.ops.groups.GradArgs`), and ``impl``. It picks the implementation from the lead
+argument's device and hands every argument on in schema order: an optional list left out as an empty list,
+a group's members in their places. An in-place op on an empty lead list does nothing.
+
+The function is generated from source (not a ``*args`` wrapper) so that it has a real signature for help()
+and IDEs, and so that torch.compile traces it as plain code.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+from fastsam.ops import op_table
+from fastsam.ops._dispatch import backend, resolve_impl
+from fastsam.ops.groups import AmpArgs, GradArgs
+
+# keyword -> (group type, its members as the schemas name them)
+GROUPS = {
+    "grad": (GradArgs, ("grads_b", "grads_c", "coef")),
+    "amp": (AmpArgs, ("inv_scale", "found_inf")),
+}
+
+
+def _list(x):
+    return [] if x is None else x
+
+
+def _members(op: str, keyword: str, value, taken: Tuple[str, ...]) -> tuple:
+    """The members of group ``keyword`` that op's schema takes, in schema order (None: all absent)."""
+    kind, members = GROUPS[keyword]
+    if value is None:
+        return tuple([] if m.startswith("grads") else None for m in taken)
+    if not isinstance(value, kind):
+        raise TypeError(f"{op}: {keyword} must be a fastsam.ops.{kind.__name__} or None, got {type(value).__name__}")
+    for m in members:
+        if m not in taken and getattr(value, m) is not None:
+            raise ValueError(f"{op} takes no {keyword}.{m}")
+    return tuple(_list(getattr(value, m)) if m.startswith("grads") else getattr(value, m) for m in taken)
+
+
+def _source(spec: op_table.OpSpec) -> str:
+    names = op_table.argument_names(spec)
+    grouped = {m: k for k, (_, members) in GROUPS.items() for m in members}
+    params: List[str] = []
+    for name in names:
+        if name in grouped:
+            continue
+        if name in spec.optional_lists:
+            params.append(f"{name}=None")
+        elif name in spec.defaults:
+            params.append(f"{name}={spec.defaults[name]!r}")
+        elif params and "=" in params[-1]:
+            raise ValueError(f"op_table: {spec.name}: {name} has no default but follows one that has")
+        else:
+            params.append(name)
+    keywords = [k for k, (_, members) in GROUPS.items() if any(m in names for m in members)]
+    signature = params + ["*"] + [f"{k}=None" for k in keywords] + ['impl="auto"']
+    lines = [f"def {spec.name}({', '.join(signature)}):"]
+    for k in keywords:
+        taken = tuple(m for m in GROUPS[k][1] if m in names)
+        lines.append(f"    {', '.join(taken)}, = _members({spec.name!r}, {k!r}, {k}, {taken!r})")
+    lead = spec.lead
+    if spec.family == op_table.IN_PLACE:
+        lines.append(f"    if len({lead}) == 0:\n        return None")
+        device = f"{lead}[0].device"
+    else:
+        device = f"{lead}.device"
+    args = [f"_list({n})" if n in spec.optional_lists else n for n in names]
+    lines.append(f"    impl = _resolve(impl, {device})")
+    lines.append(f"    return _backend(impl, {spec.family!r}).{spec.name}({', '.join(args)})")
+    return "\n".join(lines) + "\n"
+
+
+def make_entry(spec: op_table.OpSpec) -> Callable:
+    """The fastsam.ops function of one op."""
+    scope = {"_members": _members, "_list": _list, "_resolve": resolve_impl, "_backend": backend}
+    exec(compile(_source(spec), f"<fastsam.ops.{spec.name}>", "exec"), scope)
+    fn = scope[spec.name]
+    fn.__module__ = "fastsam.ops"
+    fn.__doc__ = spec.doc
+    return fn
+
+
+def source_of(name: str) -> Optional[str]:
+    """The generated source of an entry, for reading (``print(source_of("perturb_"))``)."""
+    return _source(op_table.BY_NAME[name]) if name in op_table.BY_NAME else None
