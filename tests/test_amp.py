@@ -25,6 +25,9 @@ METHODS = {
     "lastsam_ortho": lambda params, base, kw, impl, **o: fastsam.LastSAM(
         params, base, switch_at=1, sharpness="sam", orthogonal=True, impl=impl, **kw, **o),
     "crsam": lambda params, base, kw, impl, **o: fastsam.CRSAM(params, base, rho=0.1, impl=impl, **kw, **o),
+    "gsam": lambda params, base, kw, impl, **o: fastsam.GSAM(params, base, rho=0.05, impl=impl, **kw, **o),
+    "wsam": lambda params, base, kw, impl, **o: fastsam.WSAM(params, base, rho=0.05, max_norm=1.0, impl=impl, **kw,
+                                                             **o),
 }
 SCALE = 2.0**10
 # (method, the pass whose grad is made non-finite): every pass of every method.

@@ -1,8 +1,8 @@
-"""Resume: 20 steps in one process equal 10 steps, a checkpoint, and 10 more steps in a new process.
+"""Resume: 20 steps in one process equal 11 steps, a checkpoint, and 9 more steps in a new process.
 
 The training runs tests/_resume_driver.py (a small Conv1d/BatchNorm/Dropout model, seeded data,
 opt.step(closure) with BatchNorm frozen after the first pass). The test process runs every case's
-uninterrupted 20 steps, saving a checkpoint (model, optimizer.state_dict(), torch RNG) after step 10;
+uninterrupted 20 steps, saving a checkpoint (model, optimizer.state_dict(), torch RNG) after step 11;
 a fresh process (a subprocess) loads each checkpoint and runs the last 10. The reference is the
 uninterrupted run: on the same impl the resumed weights and buffers must be bitwise equal. Resumed on
 the other impl ("cpu" checkpoint, "torch" run, and back) they are not bitwise (the fused kernels round
@@ -24,7 +24,7 @@ import fastsam
 import _resume_driver as driver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STEPS, HALF = 20, 10
+STEPS, HALF = 20, 11  # an odd step: LastSAM's and the interval's phases are not aligned with it
 
 
 def _spec(method, base, impl="cpu", **options):
@@ -46,6 +46,12 @@ METHODS = {
     "fsam-rmsprop": _spec("FriendlySAM", "rmsprop"),
     "crsam-authors-sgd": _spec("CRSAM", "sgd", mode="authors"),
     "crsam-paper-adam": _spec("CRSAM", "adam", mode="paper"),
+    "gsam-sgd": _spec("GSAM", "sgd"),
+    "gsam-adaptive-rho-min-adamw": _spec("GSAM", "adamw", adaptive=True, rho_min=0.01),
+    "gsam-rmsprop": _spec("GSAM", "rmsprop"),
+    "wsam-decoupled-nesterov": _spec("WSAM", "nesterov"),
+    "wsam-coupled-clipped-adam": _spec("WSAM", "adam", decouple=False, max_norm=1.0),
+    "wsam-decoupled-rmsprop": _spec("WSAM", "rmsprop"),
 }
 for _switch in (5, 15):
     for _ortho in (False, True):
@@ -58,7 +64,8 @@ IMPLS = ("cpu", "torch")
 # the comparison is blind.
 STRIPPED = ("fsam-sgd", "lastsam-5-plain-sam-nesterov")
 # Checkpoints of a cpu run resumed with impl="torch" (and back): the kernels round differently.
-CROSS = ("sam-p2-sgd", "asam-filterwise-adamw", "fsam-adam", "crsam-paper-adam", "lastsam-5-ortho-asam-adamw")
+CROSS = ("sam-p2-sgd", "asam-filterwise-adamw", "fsam-adam", "crsam-paper-adam", "lastsam-5-ortho-asam-adamw",
+         "gsam-adaptive-rho-min-adamw", "wsam-coupled-clipped-adam")
 
 
 def _run(jobs, path):
@@ -71,7 +78,7 @@ def _run(jobs, path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{(case, impl, kind): checkpoint path} after 20 steps: "straight" uninterrupted, and resumed from
-    the straight run's checkpoint at step 10: "resumed" on the same impl, "cross" on the other impl,
+    the straight run's checkpoint at step 11: "resumed" on the same impl, "cross" on the other impl,
     "stripped" without the method's own state in the optimizer state dict (driver.base_only)."""
     tmp = tmp_path_factory.mktemp("resume")
     first, second, out = [], [], {}

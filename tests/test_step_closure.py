@@ -32,6 +32,8 @@ METHODS = {
                                                lr=0.05, momentum=0.9),
     "lastsam_orthogonal": lambda m, impl: fastsam.LastSAM(m.named_parameters(), torch.optim.Adam, switch_at=SWITCH,
                                                           sharpness="sam", orthogonal=True, impl=impl, lr=1e-3),
+    "gsam": lambda m, impl: fastsam.GSAM(m.parameters(), torch.optim.SGD, impl=impl, lr=0.05, momentum=0.9),
+    "wsam": lambda m, impl: fastsam.WSAM(m.parameters(), torch.optim.AdamW, max_norm=1.0, impl=impl, lr=1e-3),
 }
 
 

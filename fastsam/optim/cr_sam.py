@@ -145,7 +145,7 @@ class CRSAM(SAM):
             self._coef[d] = coef.to(d, non_blocking=True)
             self._coef_key[d] = None
 
-    def _combination(self, buckets: List[_buckets.Bucket], inv=None) -> Combination:
+    def _combination(self, buckets: List[_buckets.Bucket], inv=None, fused: bool = True) -> Combination:
         # The last pass's grad is g-; grads_b = g+, grads_c = g0.
         return (lambda b: (b.buffers["grad_plus"], b.buffers["grad0"])), self._coef
 

@@ -108,7 +108,7 @@ class LastSAM(SAM):
         # Before the switch the pass at w is the only one; the orthogonal projection uses its grad.
         return not self.sharpness_active or self.orthogonal
 
-    def _combination(self, buckets: List[_buckets.Bucket], inv=None) -> Optional[Combination]:
+    def _combination(self, buckets: List[_buckets.Bucket], inv=None, fused: bool = True) -> Optional[Combination]:
         if not self.orthogonal or not self.sharpness_active:
             return None
         # coef = (1, -(g_sam . g) / (||g||^2 + eps), 0), from one fused reduction over all buckets.

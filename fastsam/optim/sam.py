@@ -173,17 +173,26 @@ class SAM(torch.optim.Optimizer):
     # Those of them that are method state (saved by state_dict), not scratch space within a step.
     _saved_buffers: Tuple[str, ...] = ()
 
+    def _radius(self, group: dict) -> float:
+        """The radius of this step's perturbation of ``group`` (GSAM: rho following the lr)."""
+        return group["rho"]
+
     def _directions(self, bucket: _buckets.Bucket) -> List[Direction]:
         """The perturb calls of a bucket: the direction transform of every subset of its params. With a
         "grad0" buffer, the first-pass grad is copied there in the same pass (ema with lmbda = 0)."""
         return [(None, bucket.buffers.get("grad0", []), 0.0, 0.0)]
 
-    def _combination(self, buckets: List[_buckets.Bucket],
-                     inv: Optional[Dict[torch.device, Tensor]] = None) -> Optional[Combination]:
+    def _combination(self, buckets: List[_buckets.Bucket], inv: Optional[Dict[torch.device, Tensor]] = None,
+                     fused: bool = True) -> Optional[Combination]:
         """The grad of the base step as a combination of kept grads; None: the grad of the last pass.
         ``inv``: the inverse loss scale of the last pass's grads, which the update unscales in the kernel
-        (kept grads are stored unscaled)."""
+        (kept grads are stored unscaled). ``fused``: the fused update takes the combination (else it is
+        written into ``.grad`` for the base optimizer's own step, the grads already unscaled)."""
         return None
+
+    def _after_update(self, buckets: List[_buckets.Bucket], gate: Optional[_gate.Gate], fused: bool) -> None:
+        """What the method does to w after the base step (WSAM's decoupled sharpness term); ``gate``: the
+        step's, whose found flag skips it; ``fused``: whether the update was the fused one."""
 
     # ---- the normalization operator ------------------------------------------------------------
     def _operator(self, p: Tensor, name: Optional[str], group: dict):
@@ -245,7 +254,7 @@ class SAM(torch.optim.Optimizer):
                 if b.perturbed:
                     ops.perturb_(params=take(b.params, idx), grads=take(g, idx), backups=take(b.backups, idx),
                                  row_scales=take(b.row_scales, idx), norm_sq=norm_sq[b.params[0].device],
-                                 rho=b.group["rho"], eps=self._eps_norm, mode=b.mode, eta=b.eta,
+                                 rho=self._radius(b.group), eps=self._eps_norm, mode=b.mode, eta=b.eta,
                                  sign=b.group["p"] == math.inf, ema=take(ema, idx), sigma=sigma, lmbda=lmbda,
                                  amp=amp, impl=b.impl)
                 elif ema:  # not perturbed, but the kept grads (EMA, copy) follow every step
@@ -336,6 +345,7 @@ class SAM(torch.optim.Optimizer):
                     grad = ops.GradArgs(combination[1][b.params[0].device], *combination[0](b))
                 _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), grad=grad,
                                                  amp=gate.on(b.params[0].device) if gate else None, restore=restore)
+            self._after_update(perturbed, gate, fused=True)
         else:
             # Every perturbed parameter is restored, also one that got no grad in this pass.
             for b in perturbed:
@@ -346,13 +356,14 @@ class SAM(torch.optim.Optimizer):
                     grads = [g for g in b.grads() if g is not None]
                     if grads:
                         torch._foreach_mul_(grads, gate.inv[b.params[0].device])
-            combination = self._combination(perturbed, None)
+            combination = self._combination(perturbed, None, fused=False)
             if combination is not None:
                 for b in perturbed:
                     _combine_into_grads(b, *combination[0](b), combination[1][b.params[0].device])
             # torch's own step cannot read a found flag on the device: here a gated step reads it.
             if gate is None or not _any_found(gate):
                 self.base_optimizer.step()
+                self._after_update(perturbed, None, fused=False)
         if gate is not None:
             self._count_skipped(gate)
         self._step_ended()
