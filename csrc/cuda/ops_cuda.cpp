@@ -150,18 +150,32 @@ class Checker {
   at::ScalarType dtype_;
 };
 
-// TensorArgs of the tensors that have elements; lists[l][j] is tensor j of list l (null pointers for an
-// empty list: one the call leaves out), n and inner come from lists[0][j], aux from `aux` (fp32) when given.
-std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, TensorList aux = {}) {
-  TORCH_INTERNAL_ASSERT(lists.size() <= size_t(fc::kMaxLists));
-  const TensorList first = *lists.begin();
+// A list of a call and its position among the op's lists (List::kParams, ...: the op's list enum, kernels.h).
+struct Placed {
+  int at;
+  TensorList list;
+};
+
+// TensorArgs of the tensors that have elements, every list of the op `List` placed once: ptr[l] is tensor j of
+// the list at position l (null for an empty list: one the call leaves out), n and inner come from the list at
+// position 0, aux from `aux` (fp32) when given.
+template <class List>
+std::vector<fc::TensorArgs> gather(std::initializer_list<Placed> placed, TensorList aux = {}) {
+  TensorList lists[List::kCount];
+  bool given[List::kCount] = {};
+  TORCH_INTERNAL_ASSERT(placed.size() == size_t(List::kCount));
+  for (const Placed& p : placed) {
+    TORCH_INTERNAL_ASSERT(p.at >= 0 && p.at < List::kCount && !given[p.at]);
+    given[p.at] = true;
+    lists[p.at] = p.list;
+  }
+  const TensorList first = lists[0];
   std::vector<fc::TensorArgs> out;
   out.reserve(first.size());
   for (size_t j = 0; j < first.size(); ++j) {
     if (first[j].numel() == 0) continue;
     fc::TensorArgs a{};
-    int l = 0;
-    for (const TensorList& list : lists) a.ptr[l++] = list.empty() ? nullptr : list[j].data_ptr();
+    for (int l = 0; l < List::kCount; ++l) a.ptr[l] = lists[l].empty() ? nullptr : lists[l][j].data_ptr();
     a.n = first[j].numel();
     a.inner = inner_of(first[j]);
     a.aux = aux.empty() ? nullptr : aux[j].data_ptr<float>();
@@ -206,7 +220,9 @@ void norm_sq_cuda(const Tensor& acc, TensorList grads, TensorList params, Tensor
   const bool sub = c.optional_like(ema, "ema") && sigma != 0;
   const float* inv = c.optional_scalar(inv_scale, "inv_scale");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({grads, params, sub ? ema : TensorList()}, row ? row_scales : TensorList());
+  using L = fc::NormSqList;
+  const auto args = gather<L>({{L::kGrads, grads}, {L::kParams, params}, {L::kEma, sub ? ema : TensorList()}},
+                              row ? row_scales : TensorList());
   const Tensor partials = reduction_scratch(args, 1, acc);
   fc::launch_norm_sq(c.dtype(), args.data(), int(args.size()), int(mode), float(eta), sub, float(sigma), inv,
                      partials.data_ptr<float>(), acc.data_ptr<float>(), current_stream());
@@ -223,8 +239,8 @@ void row_norm_cuda(TensorList out, TensorList params, double eta) {
   for (size_t j = 0; j < params.size(); ++j) {
     if (rows_of(params[j]) == 0) continue;
     fc::TensorArgs a{};
-    a.ptr[0] = params[j].data_ptr();
-    a.ptr[1] = out[j].data_ptr();
+    a.ptr[fc::RowNormList::kParams] = params[j].data_ptr();
+    a.ptr[fc::RowNormList::kOut] = out[j].data_ptr();
     a.n = rows_of(params[j]);
     a.inner = inner_of(params[j]);  // 0 for a [rows, 0, ...] tensor: its rows get norm 0
     args.push_back(a);
@@ -249,7 +265,9 @@ void perturb_cuda(TensorList params, TensorList grads, TensorList backups, Tenso
   if (c.optional_like(ema, "ema")) e.kind = e.sub || !e.copy ? fc::EmaKind::kFull : fc::EmaKind::kCopy;
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups, ema}, row ? row_scales : TensorList());
+  using L = fc::PerturbList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kGrads, grads}, {L::kBackups, backups}, {L::kEma, ema}},
+                              row ? row_scales : TensorList());
   fc::launch_perturb(c.dtype(), args.data(), int(args.size()), sign ? nullptr : norm_sq.data_ptr<float>(),
                      float(rho), float(eps), int(mode), float(eta), sign, e, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -268,7 +286,9 @@ void reflect_cuda(TensorList params, TensorList backups, TensorList dirs, const 
               grads.size(), " and ", grad_copies.size(), " tensors");
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, backups, dirs, grads, grad_copies});
+  using L = fc::ReflectList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kBackups, backups}, {L::kDirs, dirs}, {L::kGrads, grads},
+                               {L::kGradCopies, grad_copies}});
   fc::launch_reflect(c.dtype(), args.data(), int(args.size()), norm_sq.data_ptr<float>(), float(rho), float(eps),
                      copy, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -280,7 +300,8 @@ void dot_norm_sq_cuda(const Tensor& acc, TensorList a, TensorList b) {
   c.like(b, "b");
   c.fp32(acc, "acc", 2);
   const c10::cuda::CUDAGuard guard(a[0].device());
-  const auto args = gather({a, b});
+  using L = fc::DotNormSqList;
+  const auto args = gather<L>({{L::kA, a}, {L::kB, b}});
   const Tensor partials = reduction_scratch(args, 2, acc);
   fc::launch_dot_norm_sq(c.dtype(), args.data(), int(args.size()), partials.data_ptr<float>(),
                          acc.data_ptr<float>(), current_stream());
@@ -292,7 +313,8 @@ void restore_cuda(TensorList params, TensorList backups) {
   const Checker c("restore_", params);
   c.like(backups, "backups");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, backups});
+  using L = fc::RestoreList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kBackups, backups}});
   fc::launch_restore(c.dtype(), args.data(), int(args.size()), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -315,9 +337,11 @@ void restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups, T
   const fc::GradArgs g = grad_terms(c, grads_b, grads_c, coef);
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
-                            g.terms & fc::kTermC ? grads_c : TensorList(),
-                            use_momentum ? momentum_buffers : TensorList()});
+  using L = fc::SgdList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kGrads, grads}, {L::kBackups, backups_or(backups, params)},
+                               {L::kGradsB, g.terms & fc::kTermB ? grads_b : TensorList()},
+                               {L::kGradsC, g.terms & fc::kTermC ? grads_c : TensorList()},
+                               {L::kMomentumBuffers, use_momentum ? momentum_buffers : TensorList()}});
   const fc::SgdArgs a{float(lr),     float(weight_decay), float(momentum), float(1 - dampening),
                       use_momentum, nesterov,            maximize,        init_momentum};
   fc::launch_restore_sgd(c.dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
@@ -341,9 +365,12 @@ void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, 
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const bool device_steps = c.optional_scalars(steps, "steps");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
-                            g.terms & fc::kTermC ? grads_c : TensorList(), exp_avgs, exp_avg_sqs},
-                           steps);
+  using L = fc::AdamList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kGrads, grads}, {L::kBackups, backups_or(backups, params)},
+                               {L::kGradsB, g.terms & fc::kTermB ? grads_b : TensorList()},
+                               {L::kGradsC, g.terms & fc::kTermC ? grads_c : TensorList()},
+                               {L::kExpAvgs, exp_avgs}, {L::kExpAvgSqs, exp_avg_sqs}},
+                              steps);
   fc::AdamArgs a{float(1 - beta1), float(beta2),
                  float(1 - beta2), float(weight_decay),
                  float(1 - lr * weight_decay), float(eps),
