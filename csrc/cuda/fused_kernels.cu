@@ -1,43 +1,15 @@
 // CUDA kernels of the fused SAM ops. The math of each op is fastsam/ops/reference.py: fp32 arithmetic
 // whatever the param dtype, one rounding per store, the reference's order of operations.
 // IEEE __fdiv_rn / __fsqrt_rn where setup.py's --use_fast_math would otherwise approximate.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <type_traits>
 
 #include "kernels.h"
 #include "multi_tensor_apply.cuh"
+#include "opmath.cuh"
 
 namespace fastsam {
 namespace cuda {
 namespace {
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-  }
-}
 
 template <class F>
 void dispatch_mode(int mode, F&& f) {
@@ -118,12 +90,12 @@ struct Amp {
   // An element of the op's grads list in fp32: one multiply by inv_scale before any other use.
   template <typename T>
   __device__ float grad(T g) const {
-    return args.inv_scale ? to_f(g) * inv : to_f(g);
+    return args.inv_scale ? to_op(g) * inv : to_op(g);
   }
   // The same where the op stores the grad.
   template <typename T>
   __device__ T stored(T g) const {
-    return args.inv_scale ? from_f<T>(to_f(g) * inv) : g;
+    return args.inv_scale ? from_op<T>(to_op(g) * inv) : g;
   }
 };
 
@@ -234,8 +206,8 @@ struct NormSqOp : PartialSums<1> {
   }
   __device__ void operator()(T (&x)[List::kCount], int64_t i) {
     float w = 0.f, d = amp.grad(x[List::kGrads]);
-    if constexpr (MODE == kModeAbs) w = to_f(x[List::kParams]);
-    if constexpr (SUB) d -= sigma * to_f(x[List::kEma]);
+    if constexpr (MODE == kModeAbs) w = to_op(x[List::kParams]);
+    if constexpr (SUB) d -= sigma * to_op(x[List::kEma]);
     const float v = t(w, i) * d;
     sum[0] += v * v;
   }
@@ -247,7 +219,7 @@ struct DotNormSqOp : PartialSums<2> {
   using List = DotNormSqList;
   static constexpr unsigned kLoad = list_mask(List::kA, List::kB), kStore = 0;
   __device__ void operator()(T (&x)[List::kCount], int64_t) {
-    const float a = to_f(x[List::kA]), b = to_f(x[List::kB]);
+    const float a = to_op(x[List::kA]), b = to_op(x[List::kB]);
     sum[0] += a * b;
     sum[1] += b * b;
   }
@@ -290,19 +262,19 @@ struct PerturbOp : SkippingOpBase {
   }
   __device__ void operator()(T (&x)[List::kCount], int64_t i) const {
     x[List::kBackups] = x[List::kParams];
-    const float w = to_f(x[List::kParams]), g = amp.grad(x[List::kGrads]), tw = t(w, i);
+    const float w = to_op(x[List::kParams]), g = amp.grad(x[List::kGrads]), tw = t(w, i);
     float d = g;
     // Without inv_scale, m <- g is a copy of the raw element: exact for every dtype, and sigma == 0 keeps
     // d = g even where m is not finite.
     if constexpr (EMA == EmaKind::kFull) {
-      const float m = to_f(x[List::kEma]);
+      const float m = to_op(x[List::kEma]);
       if (ema.sub) d = g - ema.sigma * m;
-      x[List::kEma] = ema.copy ? amp.stored(x[List::kGrads]) : from_f<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
+      x[List::kEma] = ema.copy ? amp.stored(x[List::kGrads]) : from_op<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
     } else if constexpr (EMA == EmaKind::kCopy) {
       x[List::kEma] = amp.stored(x[List::kGrads]);
     }
     const float e = SIGN ? scale * tw * float((d > 0.f) - (d < 0.f)) : scale * (tw * tw) * d;
-    x[List::kParams] = from_f<T>(w + e);
+    x[List::kParams] = from_op<T>(w + e);
   }
 };
 
@@ -331,7 +303,7 @@ struct ReflectOp : std::conditional_t<SKIPPED, OpBase, SkippingOpBase> {
   }
   __device__ void operator()(T (&x)[List::kCount], int64_t) const {
     if constexpr (SKIPPED) x[List::kParams] = x[List::kBackups];
-    else x[List::kParams] = from_f<T>(to_f(x[List::kBackups]) - scale * to_f(x[List::kDirs]));
+    else x[List::kParams] = from_op<T>(to_op(x[List::kBackups]) - scale * to_op(x[List::kDirs]));
     if constexpr (COPY) x[List::kGradCopies] = amp.stored(x[List::kGrads]);
   }
 };
@@ -369,8 +341,8 @@ struct UpdateBase : SkippingOpBase {
     float g = amp.grad(x[List::kGrads]);
     if constexpr (TERMS != 0) {
       g *= c[0];
-      if constexpr ((TERMS & kTermB) != 0) g += to_f(x[List::kGradsB]) * c[1];
-      if constexpr ((TERMS & kTermC) != 0) g += to_f(x[List::kGradsC]) * c[2];
+      if constexpr ((TERMS & kTermB) != 0) g += to_op(x[List::kGradsB]) * c[1];
+      if constexpr ((TERMS & kTermC) != 0) g += to_op(x[List::kGradsC]) * c[2];
     }
     return g;
   }
@@ -384,18 +356,18 @@ struct SgdOp : UpdateBase<T, TERMS> {
   static constexpr unsigned kLoad = Base::kLoad | kBuf, kStore = Base::kStore | kBuf;
   SgdArgs a;
   __device__ void operator()(T (&x)[List::kCount], int64_t) const {
-    const float w = to_f(x[List::kBackups]);
+    const float w = to_op(x[List::kBackups]);
     float d = this->grad(x);
     if (a.maximize) d = -d;
     if (a.weight_decay != 0.f) d += a.weight_decay * w;
     if constexpr (MOMENTUM) {
       // The update uses the fp32 buffer value, before its rounding to the buffer dtype.
       const float buf =
-          a.init_momentum ? d : to_f(x[List::kMomentumBuffers]) * a.momentum + a.one_minus_dampening * d;
-      x[List::kMomentumBuffers] = from_f<T>(buf);
+          a.init_momentum ? d : to_op(x[List::kMomentumBuffers]) * a.momentum + a.one_minus_dampening * d;
+      x[List::kMomentumBuffers] = from_op<T>(buf);
       d = a.nesterov ? d + a.momentum * buf : buf;
     }
-    x[List::kParams] = from_f<T>(w - a.lr * d);
+    x[List::kParams] = from_op<T>(w - a.lr * d);
   }
 };
 
@@ -413,20 +385,20 @@ struct AdamOp : UpdateBase<T, TERMS> {
     if (a.device_steps) a.set_step(__ldg(m.aux[slot]));
   }
   __device__ void operator()(T (&x)[List::kCount], int64_t) const {
-    float w = to_f(x[List::kBackups]), g = this->grad(x);
+    float w = to_op(x[List::kBackups]), g = this->grad(x);
     if (a.maximize) g = -g;
     if (a.weight_decay != 0.f) {
       if (a.decoupled) w *= a.decay_factor;
       else g += a.weight_decay * w;
     }
     // torch.lerp's two-sided formula, exact at both ends.
-    const float m0 = to_f(x[List::kExpAvgs]), diff = g - m0;
+    const float m0 = to_op(x[List::kExpAvgs]), diff = g - m0;
     const float m = fabsf(a.lerp_weight) < 0.5f ? m0 + a.lerp_weight * diff : g - diff * (1.f - a.lerp_weight);
-    const float v = to_f(x[List::kExpAvgSqs]) * a.beta2 + a.one_minus_beta2 * g * g;
-    x[List::kExpAvgs] = from_f<T>(m);
-    x[List::kExpAvgSqs] = from_f<T>(v);
+    const float v = to_op(x[List::kExpAvgSqs]) * a.beta2 + a.one_minus_beta2 * g * g;
+    x[List::kExpAvgs] = from_op<T>(m);
+    x[List::kExpAvgSqs] = from_op<T>(v);
     const float denom = __fdiv_rn(__fsqrt_rn(v), a.bias_correction2_sqrt) + a.eps;
-    x[List::kParams] = from_f<T>(w + __fdiv_rn(a.neg_step_size * m, denom));
+    x[List::kParams] = from_op<T>(w + __fdiv_rn(a.neg_step_size * m, denom));
   }
 };
 
@@ -452,7 +424,7 @@ struct RowNormBody {
     if (valid) {
       const T* w = static_cast<const T*>(m.ptr[List::kParams][slot]) + row * inner;
       for (int64_t k = threadIdx.x % g; k < inner; k += g) {
-        const float x = to_f(w[k]);
+        const float x = to_op(w[k]);
         s[0] += x * x;
       }
     }
@@ -492,7 +464,7 @@ void launch_reduction(const TensorArgs* t, int n, float* partials, float* acc, c
 
 void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
                     const float* inv_scale, float* partials, float* acc, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sub, [&](auto sb) {
@@ -505,7 +477,7 @@ void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, b
 }
 
 void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch_reduction<DotNormSqList::kCount, T>(t, n, partials, acc, stream,
                                                [](float* p) { return DotNormSqOp<T>{{{}, p}}; });
@@ -513,7 +485,7 @@ void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, f
 }
 
 void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch_apply<RowNormList::kCount>(
         t, n, stream,
@@ -527,7 +499,7 @@ void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream
 
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
                     float eta, bool sign, const EmaArgs& ema, const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sign, [&](auto sg) {
@@ -542,7 +514,7 @@ void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, 
 
 void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
                     const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_bool(copy, [&](auto cp) {
       launch_elementwise<ReflectList::kCount, T>(t, n, stream,
@@ -552,7 +524,7 @@ void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, 
 }
 
 void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch_elementwise<RestoreList::kCount, T>(t, n, stream,
                                                CopyOp<T, RestoreList::kParams, RestoreList::kBackups>{});
@@ -561,7 +533,7 @@ void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream) {
 
 void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
                         const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_terms(g.terms, [&](auto terms) {
       dispatch_bool(a.use_momentum, [&](auto mom) {
@@ -574,7 +546,7 @@ void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g,
 
 void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
                          const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_terms(g.terms, [&](auto terms) {
       launch_elementwise<AdamList::kCount, T>(t, n, stream,

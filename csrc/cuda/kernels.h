@@ -8,10 +8,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastsam {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 constexpr int kModeIdentity = 0, kModeAbs = 1, kModeRow = 2;  // fastsam/ops/reference.py MODE_*
 
