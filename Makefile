@@ -9,7 +9,7 @@ EXTRAS_SPEC ?= "lightning>=2.4" "transformers>=4.46" "accelerate>=1.0" "scikit-l
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/cuda-check/%.o,$(CUDA_SOURCES))
 NVCC ?= nvcc
