@@ -13,9 +13,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
-#include <string>
 #include <type_traits>
 #include <vector>
+
+#include "checks.h"
 
 namespace fastsam::cpu {
 
@@ -106,118 +107,26 @@ std::vector<S*> data_ptrs(at::TensorList ts) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Input checks. The kernels walk each tensor's storage as one flat array, so a list entry must be
-// dense (contiguous or another dense layout, e.g. channels_last) and laid out like its lead.
+// Input checks (checks.h) by the CPU's rules: CPU tensors, dense layouts like the lead's, scalars
+// read on the host, where they lie (no device sync).
 
-inline int64_t rows_of(const at::Tensor& t) { return t.dim() > 0 ? t.size(0) : 1; }
-
-class Check {
+class Check : public Checks {
  public:
-  // `lead` fixes the dtype of the call and the numel and layout of each position.
-  Check(const char* op, at::TensorList lead, const char* name) : op_(op), lead_(lead) {
-    for (const auto j : c10::irange(lead.size())) {
-      const at::Tensor& t = lead[j];
-      on_cpu(t, name, j);
-      TORCH_CHECK(t.scalar_type() == lead[0].scalar_type(), op_, ": ", name, "[", j, "] has dtype ",
-                  t.scalar_type(), " but ", name, "[0] has ", lead[0].scalar_type(), " (one dtype per call)");
-      TORCH_CHECK(t.is_non_overlapping_and_dense(), op_, ": ", name, "[", j,
-                  "] must be contiguous (or dense in another layout); call .contiguous() on it");
-    }
-    if (!lead.empty()) dispatch_dtype(lead[0].scalar_type(), op, [](auto) {});
-  }
+  Check(const char* op, at::TensorList lead, const char* name) : Checks(op, lead, name, kCpuRules) {}
 
-  void like(at::TensorList ts, const char* name) const {
-    TORCH_CHECK(ts.size() == lead_.size(), op_, ": ", name, " has ", ts.size(), " tensors, expected ", lead_.size());
-    for (const auto j : c10::irange(ts.size())) {
-      const at::Tensor &t = ts[j], &l = lead_[j];
-      on_cpu(t, name, j);
-      TORCH_CHECK(t.scalar_type() == l.scalar_type(), op_, ": ", name, "[", j, "] has dtype ", t.scalar_type(),
-                  ", expected ", l.scalar_type());
-      TORCH_CHECK(t.numel() == l.numel(), op_, ": ", name, "[", j, "] has ", t.numel(), " elements, expected ",
-                  l.numel());
-      TORCH_CHECK(same_layout(t, l), op_, ": ", name, "[", j, "] (sizes ", t.sizes(), ", strides ", t.strides(),
-                  ") is not laid out like the matching tensor (sizes ", l.sizes(), ", strides ", l.strides(),
-                  "); make both contiguous");
-    }
-  }
-
-  // An optional list: empty (the op goes without it) or one tensor like each lead tensor.
-  void like_or_empty(at::TensorList ts, const char* name) const {
-    if (!ts.empty()) like(ts, name);
-  }
-
-  // n fp32 values that the host reads or accumulates into through data_ptr().
-  void f32_values(const at::Tensor& t, const char* name, int64_t n) const {
-    on_cpu(t, name, 0);
-    const std::string count = n == 1 ? "one element" : std::to_string(n) + " elements";
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n && t.is_contiguous(), op_, ": ", name,
-                " must be a float32 tensor with ", count, " (contiguous), got ", t.scalar_type(), " of shape ",
-                t.sizes(), " and strides ", t.strides());
-  }
-
-  // An optional fp32 scalar that the host reads (inv_scale, found_inf): its value, or nullopt when it is
-  // not given. On the CPU it lies in host memory, so the read is no device sync.
+  // An optional fp32 scalar (inv_scale, found_inf): its value, or nullopt when it is not given.
   std::optional<float> f32_scalar(const std::optional<at::Tensor>& t, const char* name) const {
-    if (!t) return std::nullopt;
-    return scalar_value(*t, name);
+    const float* p = optional_scalar(t, name);
+    return p ? std::optional<float>(*p) : std::nullopt;
   }
 
-  // An optional list of fp32 scalars (Adam's step counts): empty, or one per lead tensor.
+  // An optional list of fp32 scalars (Adam's step counts): their values, none when it is not given.
   std::vector<float> f32_scalars(at::TensorList ts, const char* name) const {
-    TORCH_CHECK(ts.empty() || ts.size() == lead_.size(), op_, ": ", name, " has ", ts.size(),
-                " tensors, expected 0 or ", lead_.size());
     std::vector<float> out;
-    for (const auto j : c10::irange(ts.size()))
-      out.push_back(scalar_value(ts[j], std::string(name) + "[" + std::to_string(j) + "]"));
+    if (optional_scalars(ts, name))
+      for (const at::Tensor& t : ts) out.push_back(*t.data_ptr<float>());
     return out;
   }
-
-  void mode(int64_t mode) const {
-    TORCH_CHECK(mode >= kIdentity && mode <= kRow, op_, ": mode must be 0 (identity), 1 (abs) or 2 (row), got ",
-                mode);
-  }
-
-  // One fp32 value per row (slice along dim 0) of each lead tensor; the rows must be contiguous
-  // blocks of storage so that element i of the flat storage lies in row i / (numel / rows).
-  void row_vectors(at::TensorList rs, const char* name) const {
-    TORCH_CHECK(rs.size() == lead_.size(), op_, ": ", name, " has ", rs.size(), " tensors, expected ",
-                lead_.size());
-    for (const auto j : c10::irange(rs.size())) {
-      const at::Tensor &r = rs[j], &l = lead_[j];
-      on_cpu(r, name, j);
-      TORCH_CHECK(r.scalar_type() == at::kFloat && r.is_contiguous() && r.numel() == rows_of(l), op_, ": ", name,
-                  "[", j, "] must be a contiguous float32 tensor with ", rows_of(l),
-                  " elements (one per row of a tensor of sizes ", l.sizes(), "), got ", r.scalar_type(), " ",
-                  r.sizes());
-      TORCH_CHECK(l.dim() == 0 || l.size(0) <= 1 || l.numel() == 0 || l.stride(0) == l.numel() / l.size(0), op_,
-                  ": tensor ", j, " (sizes ", l.sizes(), ", strides ", l.strides(),
-                  ") must store its dim-0 rows as contiguous blocks");
-    }
-  }
-
- private:
-  void on_cpu(const at::Tensor& t, const char* name, size_t j) const {
-    TORCH_CHECK(t.defined() && t.device().is_cpu(), op_, ": ", name, "[", j, "] must be a defined CPU tensor",
-                t.defined() ? ", got one on " + t.device().str() : std::string());
-  }
-  float scalar_value(const at::Tensor& t, const std::string& name) const {
-    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1, op_, ": ",
-                name, " must be a float32 tensor with one element on the CPU, got ",
-                t.defined() ? c10::str(t.scalar_type(), " of shape ", t.sizes(), " on ", t.device())
-                            : std::string("an undefined tensor"));
-    return *t.data_ptr<float>();
-  }
-  // Same position of every element in storage: equal strides on the dims that are not of size 1.
-  static bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-    if (a.is_contiguous() && b.is_contiguous()) return true;
-    if (a.sizes() != b.sizes() || !a.is_non_overlapping_and_dense()) return false;
-    for (const auto d : c10::irange(a.dim()))
-      if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-    return true;
-  }
-
-  const char* op_;
-  at::TensorList lead_;
 };
 
 // ----------------------------------------------------------------------------------------------

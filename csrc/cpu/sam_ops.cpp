@@ -36,11 +36,11 @@ void norm_sq(const at::Tensor& acc, at::TensorList grads, at::TensorList params,
              int64_t mode, double eta, at::TensorList ema, double sigma, const std::optional<at::Tensor>& inv_scale) {
   const Check check("norm_sq_", params, "params");
   check.like(grads, "grads");
-  check.like_or_empty(ema, "ema");
-  check.f32_values(acc, "acc", 1);
+  check.optional_like(ema, "ema");
+  check.fp32(acc, "acc", 1);
   const auto inv = check.f32_scalar(inv_scale, "inv_scale");
-  check.mode(mode);
-  if (mode == kRow) check.row_vectors(row_scales, "row_scales");
+  check_mode("norm_sq_", mode);
+  if (mode == kRow) check.per_row(row_scales, "row_scales");
   if (params.empty()) return;
   const auto chunks = make_chunks(params);
   const TArgs ta(params, row_scales, mode, eta);
@@ -77,7 +77,7 @@ void norm_sq(const at::Tensor& acc, at::TensorList grads, at::TensorList params,
 
 void row_norm(at::TensorList out, at::TensorList params, double eta) {
   const Check check("row_norm_", params, "params");
-  check.row_vectors(out, "out");
+  check.per_row(out, "out");
   if (params.empty()) return;
   const float eta_f = float(eta);
   std::vector<int64_t> inner(params.size());
@@ -131,10 +131,10 @@ void perturb(at::TensorList params, at::TensorList grads, at::TensorList backups
   const Check check("perturb_", params, "params");
   check.like(grads, "grads");
   check.like(backups, "backups");
-  check.like_or_empty(ema, "ema");
-  check.f32_values(norm_sq, "norm_sq", 1);
-  check.mode(mode);
-  if (mode == kRow) check.row_vectors(row_scales, "row_scales");
+  check.optional_like(ema, "ema");
+  check.fp32(norm_sq, "norm_sq", 1);
+  check_mode("perturb_", mode);
+  if (mode == kRow) check.per_row(row_scales, "row_scales");
   const auto inv = check.f32_scalar(inv_scale, "inv_scale");
   // A skipped step still backs w up: the step's later ops restore w from the backups.
   if (skipped(check.f32_scalar(found_inf, "found_inf"))) return copy_tensors(backups, params);
@@ -192,7 +192,7 @@ void reflect(at::TensorList params, at::TensorList backups, at::TensorList dirs,
   const Check check("reflect_", params, "params");
   check.like(backups, "backups");
   check.like(dirs, "dirs");
-  check.f32_values(norm_sq, "norm_sq", 1);
+  check.fp32(norm_sq, "norm_sq", 1);
   // grads and grad_copies come together: a check of both fails on the one that is missing.
   const bool copy = !grads.empty() || !grad_copies.empty();
   if (copy) {
@@ -234,7 +234,7 @@ void reflect(at::TensorList params, at::TensorList backups, at::TensorList dirs,
 void dot_norm_sq(const at::Tensor& acc, at::TensorList a, at::TensorList b) {
   const Check check("dot_norm_sq_", a, "a");
   check.like(b, "b");
-  check.f32_values(acc, "acc", 2);
+  check.fp32(acc, "acc", 2);
   if (a.empty()) return;
   const auto chunks = make_chunks(a);
   std::vector<std::array<double, 2>> partial(chunks.size());

@@ -42,14 +42,14 @@ class GradTerms {
   GradTerms(const Check& check, at::TensorList grads, at::TensorList grads_b, at::TensorList grads_c,
             const std::optional<at::Tensor>& coef, const std::optional<at::Tensor>& inv_scale, bool maximize) {
     check.like(grads, "grads");
-    check.like_or_empty(grads_b, "grads_b");
-    check.like_or_empty(grads_c, "grads_c");
+    check.optional_like(grads_b, "grads_b");
+    check.optional_like(grads_c, "grads_c");
     const float sign = maximize ? -1.f : 1.f, inv = check.f32_scalar(inv_scale, "inv_scale").value_or(1.f);
     if (!coef) {
       add(grads, inv * sign);
       return;
     }
-    check.f32_values(*coef, "coef", 3);
+    check.fp32(*coef, "coef", 3);
     const float* cf = coef->data_ptr<float>();
     add(grads, cf[0] * inv * sign);
     if (!grads_b.empty()) add(grads_b, cf[1] * sign);
@@ -88,7 +88,7 @@ void restore_sgd(at::TensorList params, at::TensorList grads, at::TensorList bac
                  const std::optional<at::Tensor>& found_inf) {
   const Check check("restore_sgd_", params, "params");
   const GradTerms terms(check, grads, grads_b, grads_c, coef, inv_scale, maximize);
-  check.like_or_empty(backups, "backups");
+  check.optional_like(backups, "backups");
   if (momentum != 0) check.like(momentum_buffers, "momentum_buffers");
   if (skipped(check.f32_scalar(found_inf, "found_inf"))) return restore_only(params, backups);
   if (params.empty()) return;
@@ -141,7 +141,7 @@ void restore_adam(at::TensorList params, at::TensorList grads, at::TensorList ba
                   const std::optional<at::Tensor>& found_inf, at::TensorList steps) {
   const Check check("restore_adam_", params, "params");
   const GradTerms terms(check, grads, grads_b, grads_c, coef, inv_scale, maximize);
-  check.like_or_empty(backups, "backups");
+  check.optional_like(backups, "backups");
   check.like(exp_avgs, "exp_avgs");
   check.like(exp_avg_sqs, "exp_avg_sqs");
   const std::vector<float> step_counts = check.f32_scalars(steps, "steps");

@@ -41,16 +41,16 @@ void check_tensor(const char* op, const char* what, const Tensor& t, const std::
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", what, " must be contiguous");
 }
 
-fc::CvarDType float_dtype(const char* op, const char* what, const Tensor& t) {
+fc::DType float_dtype(const char* op, const char* what, const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return fc::CvarDType::kFloat32;
-    case at::kBFloat16: return fc::CvarDType::kBFloat16;
-    case at::kHalf: return fc::CvarDType::kFloat16;
-    case at::kDouble: return fc::CvarDType::kFloat64;
+    case at::kFloat: return fc::DType::kFloat32;
+    case at::kBFloat16: return fc::DType::kBFloat16;
+    case at::kHalf: return fc::DType::kFloat16;
+    case at::kDouble: return fc::DType::kFloat64;
     default: break;
   }
   TORCH_CHECK_TYPE(false, op, ": ", what, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  return fc::CvarDType::kFloat32;  // unreachable
+  return fc::DType::kFloat32;  // unreachable
 }
 
 // logits: 2-D [n, cols] with cols >= 1; returns cols.
@@ -63,12 +63,12 @@ int64_t check_logits(const char* op, const char* cols_name, const Tensor& logits
   return logits.size(1);
 }
 
-at::ScalarType opmath_of(fc::CvarDType dt) { return dt == fc::CvarDType::kFloat64 ? at::kDouble : at::kFloat; }
+at::ScalarType opmath_of(fc::DType dt) { return dt == fc::DType::kFloat64 ? at::kDouble : at::kFloat; }
 
 // value, var (0-dim, opmath) and the per-slot output like `input`; NaN / NaN / empty without rows.
 struct Outputs {
   Tensor value, var, out;
-  Outputs(const Tensor& input, fc::CvarDType dt)
+  Outputs(const Tensor& input, fc::DType dt)
       : value(at::empty({}, input.options().dtype(opmath_of(dt)))),
         var(at::empty({}, input.options().dtype(opmath_of(dt)))),
         out(at::empty_like(input, at::MemoryFormat::Contiguous)) {}
@@ -82,7 +82,7 @@ struct Outputs {
   }
 };
 
-Tensor workspace(const Tensor& like, fc::CvarOp op, fc::CvarDType dt, int64_t rows, int64_t cols) {
+Tensor workspace(const Tensor& like, fc::CvarOp op, fc::DType dt, int64_t rows, int64_t cols) {
   const size_t bytes = fc::cvar_workspace_bytes(op, dt, rows, cols);
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
@@ -92,7 +92,7 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 Result cvar_select_cuda(const Tensor& losses, double alpha) {
   constexpr const char* op = "cvar_select";
   check_tensor(op, "losses", losses, std::nullopt);
-  const fc::CvarDType dt = float_dtype(op, "losses", losses);
+  const fc::DType dt = float_dtype(op, "losses", losses);
   TORCH_CHECK_VALUE(losses.dim() == 1, op, ": losses must be 1-D [n], got shape ", losses.sizes());
   check_alpha(op, alpha);
   const c10::cuda::CUDAGuard guard(losses.device());
@@ -109,7 +109,7 @@ Result cvar_cross_entropy_cuda(const Tensor& logits, const Tensor& target, doubl
                                double label_smoothing) {
   constexpr const char* op = "cvar_cross_entropy";
   const int64_t c = check_logits(op, "C", logits);
-  const fc::CvarDType dt = float_dtype(op, "logits", logits);
+  const fc::DType dt = float_dtype(op, "logits", logits);
   check_tensor(op, "target", target, logits.device());
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": target must be int64 class indices, got ",
                    target.scalar_type());
@@ -131,12 +131,12 @@ Result cvar_cross_entropy_cuda(const Tensor& logits, const Tensor& target, doubl
 }
 
 // ignore_index as torch compares it with a target of dtype `dt`: the Python float rounded to float, then to dt.
-double ignore_in(fc::CvarDType dt, double ignore_index) {
+double ignore_in(fc::DType dt, double ignore_index) {
   switch (dt) {
-    case fc::CvarDType::kFloat32: return static_cast<float>(ignore_index);
-    case fc::CvarDType::kFloat16: return static_cast<float>(c10::Half(static_cast<float>(ignore_index)));
-    case fc::CvarDType::kBFloat16: return static_cast<float>(c10::BFloat16(static_cast<float>(ignore_index)));
-    case fc::CvarDType::kFloat64: break;
+    case fc::DType::kFloat32: return static_cast<float>(ignore_index);
+    case fc::DType::kFloat16: return static_cast<float>(c10::Half(static_cast<float>(ignore_index)));
+    case fc::DType::kBFloat16: return static_cast<float>(c10::BFloat16(static_cast<float>(ignore_index)));
+    case fc::DType::kFloat64: break;
   }
   return ignore_index;
 }
@@ -145,7 +145,7 @@ Result cvar_bce_with_logits_cuda(const Tensor& logits, const Tensor& target, con
                                  double alpha, bool per_sample, double ignore_index) {
   constexpr const char* op = "cvar_bce_with_logits";
   const int64_t l = check_logits(op, "L", logits);
-  const fc::CvarDType dt = float_dtype(op, "logits", logits);
+  const fc::DType dt = float_dtype(op, "logits", logits);
   check_tensor(op, "target", target, logits.device());
   TORCH_CHECK_TYPE(target.scalar_type() == logits.scalar_type(), op, ": target must have the dtype of logits (",
                    logits.scalar_type(), "), got ", target.scalar_type());

@@ -25,14 +25,13 @@
 // (per-thread strides, a fixed shuffle tree, partials indexed by block of a grid sized from the shape).
 // Rounding as the reference: IEEE __fdiv_rn where setup.py's --use_fast_math would otherwise approximate,
 // log1p(s - 1) for log(s), gradients as the float64 weight times the opmath term, stored through fp32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
 #include "cvar_kernels.h"
+#include "opmath.cuh"
 
 namespace fastsam {
 namespace cuda {
@@ -49,37 +48,11 @@ static_assert(kThreads == kBins, "the loss and histogram kernels zero and flush 
 
 // ---------------------------------------------------------------------------------------------- types
 
-template <typename T>
-struct OpmathOf {
-  using type = float;
-};
-template <>
-struct OpmathOf<double> {
-  using type = double;
-};
-template <typename T>
-using Opmath = typename OpmathOf<T>::type;
 // Keys: the bits of an opmath loss mapped so that unsigned order is the float order.
 template <typename Op>
 using KeyOf = typename std::conditional<std::is_same<Op, double>::value, unsigned long long, unsigned>::type;
 template <typename Key>
 using OpOfKey = typename std::conditional<sizeof(Key) == 8, double, float>::type;
-
-__device__ __forceinline__ float to_op(float x) { return x; }
-__device__ __forceinline__ float to_op(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_op(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ double to_op(double x) { return x; }
-
-template <typename T>
-__device__ __forceinline__ T from_op(Opmath<T> x);
-template <>
-__device__ __forceinline__ float from_op<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_op<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_op<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ double from_op<double>(double x) { return x; }
 
 // A float64 weight or gradient stored as T the way the reference's .to(dtype) stores it: torch converts
 // float64 to float16 / bfloat16 through float32.
@@ -811,21 +784,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------------------------------------- host
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(CvarDType dt, F&& f) {
-  switch (dt) {
-    case CvarDType::kFloat32: return f(Tag<float>{});
-    case CvarDType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case CvarDType::kFloat16: return f(Tag<__half>{});
-    case CvarDType::kFloat64: return f(Tag<double>{});
-  }
-}
-
 // Threads per row: a power of two giving each about 8 elements, at most a warp.
 int group_of(int64_t cols) {
   int g = 1;
@@ -861,8 +819,8 @@ struct Layout {
   int grad_blocks;
 };
 
-Layout layout_of(CvarOp op, CvarDType dt, int64_t rows, int64_t cols) {
-  const size_t word = dt == CvarDType::kFloat64 ? 8 : 4;  // opmath and key bytes
+Layout layout_of(CvarOp op, DType dt, int64_t rows, int64_t cols) {
+  const size_t word = dt == DType::kFloat64 ? 8 : 4;  // opmath and key bytes
   const int64_t slots = op == CvarOp::kBceElement ? rows * cols : rows;
   Layout l{};
   l.small = slots <= cvar_small_max(dt);
@@ -900,16 +858,16 @@ Op* typed(void* p) {
 
 }  // namespace
 
-int64_t cvar_small_max(CvarDType dt) { return kSmallBytes / (dt == CvarDType::kFloat64 ? 8 : 4); }
+int64_t cvar_small_max(DType dt) { return kSmallBytes / (dt == DType::kFloat64 ? 8 : 4); }
 
-size_t cvar_workspace_bytes(CvarOp op, CvarDType dt, int64_t rows, int64_t cols) {
+size_t cvar_workspace_bytes(CvarOp op, DType dt, int64_t rows, int64_t cols) {
   return layout_of(op, dt, rows, cols).total;
 }
 
-cudaError_t launch_cvar_select(CvarDType dt, const void* losses, int64_t n, double alpha, const CvarOutputs& out,
+cudaError_t launch_cvar_select(DType dt, const void* losses, int64_t n, double alpha, const CvarOutputs& out,
                                void* workspace, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<true>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Op = Opmath<T>;
     using Key = KeyOf<Op>;
@@ -935,11 +893,11 @@ cudaError_t launch_cvar_select(CvarDType dt, const void* losses, int64_t n, doub
   return err;
 }
 
-cudaError_t launch_cvar_cross_entropy(CvarDType dt, const void* logits, const int64_t* target, int64_t n, int64_t c,
+cudaError_t launch_cvar_cross_entropy(DType dt, const void* logits, const int64_t* target, int64_t n, int64_t c,
                                       double alpha, int64_t ignore_index, double label_smoothing,
                                       const CvarOutputs& out, void* workspace, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<true>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Op = Opmath<T>;
     using Key = KeyOf<Op>;
@@ -985,12 +943,12 @@ cudaError_t launch_cvar_cross_entropy(CvarDType dt, const void* logits, const in
   return err;
 }
 
-cudaError_t launch_cvar_bce_with_logits(CvarDType dt, const void* logits, const void* target,
+cudaError_t launch_cvar_bce_with_logits(DType dt, const void* logits, const void* target,
                                         const float* pos_weight, int64_t n, int64_t l, double alpha,
                                         bool per_sample, double ignore, const CvarOutputs& out, void* workspace,
                                         cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<true>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Op = Opmath<T>;
     using Key = KeyOf<Op>;

@@ -1,43 +1,15 @@
 // CUDA kernels of the fused SAM ops. The math of each op is fastsam/ops/reference.py: fp32 arithmetic
 // whatever the param dtype, one rounding per store, the reference's order of operations.
 // IEEE __fdiv_rn / __fsqrt_rn where setup.py's --use_fast_math would otherwise approximate.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <type_traits>
 
 #include "kernels.h"
 #include "multi_tensor_apply.cuh"
+#include "opmath.cuh"
 
 namespace fastsam {
 namespace cuda {
 namespace {
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-  }
-}
 
 template <class F>
 void dispatch_mode(int mode, F&& f) {
@@ -118,12 +90,12 @@ struct Amp {
   // An element of the op's grads list in fp32: one multiply by inv_scale before any other use.
   template <typename T>
   __device__ float grad(T g) const {
-    return args.inv_scale ? to_f(g) * inv : to_f(g);
+    return args.inv_scale ? to_op(g) * inv : to_op(g);
   }
   // The same where the op stores the grad.
   template <typename T>
   __device__ T stored(T g) const {
-    return args.inv_scale ? from_f<T>(to_f(g) * inv) : g;
+    return args.inv_scale ? from_op<T>(to_op(g) * inv) : g;
   }
 };
 
@@ -216,10 +188,13 @@ __global__ void __launch_bounds__(kBlock) sum_partials_kernel(const float* parti
   }
 }
 
-// Lists {grads, params, ema}: stage 1 of norm_sq_. SUB: d = g - sigma m, else d = g and ema is not read.
+// Stage 1 of norm_sq_. SUB: d = g - sigma m, else d = g and ema is not read.
 template <typename T, int MODE, bool SUB>
 struct NormSqOp : PartialSums<1> {
-  static constexpr unsigned kLoad = 0b001 | (MODE == kModeAbs ? 0b010u : 0u) | (SUB ? 0b100u : 0u), kStore = 0;
+  using List = NormSqList;
+  static constexpr unsigned kLoad = list_mask(List::kGrads) | (MODE == kModeAbs ? list_mask(List::kParams) : 0u) |
+                                    (SUB ? list_mask(List::kEma) : 0u);
+  static constexpr unsigned kStore = 0;
   TOp<MODE> t;
   float sigma;
   Amp amp;  // inv_scale only
@@ -229,42 +204,43 @@ struct NormSqOp : PartialSums<1> {
     t.bind(m, slot);
     amp.load();
   }
-  __device__ void operator()(T (&x)[3], int64_t i) {
-    float w = 0.f, d = amp.grad(x[0]);
-    if constexpr (MODE == kModeAbs) w = to_f(x[1]);
-    if constexpr (SUB) d -= sigma * to_f(x[2]);
+  __device__ void operator()(T (&x)[List::kCount], int64_t i) {
+    float w = 0.f, d = amp.grad(x[List::kGrads]);
+    if constexpr (MODE == kModeAbs) w = to_op(x[List::kParams]);
+    if constexpr (SUB) d -= sigma * to_op(x[List::kEma]);
     const float v = t(w, i) * d;
     sum[0] += v * v;
   }
 };
 
-// Lists {a, b}: stage 1 of dot_norm_sq_.
+// Stage 1 of dot_norm_sq_.
 template <typename T>
 struct DotNormSqOp : PartialSums<2> {
-  static constexpr unsigned kLoad = 0b11, kStore = 0;
-  __device__ void operator()(T (&x)[2], int64_t) {
-    const float a = to_f(x[0]), b = to_f(x[1]);
+  using List = DotNormSqList;
+  static constexpr unsigned kLoad = list_mask(List::kA, List::kB), kStore = 0;
+  __device__ void operator()(T (&x)[List::kCount], int64_t) {
+    const float a = to_op(x[List::kA]), b = to_op(x[List::kB]);
     sum[0] += a * b;
     sum[1] += b * b;
   }
 };
 
-// x[DST] <- x[SRC]: a raw copy, bit-exact for every dtype (NaN payloads included).
+// x[DST] <- x[SRC] (list positions): a raw copy, bit-exact for every dtype (NaN payloads included).
 template <typename T, int DST, int SRC>
 struct CopyOp : OpBase {
-  static constexpr unsigned kLoad = 1u << SRC, kStore = 1u << DST;
+  static constexpr unsigned kLoad = list_mask(SRC), kStore = list_mask(DST);
   template <int L>
   __device__ void operator()(T (&x)[L], int64_t) const {
     x[DST] = x[SRC];
   }
 };
 
-// Lists {params, grads, backups, ema}.
 template <typename T, int MODE, bool SIGN, EmaKind EMA>
 struct PerturbOp : SkippingOpBase {
-  static constexpr unsigned kEma = 0b1000;
-  static constexpr unsigned kLoad = 0b0011 | (EMA == EmaKind::kFull ? kEma : 0u);
-  static constexpr unsigned kStore = 0b0101 | (EMA != EmaKind::kNone ? kEma : 0u);
+  using List = PerturbList;
+  static constexpr unsigned kEma = list_mask(List::kEma);
+  static constexpr unsigned kLoad = list_mask(List::kParams, List::kGrads) | (EMA == EmaKind::kFull ? kEma : 0u);
+  static constexpr unsigned kStore = list_mask(List::kParams, List::kBackups) | (EMA != EmaKind::kNone ? kEma : 0u);
   TOp<MODE> t;
   const float* norm_sq;
   float rho, eps;
@@ -281,34 +257,35 @@ struct PerturbOp : SkippingOpBase {
   // The backups are written all the same: the caller restores from them at the end of the step.
   template <int L>
   __device__ void skipped(const TensorListMeta<L>& m, int slot) const {
-    CopyOp<T, 2, 0> backup;
+    CopyOp<T, List::kBackups, List::kParams> backup;
     for_each_element<T>(m, slot, backup);
   }
-  __device__ void operator()(T (&x)[4], int64_t i) const {
-    x[2] = x[0];
-    const float w = to_f(x[0]), g = amp.grad(x[1]), tw = t(w, i);
+  __device__ void operator()(T (&x)[List::kCount], int64_t i) const {
+    x[List::kBackups] = x[List::kParams];
+    const float w = to_op(x[List::kParams]), g = amp.grad(x[List::kGrads]), tw = t(w, i);
     float d = g;
     // Without inv_scale, m <- g is a copy of the raw element: exact for every dtype, and sigma == 0 keeps
     // d = g even where m is not finite.
     if constexpr (EMA == EmaKind::kFull) {
-      const float m = to_f(x[3]);
+      const float m = to_op(x[List::kEma]);
       if (ema.sub) d = g - ema.sigma * m;
-      x[3] = ema.copy ? amp.stored(x[1]) : from_f<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
+      x[List::kEma] = ema.copy ? amp.stored(x[List::kGrads]) : from_op<T>(m * ema.lmbda + g * ema.one_minus_lmbda);
     } else if constexpr (EMA == EmaKind::kCopy) {
-      x[3] = amp.stored(x[1]);
+      x[List::kEma] = amp.stored(x[List::kGrads]);
     }
     const float e = SIGN ? scale * tw * float((d > 0.f) - (d < 0.f)) : scale * (tw * tw) * d;
-    x[0] = from_f<T>(w + e);
+    x[List::kParams] = from_op<T>(w + e);
   }
 };
 
-// Lists {params, backups, dirs, grads, grad_copies}; COPY: grad_copies <- grads (unscaled with inv_scale,
-// else raw, so bit-exact). SKIPPED: the op of a skipped step, w <- backup (dirs unread), the copies made all
-// the same.
+// COPY: grad_copies <- grads (unscaled with inv_scale, else raw, so bit-exact). SKIPPED: the op of a skipped
+// step, w <- backup (dirs unread), the copies made all the same.
 template <typename T, bool COPY, bool SKIPPED = false>
 struct ReflectOp : std::conditional_t<SKIPPED, OpBase, SkippingOpBase> {
-  static constexpr unsigned kLoad = (SKIPPED ? 0b00010u : 0b00110u) | (COPY ? 0b01000u : 0u);
-  static constexpr unsigned kStore = 0b00001 | (COPY ? 0b10000u : 0u);
+  using List = ReflectList;
+  static constexpr unsigned kLoad = list_mask(List::kBackups) | (SKIPPED ? 0u : list_mask(List::kDirs)) |
+                                    (COPY ? list_mask(List::kGrads) : 0u);
+  static constexpr unsigned kStore = list_mask(List::kParams) | (COPY ? list_mask(List::kGradCopies) : 0u);
   Amp amp;
   const float* norm_sq;
   float rho, eps;
@@ -324,20 +301,22 @@ struct ReflectOp : std::conditional_t<SKIPPED, OpBase, SkippingOpBase> {
     ReflectOp<T, COPY, true> op{{}, amp};
     for_each_element<T>(m, slot, op);
   }
-  __device__ void operator()(T (&x)[5], int64_t) const {
-    if constexpr (SKIPPED) x[0] = x[1];
-    else x[0] = from_f<T>(to_f(x[1]) - scale * to_f(x[2]));
-    if constexpr (COPY) x[4] = amp.stored(x[3]);
+  __device__ void operator()(T (&x)[List::kCount], int64_t) const {
+    if constexpr (SKIPPED) x[List::kParams] = x[List::kBackups];
+    else x[List::kParams] = from_op<T>(to_op(x[List::kBackups]) - scale * to_op(x[List::kDirs]));
+    if constexpr (COPY) x[List::kGradCopies] = amp.stored(x[List::kGrads]);
   }
 };
 
-// The lists {params, grads, backups, grads_b, grads_c} the fused updates start with, and their grad
-// (reference._grad_combination) in the reference's order of operations. w is read from backups: without a
-// restore, the host passes the params there.
+// The lists the fused updates start with (UpdateList), and their grad (reference._grad_combination) in the
+// reference's order of operations. w is read from backups: without a restore, the host passes the params there.
 template <typename T, unsigned TERMS>
 struct UpdateBase : SkippingOpBase {
-  static constexpr unsigned kLoad = 0b00110 | (TERMS & kTermB ? 0b01000u : 0u) | (TERMS & kTermC ? 0b10000u : 0u);
-  static constexpr unsigned kStore = 0b00001;
+  using List = UpdateList;
+  static constexpr unsigned kLoad = list_mask(List::kGrads, List::kBackups) |
+                                    (TERMS & kTermB ? list_mask(List::kGradsB) : 0u) |
+                                    (TERMS & kTermC ? list_mask(List::kGradsC) : 0u);
+  static constexpr unsigned kStore = list_mask(List::kParams);
   const float* coef;
   Amp amp;  // inv_scale scales grads only: grads_b and grads_c were stored unscaled
   float c[3] = {};
@@ -353,49 +332,51 @@ struct UpdateBase : SkippingOpBase {
   // Only the restore, and nothing without one: then backups holds the params themselves.
   template <int L>
   __device__ void skipped(const TensorListMeta<L>& m, int slot) const {
-    if (m.ptr[2][slot] == m.ptr[0][slot]) return;
-    CopyOp<T, 0, 2> restore;
+    if (m.ptr[List::kBackups][slot] == m.ptr[List::kParams][slot]) return;
+    CopyOp<T, List::kParams, List::kBackups> restore;
     for_each_element<T>(m, slot, restore);
   }
   template <int L>
   __device__ float grad(const T (&x)[L]) const {
-    float g = amp.grad(x[1]);
+    float g = amp.grad(x[List::kGrads]);
     if constexpr (TERMS != 0) {
       g *= c[0];
-      if constexpr ((TERMS & kTermB) != 0) g += to_f(x[3]) * c[1];
-      if constexpr ((TERMS & kTermC) != 0) g += to_f(x[4]) * c[2];
+      if constexpr ((TERMS & kTermB) != 0) g += to_op(x[List::kGradsB]) * c[1];
+      if constexpr ((TERMS & kTermC) != 0) g += to_op(x[List::kGradsC]) * c[2];
     }
     return g;
   }
 };
 
-// Lists {params, grads, backups, grads_b, grads_c, momentum_buffers}.
 template <typename T, unsigned TERMS, bool MOMENTUM>
 struct SgdOp : UpdateBase<T, TERMS> {
   using Base = UpdateBase<T, TERMS>;
-  static constexpr unsigned kBuf = MOMENTUM ? 0b100000 : 0;
+  using List = SgdList;
+  static constexpr unsigned kBuf = MOMENTUM ? list_mask(List::kMomentumBuffers) : 0u;
   static constexpr unsigned kLoad = Base::kLoad | kBuf, kStore = Base::kStore | kBuf;
   SgdArgs a;
-  __device__ void operator()(T (&x)[6], int64_t) const {
-    const float w = to_f(x[2]);
+  __device__ void operator()(T (&x)[List::kCount], int64_t) const {
+    const float w = to_op(x[List::kBackups]);
     float d = this->grad(x);
     if (a.maximize) d = -d;
     if (a.weight_decay != 0.f) d += a.weight_decay * w;
     if constexpr (MOMENTUM) {
       // The update uses the fp32 buffer value, before its rounding to the buffer dtype.
-      const float buf = a.init_momentum ? d : to_f(x[5]) * a.momentum + a.one_minus_dampening * d;
-      x[5] = from_f<T>(buf);
+      const float buf =
+          a.init_momentum ? d : to_op(x[List::kMomentumBuffers]) * a.momentum + a.one_minus_dampening * d;
+      x[List::kMomentumBuffers] = from_op<T>(buf);
       d = a.nesterov ? d + a.momentum * buf : buf;
     }
-    x[0] = from_f<T>(w - a.lr * d);
+    x[List::kParams] = from_op<T>(w - a.lr * d);
   }
 };
 
-// Lists {params, grads, backups, grads_b, grads_c, exp_avgs, exp_avg_sqs}.
 template <typename T, unsigned TERMS>
 struct AdamOp : UpdateBase<T, TERMS> {
   using Base = UpdateBase<T, TERMS>;
-  static constexpr unsigned kLoad = Base::kLoad | 0b1100000, kStore = Base::kStore | 0b1100000;
+  using List = AdamList;
+  static constexpr unsigned kMoments = list_mask(List::kExpAvgs, List::kExpAvgSqs);
+  static constexpr unsigned kLoad = Base::kLoad | kMoments, kStore = Base::kStore | kMoments;
   AdamArgs a;
 
   template <int L>
@@ -403,21 +384,21 @@ struct AdamOp : UpdateBase<T, TERMS> {
     Base::bind(m, slot);
     if (a.device_steps) a.set_step(__ldg(m.aux[slot]));
   }
-  __device__ void operator()(T (&x)[7], int64_t) const {
-    float w = to_f(x[2]), g = this->grad(x);
+  __device__ void operator()(T (&x)[List::kCount], int64_t) const {
+    float w = to_op(x[List::kBackups]), g = this->grad(x);
     if (a.maximize) g = -g;
     if (a.weight_decay != 0.f) {
       if (a.decoupled) w *= a.decay_factor;
       else g += a.weight_decay * w;
     }
     // torch.lerp's two-sided formula, exact at both ends.
-    const float m0 = to_f(x[5]), diff = g - m0;
+    const float m0 = to_op(x[List::kExpAvgs]), diff = g - m0;
     const float m = fabsf(a.lerp_weight) < 0.5f ? m0 + a.lerp_weight * diff : g - diff * (1.f - a.lerp_weight);
-    const float v = to_f(x[6]) * a.beta2 + a.one_minus_beta2 * g * g;
-    x[5] = from_f<T>(m);
-    x[6] = from_f<T>(v);
+    const float v = to_op(x[List::kExpAvgSqs]) * a.beta2 + a.one_minus_beta2 * g * g;
+    x[List::kExpAvgs] = from_op<T>(m);
+    x[List::kExpAvgSqs] = from_op<T>(v);
     const float denom = __fdiv_rn(__fsqrt_rn(v), a.bias_correction2_sqrt) + a.eps;
-    x[0] = from_f<T>(w + __fdiv_rn(a.neg_step_size * m, denom));
+    x[List::kParams] = from_op<T>(w + __fdiv_rn(a.neg_step_size * m, denom));
   }
 };
 
@@ -428,11 +409,12 @@ __host__ __device__ inline int row_group(int64_t inner) {
   return g;
 }
 
-// Lists {params, out}; a unit is kBlock / G consecutive rows of G threads each.
+// A unit is kBlock / G consecutive rows of G threads each.
 template <typename T>
 struct RowNormBody {
+  using List = RowNormList;
   float eta;
-  __device__ void operator()(const TensorListMeta<2>& m) const {
+  __device__ void operator()(const TensorListMeta<List::kCount>& m) const {
     const int slot = m.block_tensor[blockIdx.x];
     const int64_t inner = m.inner[slot];
     const int g = row_group(inner);
@@ -440,14 +422,14 @@ struct RowNormBody {
     const bool valid = row < m.n[slot];
     float s[1] = {0.f};
     if (valid) {
-      const T* w = static_cast<const T*>(m.ptr[0][slot]) + row * inner;
+      const T* w = static_cast<const T*>(m.ptr[List::kParams][slot]) + row * inner;
       for (int64_t k = threadIdx.x % g; k < inner; k += g) {
-        const float x = to_f(w[k]);
+        const float x = to_op(w[k]);
         s[0] += x * x;
       }
     }
     group_sum(s, g);  // every thread takes part: the shuffles need full warps
-    if (valid && threadIdx.x % g == 0) static_cast<float*>(m.ptr[1][slot])[row] = __fsqrt_rn(s[0]) + eta;
+    if (valid && threadIdx.x % g == 0) static_cast<float*>(m.ptr[List::kOut][slot])[row] = __fsqrt_rn(s[0]) + eta;
   }
 };
 
@@ -482,12 +464,12 @@ void launch_reduction(const TensorArgs* t, int n, float* partials, float* acc, c
 
 void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
                     const float* inv_scale, float* partials, float* acc, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sub, [&](auto sb) {
         using Op = NormSqOp<T, decltype(md)::value, decltype(sb)::value>;
-        launch_reduction<3, T>(t, n, partials, acc, stream,
+        launch_reduction<NormSqList::kCount, T>(t, n, partials, acc, stream,
                                [&](float* p) { return Op{{{}, p}, {eta}, sigma, {{inv_scale, nullptr}}}; });
       });
     });
@@ -495,16 +477,17 @@ void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, b
 }
 
 void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_reduction<2, T>(t, n, partials, acc, stream, [](float* p) { return DotNormSqOp<T>{{{}, p}}; });
+    launch_reduction<DotNormSqList::kCount, T>(t, n, partials, acc, stream,
+                                               [](float* p) { return DotNormSqOp<T>{{{}, p}}; });
   });
 }
 
 void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_apply<2>(
+    launch_apply<RowNormList::kCount>(
         t, n, stream,
         [](const TensorArgs& a) {
           const int rows_per_block = kBlock / row_group(a.inner);
@@ -516,13 +499,13 @@ void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream
 
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
                     float eta, bool sign, const EmaArgs& ema, const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_mode(mode, [&](auto md) {
       dispatch_bool(sign, [&](auto sg) {
         dispatch_ema(ema.kind, [&](auto ek) {
           using Op = PerturbOp<T, decltype(md)::value, decltype(sg)::value, decltype(ek)::value>;
-          launch_elementwise<4, T>(t, n, stream, Op{{}, {eta}, norm_sq, rho, eps, ema, {amp}});
+          launch_elementwise<PerturbList::kCount, T>(t, n, stream, Op{{}, {eta}, norm_sq, rho, eps, ema, {amp}});
         });
       });
     });
@@ -531,29 +514,31 @@ void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, 
 
 void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
                     const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_bool(copy, [&](auto cp) {
-      launch_elementwise<5, T>(t, n, stream, ReflectOp<T, decltype(cp)::value>{{}, {amp}, norm_sq, rho, eps});
+      launch_elementwise<ReflectList::kCount, T>(t, n, stream,
+                                                 ReflectOp<T, decltype(cp)::value>{{}, {amp}, norm_sq, rho, eps});
     });
   });
 }
 
 void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_elementwise<2, T>(t, n, stream, CopyOp<T, 0, 1>{});
+    launch_elementwise<RestoreList::kCount, T>(t, n, stream,
+                                               CopyOp<T, RestoreList::kParams, RestoreList::kBackups>{});
   });
 }
 
 void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
                         const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_terms(g.terms, [&](auto terms) {
       dispatch_bool(a.use_momentum, [&](auto mom) {
         using Op = SgdOp<T, decltype(terms)::value, decltype(mom)::value>;
-        launch_elementwise<6, T>(t, n, stream, Op{{{}, g.coef, {amp}}, a});
+        launch_elementwise<SgdList::kCount, T>(t, n, stream, Op{{{}, g.coef, {amp}}, a});
       });
     });
   });
@@ -561,10 +546,11 @@ void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g,
 
 void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
                          const AmpArgs& amp, cudaStream_t stream) {
-  dispatch_dtype(dt, [&](auto tag) {
+  dispatch_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_terms(g.terms, [&](auto terms) {
-      launch_elementwise<7, T>(t, n, stream, AdamOp<T, decltype(terms)::value>{{{}, g.coef, {amp}}, a});
+      launch_elementwise<AdamList::kCount, T>(t, n, stream,
+                                              AdamOp<T, decltype(terms)::value>{{{}, g.coef, {amp}}, a});
     });
   });
 }

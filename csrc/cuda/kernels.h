@@ -8,10 +8,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastsam {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 constexpr int kModeIdentity = 0, kModeAbs = 1, kModeRow = 2;  // fastsam/ops/reference.py MODE_*
 
@@ -19,7 +19,39 @@ constexpr int kModeIdentity = 0, kModeAbs = 1, kModeRow = 2;  // fastsam/ops/ref
 constexpr int64_t kChunk = 65536;
 constexpr int kMaxLists = 7;
 
-// One tensor of an op, seen across the op's lists (the list order is given at each launcher). A list the
+// The position of each list of an op in TensorArgs::ptr (and in the kernels' metadata): the one definition of
+// the order in which the host packs the lists and the kernels address them. kCount: the op's number of lists.
+struct NormSqList {
+  enum : int { kGrads, kParams, kEma, kCount };
+};
+struct DotNormSqList {
+  enum : int { kA, kB, kCount };
+};
+struct RowNormList {
+  enum : int { kParams, kOut, kCount };
+};
+struct PerturbList {
+  enum : int { kParams, kGrads, kBackups, kEma, kCount };
+};
+struct ReflectList {
+  enum : int { kParams, kBackups, kDirs, kGrads, kGradCopies, kCount };
+};
+struct RestoreList {
+  enum : int { kParams, kBackups, kCount };
+};
+// The lists the fused updates start with; each update's own follow them.
+struct UpdateList {
+  enum : int { kParams, kGrads, kBackups, kGradsB, kGradsC, kCount };
+};
+struct SgdList : UpdateList {
+  enum : int { kMomentumBuffers = UpdateList::kCount, kCount };
+};
+struct AdamList : UpdateList {
+  enum : int { kExpAvgs = UpdateList::kCount, kExpAvgSqs, kCount };
+};
+static_assert(AdamList::kCount <= kMaxLists, "TensorArgs holds every list of an op");
+
+// One tensor of an op, seen across the op's lists (their positions: the op's list enum above). A list the
 // call does not use holds null pointers.
 struct TensorArgs {
   void* ptr[kMaxLists];     // ptr[l]: the tensor's data in list l, all of the param dtype except where noted
@@ -95,27 +127,27 @@ struct AdamArgs {
   }
 };
 
-// Lists {grads, params, ema}; acc[0] += sum (T d)^2 with d = g - sigma ema when `sub`, else g (ema unused).
+// Lists: NormSqList; acc[0] += sum (T d)^2 with d = g - sigma ema when `sub`, else g (ema unused).
 // `inv_scale`: device pointer or null, as AmpArgs. `partials`: reduction_blocks(t, n) floats of scratch.
 void launch_norm_sq(DType dt, const TensorArgs* t, int n, int mode, float eta, bool sub, float sigma,
                     const float* inv_scale, float* partials, float* acc, cudaStream_t stream);
-// Lists {a, b}; acc[0] += sum a b, acc[1] += sum b^2. `partials`: 2 * reduction_blocks(t, n) floats.
+// Lists: DotNormSqList; acc[0] += sum a b, acc[1] += sum b^2. `partials`: 2 * reduction_blocks(t, n) floats.
 void launch_dot_norm_sq(DType dt, const TensorArgs* t, int n, float* partials, float* acc, cudaStream_t stream);
-// Lists {params, out (fp32)}; t[j].n = rows, t[j].inner = elements per row. out[r] = ||w[r]|| + eta.
+// Lists: RowNormList, out of fp32; t[j].n = rows, t[j].inner = elements per row. out[r] = ||w[r]|| + eta.
 void launch_row_norm(DType dt, const TensorArgs* t, int n, float eta, cudaStream_t stream);
-// Lists {params, grads, backups, ema}. `norm_sq` is a device pointer, read only when !sign.
+// Lists: PerturbList. `norm_sq` is a device pointer, read only when !sign.
 void launch_perturb(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, int mode,
                     float eta, bool sign, const EmaArgs& ema, const AmpArgs& amp, cudaStream_t stream);
-// Lists {params, backups, dirs, grads, grad_copies}; the last two are used when `copy`. `norm_sq`: device.
+// Lists: ReflectList; grads and grad_copies are used when `copy`. `norm_sq`: device.
 void launch_reflect(DType dt, const TensorArgs* t, int n, const float* norm_sq, float rho, float eps, bool copy,
                     const AmpArgs& amp, cudaStream_t stream);
-// Lists {params, backups}.
+// Lists: RestoreList.
 void launch_restore(DType dt, const TensorArgs* t, int n, cudaStream_t stream);
-// Lists {params, grads, backups, grads_b, grads_c, momentum_buffers}; lists that `g` and `a` leave out are
-// unused. Without a restore, backups holds the params themselves. inv_scale scales grads alone.
+// Lists: SgdList; lists that `g` and `a` leave out are unused. Without a restore, backups holds the params
+// themselves. inv_scale scales grads alone.
 void launch_restore_sgd(DType dt, const TensorArgs* t, int n, const GradArgs& g, const SgdArgs& a,
                         const AmpArgs& amp, cudaStream_t stream);
-// Lists {params, grads, backups, grads_b, grads_c, exp_avgs, exp_avg_sqs}; as launch_restore_sgd.
+// Lists: AdamList; as launch_restore_sgd.
 void launch_restore_adam(DType dt, const TensorArgs* t, int n, const GradArgs& g, const AdamArgs& a,
                          const AmpArgs& amp, cudaStream_t stream);
 

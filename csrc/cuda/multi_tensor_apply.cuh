@@ -82,8 +82,14 @@ union Pack {
   T v[V];
 };
 
-// Element-wise driver for the block's chunk. Op::kLoad / Op::kStore are bit masks of the lists read and
-// written; op(x, i) gets the raw elements x[l] of global index i (within the tensor) and updates the
+// The bit mask of the lists at `positions` (an op's list enum, kernels.h), for Op::kLoad / Op::kStore.
+template <class... P>
+constexpr unsigned list_mask(P... positions) {
+  return (0u | ... | (1u << positions));
+}
+
+// Element-wise driver for the block's chunk. Op::kLoad / Op::kStore are bit masks (list_mask) of the lists read
+// and written; op(x, i) gets the raw elements x[l] of global index i (within the tensor) and updates the
 // stored ones in place, so copies stay bit-exact. 16-byte vector accesses when every pointer of the
 // chunk is 16-byte aligned (chunks start at multiples of kChunk), else scalar ones.
 template <typename T, int L, class Op>

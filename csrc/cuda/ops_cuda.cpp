@@ -10,9 +10,9 @@
 
 #include <initializer_list>
 #include <optional>
-#include <ostream>
 #include <vector>
 
+#include "checks.h"
 #include "kernels.h"
 
 namespace {
@@ -21,27 +21,10 @@ namespace fc = fastsam::cuda;
 using at::Tensor;
 using at::TensorList;
 
-// Names a tensor in error messages: "grads[3]", or "acc" for a single tensor (j < 0).
-struct Label {
-  const char* what;
-  int64_t j;
-};
-std::ostream& operator<<(std::ostream& os, const Label& l) {
-  os << l.what;
-  if (l.j >= 0) os << '[' << l.j << ']';
-  return os;
-}
-
-// A 0-dim parameter is one row of one element, as in reference._t_operator.
-int64_t rows_of(const Tensor& w) { return w.dim() > 0 ? w.size(0) : 1; }
+using fastsam::rows_of;
 int64_t inner_of(const Tensor& w) {
   const int64_t rows = rows_of(w);
   return rows > 0 ? w.numel() / rows : 0;
-}
-
-void check_mode(const char* op, int64_t mode) {
-  TORCH_CHECK(mode == fc::kModeIdentity || mode == fc::kModeAbs || mode == fc::kModeRow, op,
-              ": mode must be 0 (identity), 1 (abs) or 2 (row), got ", mode);
 }
 
 struct NamedList {
@@ -57,111 +40,45 @@ bool no_tensors(const char* op, NamedList first, std::initializer_list<NamedList
   return first.list.empty();
 }
 
-// Validates the tensors of a call against the first list (params, or `a` for dot_norm_sq_): every tensor on
-// its first tensor's device and contiguous; lists parallel to it of its dtype and shapes, fp32 for per-row
-// and small fp32 tensors.
-class Checker {
+// Checks (csrc/checks.h) by the CUDA kernels' rules: every tensor on the device of the first list's first tensor
+// (params, or `a` for dot_norm_sq_) and contiguous; the scalars' device pointers go to the kernels.
+class Checker : public fastsam::Checks {
  public:
-  Checker(const char* op, TensorList params, const char* name = "params") : op_(op), name_(name), params_(params) {
-    TORCH_CHECK(params[0].defined() && params[0].is_cuda(), op, ": ", name, "[0] must be a CUDA tensor");
-    device_ = params[0].device();
-    dtype_ = params[0].scalar_type();
-    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16 || dtype_ == at::kHalf, op, ": ", name,
-                " must be float32, bfloat16 or float16, got ", dtype_);
-    like(params, name);
-  }
+  Checker(const char* op, TensorList params, const char* name = "params")
+      : Checks(op, params, name, fastsam::kCudaRules) {}
 
-  fc::DType dtype() const {
-    return dtype_ == at::kFloat ? fc::DType::kFloat32 : dtype_ == at::kBFloat16 ? fc::DType::kBFloat16
-                                                                                : fc::DType::kFloat16;
+  fc::DType kernel_dtype() const {
+    return dtype() == at::kFloat ? fc::DType::kFloat32 : dtype() == at::kBFloat16 ? fc::DType::kBFloat16
+                                                                                  : fc::DType::kFloat16;
   }
-
-  void like(TensorList l, const char* what) const {
-    length(l, what);
-    for (size_t j = 0; j < l.size(); ++j) {
-      tensor(l[j], {what, int64_t(j)}, dtype_);
-      TORCH_CHECK(l[j].sizes() == params_[j].sizes(), op_, ": ", Label{what, int64_t(j)}, " has shape ",
-                  l[j].sizes(), ", ", Label{name_, int64_t(j)}, " has shape ", params_[j].sizes());
-    }
-  }
-
-  // A list that may be left empty; returns whether it is given.
-  bool optional_like(TensorList l, const char* what) const {
-    if (l.empty()) return false;
-    TORCH_CHECK(l.size() == params_.size(), op_, ": ", what, " has ", l.size(), " tensors, expected none or ",
-                params_.size());
-    like(l, what);
-    return true;
-  }
-
-  void per_row(TensorList l, const char* what) const {
-    length(l, what);
-    for (size_t j = 0; j < l.size(); ++j) {
-      tensor(l[j], {what, int64_t(j)}, at::kFloat);
-      TORCH_CHECK(l[j].numel() == rows_of(params_[j]), op_, ": ", Label{what, int64_t(j)}, " has ", l[j].numel(),
-                  " elements, expected one per row of ", Label{name_, int64_t(j)}, " (", rows_of(params_[j]), ")");
-    }
-  }
-
-  // An fp32 tensor of `numel` elements read or written by the kernels (acc, norm_sq, coef).
-  void fp32(const Tensor& t, const char* what, int64_t numel) const {
-    tensor(t, {what, -1}, at::kFloat);
-    TORCH_CHECK(t.numel() == numel, op_, ": ", what, " must have ", numel, " element", numel == 1 ? "" : "s",
-                ", got shape ", t.sizes());
-  }
-
-  // An optional fp32 one-element tensor (inv_scale, found_inf): its device pointer, null when not given.
-  const float* optional_scalar(const std::optional<Tensor>& t, const char* what) const {
-    if (!t.has_value()) return nullptr;
-    fp32(*t, what, 1);
-    return t->data_ptr<float>();
-  }
-
-  // A list that may be left empty of one fp32 one-element tensor per tensor (restore_adam_'s steps);
-  // returns whether it is given.
-  bool optional_scalars(TensorList l, const char* what) const {
-    if (l.empty()) return false;
-    TORCH_CHECK(l.size() == params_.size(), op_, ": ", what, " has ", l.size(), " tensors, expected none or ",
-                params_.size());
-    for (size_t j = 0; j < l.size(); ++j) {
-      tensor(l[j], {what, int64_t(j)}, at::kFloat);
-      TORCH_CHECK(l[j].numel() == 1, op_, ": ", Label{what, int64_t(j)}, " must have 1 element, got shape ",
-                  l[j].sizes());
-    }
-    return true;
-  }
-
- private:
-  void length(TensorList l, const char* what) const {
-    TORCH_CHECK(l.size() == params_.size(), op_, ": ", what, " has ", l.size(), " tensors, expected ",
-                params_.size());
-  }
-  void tensor(const Tensor& t, const Label& label, at::ScalarType dtype) const {
-    TORCH_CHECK(t.defined(), op_, ": ", label, " is undefined");
-    TORCH_CHECK(t.device() == device_, op_, ": ", label, " is on ", t.device(), ", expected ", device_);
-    TORCH_CHECK(t.scalar_type() == dtype, op_, ": ", label, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.is_contiguous(), op_, ": ", label, " must be contiguous");
-  }
-
-  const char* op_;
-  const char* name_;
-  TensorList params_;
-  at::Device device_{at::kCUDA};
-  at::ScalarType dtype_;
 };
 
-// TensorArgs of the tensors that have elements; lists[l][j] is tensor j of list l (null pointers for an
-// empty list: one the call leaves out), n and inner come from lists[0][j], aux from `aux` (fp32) when given.
-std::vector<fc::TensorArgs> gather(std::initializer_list<TensorList> lists, TensorList aux = {}) {
-  TORCH_INTERNAL_ASSERT(lists.size() <= size_t(fc::kMaxLists));
-  const TensorList first = *lists.begin();
+// A list of a call and its position among the op's lists (List::kParams, ...: the op's list enum, kernels.h).
+struct Placed {
+  int at;
+  TensorList list;
+};
+
+// TensorArgs of the tensors that have elements, every list of the op `List` placed once: ptr[l] is tensor j of
+// the list at position l (null for an empty list: one the call leaves out), n and inner come from the list at
+// position 0, aux from `aux` (fp32) when given.
+template <class List>
+std::vector<fc::TensorArgs> gather(std::initializer_list<Placed> placed, TensorList aux = {}) {
+  TensorList lists[List::kCount];
+  bool given[List::kCount] = {};
+  TORCH_INTERNAL_ASSERT(placed.size() == size_t(List::kCount));
+  for (const Placed& p : placed) {
+    TORCH_INTERNAL_ASSERT(p.at >= 0 && p.at < List::kCount && !given[p.at]);
+    given[p.at] = true;
+    lists[p.at] = p.list;
+  }
+  const TensorList first = lists[0];
   std::vector<fc::TensorArgs> out;
   out.reserve(first.size());
   for (size_t j = 0; j < first.size(); ++j) {
     if (first[j].numel() == 0) continue;
     fc::TensorArgs a{};
-    int l = 0;
-    for (const TensorList& list : lists) a.ptr[l++] = list.empty() ? nullptr : list[j].data_ptr();
+    for (int l = 0; l < List::kCount; ++l) a.ptr[l] = lists[l].empty() ? nullptr : lists[l][j].data_ptr();
     a.n = first[j].numel();
     a.inner = inner_of(first[j]);
     a.aux = aux.empty() ? nullptr : aux[j].data_ptr<float>();
@@ -196,7 +113,7 @@ fc::AmpArgs amp_args(const Checker& c, const std::optional<Tensor>& inv_scale,
 
 void norm_sq_cuda(const Tensor& acc, TensorList grads, TensorList params, TensorList row_scales, int64_t mode,
                   double eta, TensorList ema, double sigma, const std::optional<Tensor>& inv_scale) {
-  check_mode("norm_sq_", mode);
+  fastsam::check_mode("norm_sq_", mode);
   if (no_tensors("norm_sq_", {"params", params}, {{"grads", grads}})) return;
   const Checker c("norm_sq_", params);
   c.like(grads, "grads");
@@ -206,9 +123,11 @@ void norm_sq_cuda(const Tensor& acc, TensorList grads, TensorList params, Tensor
   const bool sub = c.optional_like(ema, "ema") && sigma != 0;
   const float* inv = c.optional_scalar(inv_scale, "inv_scale");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({grads, params, sub ? ema : TensorList()}, row ? row_scales : TensorList());
+  using L = fc::NormSqList;
+  const auto args = gather<L>({{L::kGrads, grads}, {L::kParams, params}, {L::kEma, sub ? ema : TensorList()}},
+                              row ? row_scales : TensorList());
   const Tensor partials = reduction_scratch(args, 1, acc);
-  fc::launch_norm_sq(c.dtype(), args.data(), int(args.size()), int(mode), float(eta), sub, float(sigma), inv,
+  fc::launch_norm_sq(c.kernel_dtype(), args.data(), int(args.size()), int(mode), float(eta), sub, float(sigma), inv,
                      partials.data_ptr<float>(), acc.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -223,13 +142,13 @@ void row_norm_cuda(TensorList out, TensorList params, double eta) {
   for (size_t j = 0; j < params.size(); ++j) {
     if (rows_of(params[j]) == 0) continue;
     fc::TensorArgs a{};
-    a.ptr[0] = params[j].data_ptr();
-    a.ptr[1] = out[j].data_ptr();
+    a.ptr[fc::RowNormList::kParams] = params[j].data_ptr();
+    a.ptr[fc::RowNormList::kOut] = out[j].data_ptr();
     a.n = rows_of(params[j]);
     a.inner = inner_of(params[j]);  // 0 for a [rows, 0, ...] tensor: its rows get norm 0
     args.push_back(a);
   }
-  fc::launch_row_norm(c.dtype(), args.data(), int(args.size()), float(eta), current_stream());
+  fc::launch_row_norm(c.kernel_dtype(), args.data(), int(args.size()), float(eta), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -237,7 +156,7 @@ void perturb_cuda(TensorList params, TensorList grads, TensorList backups, Tenso
                   const Tensor& norm_sq, double rho, double eps, int64_t mode, double eta, bool sign,
                   TensorList ema, double sigma, double lmbda, const std::optional<Tensor>& inv_scale,
                   const std::optional<Tensor>& found_inf) {
-  check_mode("perturb_", mode);
+  fastsam::check_mode("perturb_", mode);
   if (no_tensors("perturb_", {"params", params}, {{"grads", grads}, {"backups", backups}})) return;
   const Checker c("perturb_", params);
   c.like(grads, "grads");
@@ -249,8 +168,10 @@ void perturb_cuda(TensorList params, TensorList grads, TensorList backups, Tenso
   if (c.optional_like(ema, "ema")) e.kind = e.sub || !e.copy ? fc::EmaKind::kFull : fc::EmaKind::kCopy;
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups, ema}, row ? row_scales : TensorList());
-  fc::launch_perturb(c.dtype(), args.data(), int(args.size()), sign ? nullptr : norm_sq.data_ptr<float>(),
+  using L = fc::PerturbList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kGrads, grads}, {L::kBackups, backups}, {L::kEma, ema}},
+                              row ? row_scales : TensorList());
+  fc::launch_perturb(c.kernel_dtype(), args.data(), int(args.size()), sign ? nullptr : norm_sq.data_ptr<float>(),
                      float(rho), float(eps), int(mode), float(eta), sign, e, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -268,8 +189,10 @@ void reflect_cuda(TensorList params, TensorList backups, TensorList dirs, const 
               grads.size(), " and ", grad_copies.size(), " tensors");
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, backups, dirs, grads, grad_copies});
-  fc::launch_reflect(c.dtype(), args.data(), int(args.size()), norm_sq.data_ptr<float>(), float(rho), float(eps),
+  using L = fc::ReflectList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kBackups, backups}, {L::kDirs, dirs}, {L::kGrads, grads},
+                               {L::kGradCopies, grad_copies}});
+  fc::launch_reflect(c.kernel_dtype(), args.data(), int(args.size()), norm_sq.data_ptr<float>(), float(rho), float(eps),
                      copy, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -280,9 +203,10 @@ void dot_norm_sq_cuda(const Tensor& acc, TensorList a, TensorList b) {
   c.like(b, "b");
   c.fp32(acc, "acc", 2);
   const c10::cuda::CUDAGuard guard(a[0].device());
-  const auto args = gather({a, b});
+  using L = fc::DotNormSqList;
+  const auto args = gather<L>({{L::kA, a}, {L::kB, b}});
   const Tensor partials = reduction_scratch(args, 2, acc);
-  fc::launch_dot_norm_sq(c.dtype(), args.data(), int(args.size()), partials.data_ptr<float>(),
+  fc::launch_dot_norm_sq(c.kernel_dtype(), args.data(), int(args.size()), partials.data_ptr<float>(),
                          acc.data_ptr<float>(), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -292,8 +216,9 @@ void restore_cuda(TensorList params, TensorList backups) {
   const Checker c("restore_", params);
   c.like(backups, "backups");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, backups});
-  fc::launch_restore(c.dtype(), args.data(), int(args.size()), current_stream());
+  using L = fc::RestoreList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kBackups, backups}});
+  fc::launch_restore(c.kernel_dtype(), args.data(), int(args.size()), current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -315,12 +240,14 @@ void restore_sgd_cuda(TensorList params, TensorList grads, TensorList backups, T
   const fc::GradArgs g = grad_terms(c, grads_b, grads_c, coef);
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
-                            g.terms & fc::kTermC ? grads_c : TensorList(),
-                            use_momentum ? momentum_buffers : TensorList()});
+  using L = fc::SgdList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kGrads, grads}, {L::kBackups, backups_or(backups, params)},
+                               {L::kGradsB, g.terms & fc::kTermB ? grads_b : TensorList()},
+                               {L::kGradsC, g.terms & fc::kTermC ? grads_c : TensorList()},
+                               {L::kMomentumBuffers, use_momentum ? momentum_buffers : TensorList()}});
   const fc::SgdArgs a{float(lr),     float(weight_decay), float(momentum), float(1 - dampening),
                       use_momentum, nesterov,            maximize,        init_momentum};
-  fc::launch_restore_sgd(c.dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
+  fc::launch_restore_sgd(c.kernel_dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -341,9 +268,12 @@ void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, 
   const fc::AmpArgs amp = amp_args(c, inv_scale, found_inf);
   const bool device_steps = c.optional_scalars(steps, "steps");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto args = gather({params, grads, backups_or(backups, params), g.terms & fc::kTermB ? grads_b : TensorList(),
-                            g.terms & fc::kTermC ? grads_c : TensorList(), exp_avgs, exp_avg_sqs},
-                           steps);
+  using L = fc::AdamList;
+  const auto args = gather<L>({{L::kParams, params}, {L::kGrads, grads}, {L::kBackups, backups_or(backups, params)},
+                               {L::kGradsB, g.terms & fc::kTermB ? grads_b : TensorList()},
+                               {L::kGradsC, g.terms & fc::kTermC ? grads_c : TensorList()},
+                               {L::kExpAvgs, exp_avgs}, {L::kExpAvgSqs, exp_avg_sqs}},
+                              steps);
   fc::AdamArgs a{float(1 - beta1), float(beta2),
                  float(1 - beta2), float(weight_decay),
                  float(1 - lr * weight_decay), float(eps),
@@ -352,7 +282,7 @@ void restore_adam_cuda(TensorList params, TensorList grads, TensorList backups, 
                  device_steps, {lr, beta1, beta2}};
   // With device steps each block sets them from its tensor's step instead.
   if (!device_steps) a.set_step(step);
-  fc::launch_restore_adam(c.dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
+  fc::launch_restore_adam(c.kernel_dtype(), args.data(), int(args.size()), g, a, amp, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
