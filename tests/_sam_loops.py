@@ -115,7 +115,7 @@ def explicit_step(model, opt, batch):
     """One step of the documented explicit loop of any fastsam optimizer (README "Use it"): the backward at w,
     first_step, the later passes with BatchNorm statistics frozen, second_step (CR-SAM: second_step, pass 3,
     third_step with the three losses); LastSAM before its switch: one pass and step()."""
-    if isinstance(opt, fastsam.LastSAM) and not opt.sharpness_active:
+    if not opt.sharpness_active:
         loss_at(model, batch).backward()
         opt.step()
         opt.zero_grad()

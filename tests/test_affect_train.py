@@ -104,7 +104,7 @@ def test_presets():
 @pytest.mark.parametrize("field,value", [
     ("task", "va"), ("optimizer", "sgd"), ("base", "sgd"), ("alpha", 0.0), ("alpha", 1.5), ("rho", -0.1),
     ("epochs", 0), ("batch_size", 1), ("lr", 0.0), ("weight_decay", -1e-4), ("t_max", 0), ("eta_min", -1.0),
-    ("impl", "gpu"), ("seed", -1), ("device", "tpu9"),
+    ("impl", "gpu"), ("seed", -1), ("device", "tpu9"), ("interval", 0),
 ])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
@@ -122,6 +122,12 @@ def test_config_type_and_key_errors():
         make_config("expr", "fast")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict(dict(make_config("expr").to_dict(), extra=1))
+    with pytest.raises(ValueError, match="interval applies to the SAM family"):
+        make_config("expr", optimizer="adamw", interval=2)
+    with pytest.raises(ValueError, match=r"missing \['rho'\]"):
+        TrainConfig.from_dict({k: v for k, v in make_config("expr").to_dict().items() if k != "rho"})
+    older = {k: v for k, v in make_config("expr").to_dict().items() if k != "interval"}  # saved before interval
+    assert TrainConfig.from_dict(older).interval == 1
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -195,11 +201,12 @@ def interrupt_after_first_epoch(line):
         raise Interrupt
 
 
-@pytest.mark.parametrize("name", ["sam", "fsam", "lastsam", "adamw"])
-def test_resume_matches_an_uninterrupted_run(tmp_path, name):
+@pytest.mark.parametrize("name,interval", [("sam", 1), ("fsam", 1), ("lastsam", 1), ("adamw", 1), ("gsam", 1),
+                                           ("wsam", 3)])
+def test_resume_matches_an_uninterrupted_run(tmp_path, name, interval):
     # Resuming needs the same config, so the first attempt is cut off by an exception after epoch 1.
     train_bank, val_bank = make_banks(EXPR)
-    config = small("expr", "authors", optimizer=name, epochs=3, t_max=2)
+    config = small("expr", "authors", optimizer=name, epochs=3, t_max=2, interval=interval)
     whole = train(config, train_bank, val_bank, tmp_path / "whole", log=quiet)
     with pytest.raises(Interrupt):
         train(config, train_bank, val_bank, tmp_path / "cut", log=interrupt_after_first_epoch)
@@ -244,6 +251,8 @@ def test_cuda_graph_refusals(tmp_path):
     with pytest.raises(ValueError, match="cuda_graph: optimizer 'lastsam'"):
         train(small("expr", optimizer="lastsam", device="cuda"), train_bank, val_bank, run, log=quiet,
               cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph: interval=2"):
+        train(small("expr", interval=2, device="cuda"), train_bank, val_bank, run, log=quiet, cuda_graph=True)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         train(small("expr"), train_bank, val_bank, run, log=quiet, cuda_graph=1)
     assert not run.exists()

@@ -102,7 +102,7 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv,word", [
     (["--shapes", "mlp,alexnet"], "alexnet"),
     (["--shapes", ","], "empty"),
-    (["--methods", "sam,gsam"], "gsam"),
+    (["--methods", "sam,bsam"], "bsam"),
     (["--dtype", "fp8"], "fp8"),
     (["--device", "tpu"], "tpu"),
     (["--impl", "cuda"], "not available on cpu"),
@@ -129,6 +129,7 @@ def test_defaults():
     assert parse_args(["--device", "cpu", "--impl", "torch"]).sam_impl == ["torch"]
     assert parse_args(["--device", "cpu"]).shapes == ["mlp", "resnet18", "vit_b16"]  # GPT-2: only when named
     assert parse_args(["--device", "cpu", "--shapes", "gpt2_medium"]).shapes == ["gpt2_medium"]
-    assert args.methods == list(METHODS) == ["sam", "friendly_sam", "crsam", "lastsam", "lastsam_orthogonal"]
+    assert args.methods == list(METHODS) == ["sam", "friendly_sam", "crsam", "lastsam", "lastsam_orthogonal", "gsam",
+                                             "wsam"]
     assert parse_args(["--device", "cpu", "--shapes", "vit_b16,mlp,vit_b16"]).shapes == ["vit_b16", "mlp"]
     assert parse_args(["--device", "cpu", "--methods", "crsam,sam,crsam"]).methods == ["crsam", "sam"]

@@ -170,7 +170,7 @@ def _hf_explicit(method, args, data, max_grad_norm, accumulation, summed):
     for s in range(0, len(micro), accumulation):
         window = micro[s:s + accumulation]
         pass_(window)
-        if isinstance(opt, fastsam.LastSAM) and not opt.sharpness_active:
+        if not opt.sharpness_active:
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()

@@ -52,6 +52,9 @@ METHODS = {
     "wsam-decoupled-nesterov": _spec("WSAM", "nesterov"),
     "wsam-coupled-clipped-adam": _spec("WSAM", "adam", decouple=False, max_norm=1.0),
     "wsam-decoupled-rmsprop": _spec("WSAM", "rmsprop"),
+    "sam-interval-3-sgd": _spec("SAM", "sgd", interval=3),
+    "crsam-interval-2-adam": _spec("CRSAM", "adam", interval=2),
+    "lastsam-5-interval-2-ortho-asam-adamw": _spec("LastSAM", "adamw", switch_at=5, orthogonal=True, interval=2),
 }
 for _switch in (5, 15):
     for _ortho in (False, True):

@@ -124,7 +124,7 @@ def test_friendly_sam_state_dict_keeps_the_ema():
     saved = copy.deepcopy(opt.state_dict())
     assert len(saved["state"]) == len(list(first.parameters()))
     assert all(s["fastsam_ema"].shape == p.shape for s, p in zip(saved["state"].values(), first.parameters()))
-    assert all(g["fastsam"] == {"method": "FriendlySAM"} for g in saved["param_groups"])
+    assert all(g["fastsam"] == {"method": "FriendlySAM", "steps_done": 4} for g in saved["param_groups"])
     resumed = copy.deepcopy(first)
     opt2 = fastsam.FriendlySAM(resumed.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
     opt2.load_state_dict(saved)

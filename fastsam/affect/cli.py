@@ -61,9 +61,9 @@ def _train(args) -> None:
     task = get_task(args.task)
     config = make_config(task.name, args.preset, optimizer=args.optimizer, alpha=args.alpha, rho=args.rho,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, impl=args.impl,
-                         seed=args.seed, device=args.device)
+                         seed=args.seed, device=args.device, interval=args.interval)
     if args.cuda_graph:  # before the banks are read
-        check_cuda_graph(config.optimizer, torch.device(config.device))
+        check_cuda_graph(config.optimizer, torch.device(config.device), config.interval)
     train_bank = load_bank(args.train_bank, task)
     val_bank = load_bank(args.val_bank, task)
     metrics = train(config, train_bank, val_bank, args.out, cuda_graph=args.cuda_graph)
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("alpha", float), ("rho", float), ("epochs", int), ("batch-size", int), ("lr", float),
                        ("seed", int)):
         p.add_argument(f"--{name}", type=kind, default=None, help="default: the preset's")
+    p.add_argument("--interval", type=int, default=None,
+                   help="the SAM family's step on every INTERVAL-th step, the base optimizer's one-pass step between "
+                        "(default 1)")
     p.add_argument("--impl", default=None, help="fastsam kernel impl: auto, cuda, triton, cpu or torch")
     p.add_argument("--device", default=None, help="default: cpu")
     p.add_argument("--cuda-graph", action="store_true",

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Callable, Iterator, Tuple
 
 import numpy as np
@@ -34,9 +34,10 @@ from .metrics import score_from_counts
 from .model import AffectMLP
 from .tasks import TASKS, Task, get_task
 
-OPTIMIZERS = ("sam", "asam", "fsam", "crsam", "lastsam", "adam", "adamw")
+OPTIMIZERS = ("sam", "asam", "fsam", "crsam", "gsam", "wsam", "lastsam", "adam", "adamw")
 BASES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-_SAM_FAMILY = {"sam": fastsam.SAM, "asam": fastsam.ASAM, "fsam": fastsam.FriendlySAM, "crsam": fastsam.CRSAM}
+_SAM_FAMILY = {"sam": fastsam.SAM, "asam": fastsam.ASAM, "fsam": fastsam.FriendlySAM, "crsam": fastsam.CRSAM,
+               "gsam": fastsam.GSAM, "wsam": fastsam.WSAM}
 
 # Everything but the task and the scheduler's T_max, which follows the final epoch count (_T_MAX_DIVISOR).
 PRESETS = {
@@ -76,7 +77,9 @@ class TrainConfig:
 
     ``base`` is the base optimizer of the SAM family (ignored by the plain "adam"/"adamw" choices) and
     ``rho`` its radius; ``t_max`` (epochs) and ``eta_min`` configure CosineAnnealingLR, stepped once per
-    epoch; ``impl`` goes to the optimizer and the loss.
+    epoch; ``impl`` goes to the optimizer and the loss; ``interval``: the SAM family's step on every
+    ``interval``-th step, the base optimizer's one-pass step between (default 1: every step; must be 1 for
+    the plain "adam"/"adamw" choices).
     """
 
     task: str
@@ -93,6 +96,7 @@ class TrainConfig:
     impl: str
     seed: int
     device: str
+    interval: int = 1  # last, with a default: configs saved before it existed load as interval 1
 
     def __post_init__(self):
         _choice("task", self.task, TASKS)
@@ -114,6 +118,10 @@ class TrainConfig:
             torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
+        self.interval = _integer("interval", self.interval, 1)
+        if self.interval != 1 and self.optimizer in BASES:
+            raise ValueError(f"interval applies to the SAM family; optimizer {self.optimizer!r} takes interval 1, "
+                             f"got {self.interval}")
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
@@ -125,8 +133,9 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise TypeError(f"d must be a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        if set(d) != names:
-            raise ValueError(f"config dict: unknown keys {sorted(set(d) - names)}, missing {sorted(names - set(d))}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if not required <= set(d) <= names:
+            raise ValueError(f"config dict: unknown keys {sorted(set(d) - names)}, missing {sorted(required - set(d))}")
         return cls(**d)
 
 
@@ -154,7 +163,7 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay, **({"capturable": True} if capturable else {}))
     if config.optimizer in BASES:
         return BASES[config.optimizer](model.parameters(), **kwargs)
-    kwargs.update(rho=config.rho, impl=config.impl)
+    kwargs.update(rho=config.rho, impl=config.impl, interval=config.interval)
     base = BASES[config.base]
     if config.optimizer == "lastsam":
         return fastsam.LastSAM(model.named_parameters(), base, switch_at=0.5, sharpness="sam",
@@ -364,7 +373,7 @@ def train(config: TrainConfig, train_bank, val_bank, out_dir, log: Callable[[str
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph:
-        check_cuda_graph(config.optimizer, torch.device(config.device))
+        check_cuda_graph(config.optimizer, torch.device(config.device), config.interval)
     task = get_task(config.task)
     n_train, in_dim = _check_bank("train_bank", train_bank, task)
     n_val, val_dim = _check_bank("val_bank", val_bank, task)

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace, log=sys.stderr,
         stream_words=dict(stream.WORDS), pytorch_optimizer=po_peers.version(),
         methods={m: dict(title=METHODS[m].title, steps=list(METHODS[m].steps), options=METHODS[m].options,
                          fastsam_options=METHODS[m].fastsam_options,
-                         words_per_param=METHODS[m].words_per_param) for m in args.methods if sam},
+                         words_per_param=METHODS[m].words_per_param,
+                         passes_per_100_steps=METHODS[m].passes_per_100_steps()) for m in args.methods if sam},
         shapes={}, rows=[], complete=False)
 
     def report() -> None:

@@ -31,6 +31,13 @@ training loop (the next backward may accumulate into it).
 * ``lastsam_orthogonal`` (15): norm (2) | perturb, also copying g (5) | dot product g_sam . g and ||g||^2:
   read g_sam, g (2: the reduction cannot start before the second pass's grad exists, and the update needs
   its result) | restore + update with g_sam + c g: read backup, g_sam, g, m; write w, m (6).
+* ``gsam`` (14): norm (1) | perturb, also copying g0 (5) | <g0, g1>, ||g0||^2 and ||g1||^2 in one pass: read g1,
+  g0 (2) | restore + update with c g1 - alpha g0: read backup, g1, g0, m; write w, m (6). fastsam sums
+  ||g1||^2 in a reduction of its own (one more read of g1: 15 words).
+* ``wsam`` (12, decoupled): norm (1) | perturb, also copying g0 (5) | restore + update with g0 and the decoupled
+  term folded in, ``w <- SGD(backup, g0) - lr a (g1 - g0)``: read backup, g0, g1, m; write w, m (6). fastsam's
+  restore + update reads g1 with a zero weight and the decoupled term is a pass of its own (read w, g1, g0;
+  write w): 16 words. Coupled (a g1 + (1 - a) g0 in the update) both are 12.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import torch
 
 import fastsam
 from fastsam.bench import family_peers as fp
+from fastsam.bench import gsam_wsam_peers as gw
 from fastsam.bench import peers, po_peers
 
 
@@ -86,6 +94,25 @@ class Method:
         timing on ``device``)."""
         return [*self.peers(), *(peers.fastsam_impls(device) if impls is None else impls)]
 
+    def passes_per_100_steps(self) -> int:
+        """The forward/backward passes that 100 steps of the fastsam optimizer run through ``step(closure)``,
+        counted (on a 4-element parameter, impl "torch"): what a training loop pays end to end, where the timed
+        step leaves the passes out. Every peer row does the same passes."""
+        w = torch.nn.Parameter(torch.ones(4))
+        x = torch.linspace(-1.0, 1.0, 4)
+        opt = self.make("torch", [w])
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = (w * x).square().sum()
+            loss.backward()
+            return loss
+        for _ in range(100):
+            opt.step(closure)
+            opt.zero_grad()
+        return len(calls)
+
     def step_fn(self, opt: torch.optim.Optimizer) -> Callable[[], None]:
         """One step of ``opt``: its step calls in order (the forward/backward passes between them left out)."""
         calls = [getattr(opt, name) for name in self.steps]
@@ -108,5 +135,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     Method("lastsam_orthogonal", "LastSAM (ASAM phase, orthogonal)", fp.LoopLastSAM, fp.ForeachLastSAM,
            fastsam.LastSAM, 15, options=dict(sharpness="asam", orthogonal=True, rho=0.5, eta=0.01),
            fastsam_options=dict(switch_at=0)),
+    Method("gsam", "GSAM", gw.LoopGSAM, gw.ForeachGSAM, fastsam.GSAM, 14, options=dict(rho=0.05, alpha=0.4)),
+    Method("wsam", "WSAM (decoupled)", gw.LoopWSAM, gw.ForeachWSAM, fastsam.WSAM, 12,
+           options=dict(rho=0.05, gamma=0.9, decouple=True)),
 ]}
 

@@ -23,12 +23,18 @@ does the same math with the same hyper-parameters (:data:`PO_CLASSES`):
   linear map with both eigenvalues of modulus 1, so they oscillate, neither growing nor decaying towards
   denormals), and the base optimizer steps with d rather than g: same ops, same memory moved.
 
+* ``wsam`` -> ``WSAM``: SAM's perturbation (eps 1e-12 added to the norm, T = |w| for ``adaptive`` groups), g0
+  cloned, then coupled ``a g1 + (1 - a) g0`` (its ``lerp_``) or decoupled: the base step with g0 and
+  ``w -= lr a (g1 - g0)``, a = gamma / (1 - gamma). Its ``max_norm`` clips g1 only (before the mix), where the
+  authors' code and fastsam clip g0 and g1: pinned to None (no clipping), where the math is the same. Its first
+  argument is a model, used by that clipping only: None here.
+
 Not mapped (no row): ``crsam`` (no CR-SAM class), ``lastsam`` and ``lastsam_orthogonal`` (no LastSAM class, and
-``SAM(adaptive=True)`` is SAM's ``T = |w|``, not ASAM's ``T = |w| + eta`` with eps 1e-16). Of the other
-classes none computes one of our methods: LookSAM with ``k=1`` updates with SAM's grad but also copies g and
-computes a per-tensor orthogonal component at every step (more traffic); WSAM mixes the grads with a weight
-``gamma / (1 - gamma)`` and takes a ``model``; GSAM decomposes the surrogate-gap gradient and drives its own
-closure; BSAM is a standalone Bayesian optimizer (noise, its own Adam-like moments, no base optimizer).
+``SAM(adaptive=True)`` is SAM's ``T = |w|``, not ASAM's ``T = |w| + eta`` with eps 1e-16), ``gsam`` (its GSAM
+takes a model and an rho scheduler and drives its own closure: no first/second step to time; the package marks
+it untested, ``pragma: no cover``). BSAM is a standalone Bayesian optimizer (noise, its own Adam-like moments, no
+base optimizer). LookSAM with ``k=1`` updates with SAM's grad but also copies g and computes a per-tensor
+orthogonal component at every step (more traffic); it normalizes per tensor where the paper's norms are global.
 
 ``foreach``: the classes take ``foreach: bool | None = None``; None batches their own perturbation and restore
 with ``torch._foreach_*`` on CUDA only, and leaves the base optimizer at torch's default (SGD: foreach on CUDA,
@@ -56,18 +62,23 @@ PIP_COMMAND = 'pip install "pytorch-optimizer>=4.1"'
 PO_CLASSES: Dict[str, str] = {
     "sam": "SAM",
     "friendly_sam": "FriendlySAM",
+    "wsam": "WSAM",
 }
+# classes whose first argument is the model (WSAM: for its clip_grad_norm_, unused without max_norm)
+TAKES_MODEL = {"wsam"}
 
 # our option name -> the class's keyword, per mapped method; an option not listed is refused (ValueError)
 OPTION_NAMES: Dict[str, Dict[str, str]] = {
     "sam": {"rho": "rho", "adaptive": "adaptive"},
     "friendly_sam": {"rho": "rho", "sigma": "sigma", "lmbda": "lmbda", "adaptive": "adaptive"},
+    "wsam": {"rho": "rho", "gamma": "gamma", "decouple": "decouple", "adaptive": "adaptive"},
 }
 
 # keywords pinned to our peers' values, whatever the package's defaults become
 PINNED: Dict[str, Dict[str, Any]] = {
     "sam": {"perturb_eps": 1e-12, "use_gc": False},
     "friendly_sam": {"perturb_eps": 1e-12},
+    "wsam": {"eps": 1e-12, "max_norm": None},
 }
 
 def _module():
@@ -130,4 +141,5 @@ def make(method_name: str, params: Iterable[torch.Tensor], base_optimizer: type 
     if foreach is not None:
         kw["foreach"] = foreach
     cls = getattr(module, cls_name)
-    return cls(params, base_optimizer, lr=lr, momentum=momentum, **kw)
+    lead = (None,) if method_name in TAKES_MODEL else ()
+    return cls(*lead, params, base_optimizer, lr=lr, momentum=momentum, **kw)

@@ -88,24 +88,25 @@ def format_table(result: Dict[str, Any]) -> str:
             head.append(f"  STREAM GB/s in the rounds of {name} ({info['dtype']}), {method}: " +
                         ", ".join(f"{k} {v:.1f}" for k, v in per["stream_GBps"].items()))
     cols = ("shapes", "params", "tensors", "method", "impl", "ms/step", "rounds", "vs loop", "vs compiled",
-            "x limit", "launches", "compile s")
+            "x limit", "launches", "compile s", "passes/100 steps")
     blocks = []
     for name, info in result["shapes"].items():
         head_cells = (name, _count(info["params"]), str(info["tensors"]))
         for method in methods:
+            passes = str(methods[method].get("passes_per_100_steps", "-"))  # records before the column: "-"
             rows = [head_cells + (method, row_label(r), _ms(r["median_ms"]), str(r["reps"]),
                                   _ratio(r["speedup_vs_loop"]), _ratio(r["speedup_vs_compiled"]),
                                   _ratio(r["x_limit"], ""), "-" if r["launches"] is None else str(r["launches"]),
-                                  "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}")
+                                  "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}", passes)
                     for r in result["rows"] if r["shapes"] == name and r["method"] == method]
             if not rows:
                 continue
             per = info["methods"][method]
             if per["limit_ms"] is not None:
                 rows.append(head_cells + (method, LIMIT_ROW, _ms(per["limit_ms"]), "-",
-                                          _ratio(per["loop_ms"] / per["limit_ms"]), "-", "1.00", "-", "-"))
+                                          _ratio(per["loop_ms"] / per["limit_ms"]), "-", "1.00", "-", "-", passes))
             blocks.append(rows)
-    return _columns("\n".join(head), cols, blocks, right={1, 2, 5, 6, 7, 8, 9, 10, 11})
+    return _columns("\n".join(head), cols, blocks, right={1, 2, 5, 6, 7, 8, 9, 10, 11, 12})
 
 
 def _columns(head: str, cols: Sequence[str], blocks: List[List[Sequence[str]]], right: Set[int]) -> str:

@@ -11,7 +11,8 @@ and adds the method's passes at the end of each window, as the README's accumula
 3. the Trainer clips the last pass's grads (``max_grad_norm``) and calls ``optimizer.step()``, which finishes
    the fastsam step (restore w, the base optimizer's update).
 
-LastSAM runs step 2 only from its switch on. With fp16 (a GradScaler), ``first_step`` gets the Trainer's scaler.
+A step whose ``opt.sharpness_active`` is False (LastSAM before its switch, the steps between two under
+``interval=k``) is one pass: step 2 is left out. With fp16 (a GradScaler), ``first_step`` gets the Trainer's scaler.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ class SAMTrainer(transformers.Trainer):
         if not self.accelerator.sync_gradients:
             return loss
         window, self._window = self._window, []
-        if isinstance(opt, fastsam.LastSAM) and not opt.sharpness_active:
+        if not opt.sharpness_active:  # LastSAM before its switch, a step between two under interval=k
             return loss  # one pass: Trainer's optimizer.step() is the base optimizer's step
         opt.first_step(zero_grad=True, grad_scaler=self.accelerator.scaler)
         with bn_stats_frozen() if opt.freeze_bn else contextlib.nullcontext():

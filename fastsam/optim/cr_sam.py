@@ -165,6 +165,8 @@ class CRSAM(SAM):
         if closure is None:
             self._step_without_closure()
             return None
+        if not self.sharpness_active:
+            return self._plain_step(closure)
         passes = self._closure_passes(closure)
         with self._abandoned_on_error():
             loss0 = self._pass_at_w(passes) if self.mode == "paper" or not passes.calls else None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -68,7 +68,6 @@ class LastSAM(SAM):
         self.sharpness = sharpness
         self.orthogonal = _check_bool("orthogonal", orthogonal)
         self.switch_step = _switch_step(switch_at, total_steps)
-        self.steps_done = 0
         self._dot: Dict[torch.device, Tensor] = {}
         self._coef: Dict[torch.device, Tensor] = {}
         asam = sharpness == "asam"
@@ -100,8 +99,12 @@ class LastSAM(SAM):
 
     @property
     def sharpness_active(self) -> bool:
-        """True from step ``switch_at`` on: a step then takes two forward/backward passes."""
-        return self.steps_done >= self.switch_step
+        """True from step ``switch_at`` on (every ``interval``-th step from there): such a step takes two
+        forward/backward passes."""
+        return self.steps_done >= self.switch_step and (self.steps_done - self.switch_step) % self.interval == 0
+
+    def _phase(self) -> str:
+        return f"the switch at step {self.switch_step}, {super()._phase()}"
 
     @property
     def update_uses_grad_at_w(self) -> bool:
@@ -130,48 +133,9 @@ class LastSAM(SAM):
         return (lambda b: (b.buffers["grad0"], [])), self._coef
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
-        self.steps_done += 1
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        """Before the switch: the base optimizer's step, after running ``closure`` at w unless the caller
-        already ran that backward (davda54's style; see :meth:`SAM.step` for the contract); returns the
-        closure's loss (None when it did not run). From the switch on: a whole SAM/ASAM step (see
-        :meth:`SAM.step`), which needs the closure. Without a closure, every lr 0 and every grad zero: a
-        distributed checkpoint's state initialisation, which changes nothing (not ``steps_done`` either)."""
-        if closure is None and self._is_state_init_call():
-            self._init_state()
-            return None
-        if self.sharpness_active:
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            passes = self._closure_passes(closure)
-            if not passes.calls:
-                loss = self._pass_at_w(passes)
-        if getattr(self, "found_inf", None) is not None or self.nonfinite is not None:
-            self._update(self._buckets(), restore=False)  # gated: unscaled and skipped on the device
-        else:
-            self.base_optimizer.step()
-            for b in self._plan or ():
-                b.adam_steps = None  # the base's own step moved the Adam counters
-            self._step_ended()
-        self.steps_done += 1
-        self._opt_called = True
-        return loss
-
     def _method_name(self) -> str:
         # The sharpness method decides the group options (eta, normalization or adaptive).
         return f"LastSAM({self.sharpness})"
-
-    def _own_counters(self) -> dict:
-        return dict(super()._own_counters(), steps_done=self.steps_done)
-
-    def _load_own_counters(self, own: dict) -> None:
-        super()._load_own_counters(own)
-        self.steps_done = int(own.get("steps_done", 0))
 
     def __repr__(self) -> str:
         return (f"LastSAM(sharpness={self.sharpness!r}, switch_step={self.switch_step}, "

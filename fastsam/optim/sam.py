@@ -20,6 +20,14 @@ Direction = Tuple[Optional[List[int]], List[Tensor], float, float]
 Combination = Tuple[Callable[[_buckets.Bucket], Tuple[List[Tensor], List[Tensor]]], Dict[torch.device, Tensor]]
 
 
+def _check_interval(interval) -> int:
+    if isinstance(interval, bool) or not isinstance(interval, int):
+        raise TypeError(f"interval must be an int >= 1, got {interval!r}")
+    if interval < 1:
+        raise ValueError(f"interval must be an int >= 1, got {interval}")
+    return interval
+
+
 def _check_p(p) -> float:
     if p not in (2, math.inf):
         raise ValueError(f"p must be 2 or math.inf, got {p!r}")
@@ -64,6 +72,13 @@ class SAM(torch.optim.Optimizer):
             :attr:`skipped_steps`; no host sync) or "raise" (skipped, then FloatingPointError: one host
             read of the flag per pass checked). A step begun with ``first_step(grad_scaler=...)``
             follows the scaler instead: it skips, and ``scaler.update()`` backs off.
+        interval: every method takes it (Composer's name; default 1): the method's step on every
+            ``interval``-th step (:attr:`steps_done` ``% interval == 0``, from the first step on), the base
+            optimizer's plain one-pass step on the others. ``step(closure)`` runs the right number of passes;
+            an explicit loop asks :attr:`sharpness_active` and, when it is False, runs the pass at w and calls
+            ``opt.step()``. Method state that follows the grads (Friendly SAM's EMA, ...) is updated on the
+            method's steps only. A step skipped on the device (GradScaler, ``nonfinite``) still counts, so the
+            phase never needs a host read. The count is saved by ``state_dict``.
         **base_kwargs: the base optimizer's arguments (lr, momentum, ...).
 
     Example::
@@ -112,8 +127,11 @@ class SAM(torch.optim.Optimizer):
 
     # ---- construction ------------------------------------------------------------------------
     def _init_sam(self, params, base_optimizer, impl: str, defaults: dict, base_kwargs: dict,
-                  nonfinite: Optional[str] = None) -> None:
+                  nonfinite: Optional[str] = None, interval: Optional[int] = None) -> None:
+        """``interval``: None takes it from ``base_kwargs`` (every method accepts ``interval=``), default 1."""
         self.impl = ops.check_impl(impl)
+        self.interval = _check_interval(base_kwargs.pop("interval", 1) if interval is None else interval)
+        self.steps_done = 0  # completed steps, the method's and the base optimizer's one-pass ones
         self.nonfinite = _gate.check_nonfinite(nonfinite)
         self._gate: Optional[_gate.Gate] = None  # the found flags of the step under way, when it is gated
         self._found: Dict[torch.device, Tensor] = {}  # their buffers
@@ -226,6 +244,10 @@ class SAM(torch.optim.Optimizer):
 
         Raises RuntimeError while a step is under way (a ``first_step`` not yet finished): the backups
         hold the w to restore, and a second ``first_step`` would overwrite them with w + e."""
+        if not self._moved_elsewhere and self.next_pass_at_w and not self.sharpness_active:
+            raise RuntimeError(f"{type(self).__name__}.first_step(): step {self.steps_done} is the base optimizer's "
+                               f"one-pass step ({self._phase()}; sharpness_active is False): run the pass at w and "
+                               "call opt.step(), or use opt.step(closure)")
         if not self.next_pass_at_w:
             raise RuntimeError(f"{type(self).__name__}.first_step() was called again before the step it began "
                                f"ended: finish that step first ({self._finish_hint()}); the parameters are "
@@ -373,6 +395,7 @@ class SAM(torch.optim.Optimizer):
         if gate is not None and gate.scaler is None and self.nonfinite == "raise" and _any_found(gate):
             raise FloatingPointError("a grad of this step is inf or NaN (nonfinite='raise'); the step was not "
                                      "taken (parameters and optimizer state are as before it)")
+        self.steps_done += 1
 
     def _finish_gate(self, perturbed: List[_buckets.Bucket], restore: bool) -> Optional[_gate.Gate]:
         """The gate of the update: the step's found flags with those of the last pass added (GradScaler's
@@ -444,6 +467,8 @@ class SAM(torch.optim.Optimizer):
                 return None
             self._step_without_closure()
             return None
+        if not self.sharpness_active:
+            return self._plain_step(closure)
         passes = self._closure_passes(closure)
         with self._abandoned_on_error():
             loss = None if passes.calls else self._pass_at_w(passes)
@@ -486,7 +511,41 @@ class SAM(torch.optim.Optimizer):
         if self._is_state_init_call():
             self._init_state()
             return
+        if not self.sharpness_active:
+            self._plain_step(None)
+            return
         self._raise_no_closure()
+
+    def _plain_step(self, closure: Optional[Callable[[], Tensor]]) -> Optional[Tensor]:
+        """The base optimizer's one-pass step (between the method's steps under ``interval``; LastSAM before its
+        switch), after running ``closure`` at w unless the caller already ran that backward (davda54's style;
+        see :meth:`step` for the contract). Returns the closure's loss (None when it did not run)."""
+        loss = None
+        if closure is not None:
+            passes = self._closure_passes(closure)
+            if not passes.calls:
+                loss = self._pass_at_w(passes)
+        if getattr(self, "found_inf", None) is not None or self.nonfinite is not None:
+            self._update(self._buckets(), restore=False)  # gated: unscaled and skipped on the device
+        else:
+            self.base_optimizer.step()
+            for b in self._plan or ():
+                b.adam_steps = None  # the base's own step moved the Adam counters
+            self._step_ended()
+            self._opt_called = True
+            self.steps_done += 1
+        return loss
+
+    @property
+    def sharpness_active(self) -> bool:
+        """Whether the coming step is the method's (two or more passes) rather than the base optimizer's
+        one-pass step: every ``interval``-th step, from the first on (``steps_done % interval == 0``).
+        ``step(closure)`` runs the right passes by itself; an explicit loop asks this before ``first_step``."""
+        return self.steps_done % self.interval == 0
+
+    def _phase(self) -> str:
+        """Why the coming step is what it is, for messages."""
+        return f"interval={self.interval}, steps_done={self.steps_done}"
 
     def _is_state_init_call(self) -> bool:
         """Whether this ``step()`` is torch.distributed.checkpoint's way to make an optimizer's state before
@@ -593,15 +652,16 @@ class SAM(torch.optim.Optimizer):
     @property
     def update_uses_grad_at_w(self) -> bool:
         """Whether the base update of the coming step uses the grad of the pass at w, not only the
-        perturbation does (under DDP that pass must then be all-reduced)."""
-        return False
+        perturbation does (under DDP that pass must then be all-reduced): the base optimizer's one-pass step."""
+        return not self.sharpness_active
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The base optimizer's state dict, in torch's layout, with the method's own state inside it:
 
         - every param group gets the key "fastsam": {"method": the method (:meth:`_method_name`), and the
-          method's counters (LastSAM's ``steps_done``; ``skipped_steps`` once a step was gated)}; the
+          method's counters (``steps_done``, which ``interval`` and LastSAM's switch count on; ``skipped_steps``
+          once a step was gated)}; the
           group also holds the method's options (rho, ...), which the groups share with the base;
         - a parameter's entry under "state" gets the method's own buffers under keys prefixed "fastsam_"
           (Friendly SAM's EMA: "fastsam_ema"), laid out like the parameter (a DTensor for FSDP2).
@@ -669,10 +729,12 @@ class SAM(torch.optim.Optimizer):
 
     def _own_counters(self) -> dict:
         """The method's counters, saved in every param group's "fastsam" entry."""
-        return {} if self._skipped is None else {"skipped_steps": self.skipped_steps}
+        counters = {"steps_done": self.steps_done}
+        return counters if self._skipped is None else dict(counters, skipped_steps=self.skipped_steps)
 
     def _load_own_counters(self, own: dict) -> None:
         """Loads the counters of a "fastsam" entry ({} for a base optimizer's state dict)."""
+        self.steps_done = int(own.get("steps_done", 0))
         skipped = own.get("skipped_steps")
         self._skipped = None if skipped is None else torch.tensor([float(skipped)])
 
