@@ -5,21 +5,16 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "dtype.h"
 
 namespace fastsam {
 namespace cuda {
 
+// fp64 computes in fp64, every other storage type in fp32.
 template <typename T>
-struct OpmathOf {
-  using type = float;
-};
-template <>
-struct OpmathOf<double> {
-  using type = double;
-};
-template <typename T>
-using Opmath = typename OpmathOf<T>::type;
+using Opmath = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 __device__ __forceinline__ float to_op(float x) { return x; }
 __device__ __forceinline__ float to_op(__half x) { return __half2float(x); }
