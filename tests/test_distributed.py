@@ -22,7 +22,9 @@ WORLD = 2
 RHO, LR, MOMENTUM, GAMMA, BETA = 0.5, 0.1, 0.9, 0.1, 0.1
 # method -> number of steps; LastSAM switches to SAM after its first step. "sam_zero": SAM over ZeRO-1
 # (torch's ZeroRedundancyOptimizer: each rank updates its partition and broadcasts it), the math of "sam".
-STEPS = {"sam": 3, "crsam": 2, "crsam_paper": 2, "lastsam": 3, "sam_zero": 3}
+STEPS = {"sam": 3, "crsam": 2, "crsam_paper": 2, "lastsam": 3, "sam_zero": 3, "gsam": 2, "wsam": 2,
+         "sam_interval": 3}
+ALPHA, WSAM_GAMMA = 0.4, 0.6  # GSAM's alpha; WSAM coupled, a = 1.5
 CONFIGS = [(method, sync) for method in STEPS for sync in (False, True)]
 
 
@@ -49,6 +51,13 @@ def _optimizer(method: str, params):
     if method.startswith("crsam"):
         return fastsam.CRSAM(params, torch.optim.SGD, rho=RHO, gamma=GAMMA, beta=BETA, lr=LR, momentum=MOMENTUM,
                              mode="paper" if method == "crsam_paper" else "authors")
+    if method == "gsam":
+        return fastsam.GSAM(params, torch.optim.SGD, rho=RHO, alpha=ALPHA, lr=LR, momentum=MOMENTUM)
+    if method == "wsam":
+        return fastsam.WSAM(params, torch.optim.SGD, rho=RHO, gamma=WSAM_GAMMA, decouple=False, lr=LR,
+                            momentum=MOMENTUM)
+    if method == "sam_interval":  # SAM on steps 0 and 2, the one-pass step 1 between
+        return fastsam.SAM(params, torch.optim.SGD, rho=RHO, interval=2, lr=LR, momentum=MOMENTUM)
     return fastsam.LastSAM(params, torch.optim.SGD, switch_at=1, sharpness="sam", rho=RHO, lr=LR,
                            momentum=MOMENTUM)
 
@@ -102,8 +111,18 @@ def _moved(w, g, sign: float = 1.0):
 def _update_grad(method: str, sync: bool, step: int, net, names, w):
     """The grad the base optimizer steps with on every rank: the mean over ranks, as DDP all-reduces."""
     grad = [_grads(net, names, w, step, r) for r in range(WORLD)]
-    if method == "lastsam" and step == 0:  # before the switch: plain SGD on the averaged grad
+    if (method == "lastsam" and step == 0) or (method == "sam_interval" and step % 2):  # one pass: synced
         return _mean(grad)
+    if method in ("gsam", "wsam"):  # g0 enters the update, so the pass at w is synced in both modes
+        g0 = _mean(grad)
+        g1 = _mean([_grads(net, names, _moved(w, g0), step, r) for r in range(WORLD)])
+        if method == "wsam":
+            a = WSAM_GAMMA / (1 - WSAM_GAMMA)
+            return [a * x + (1 - a) * y for x, y in zip(g1, g0)]
+        flat0, flat1 = (torch.cat([t.flatten() for t in g]) for g in (g0, g1))
+        n0, n1 = flat0.norm(), flat1.norm()
+        cos = flat0.dot(flat1) / (n1 * n0 + 1e-12)
+        return [x - ALPHA * (y - cos * n0 * x / (n1 + 1e-12)) for x, y in zip(g1, g0)]
     if method.startswith("crsam"):  # g0 enters the update, so the pass at w is synced in both modes
         g0 = _mean(grad)
         plus = _mean([_grads(net, names, _moved(w, g0), step, r) for r in range(WORLD)])
