@@ -194,6 +194,9 @@ HF_METHODS = {
     "crsam": (fastsam.CRSAM, {}),
     "lastsam": (lambda params, base, **kw: fastsam.LastSAM(params, base, switch_at=2, sharpness="sam", **kw),
                 {"switch_at": 0.5, "sharpness": "sam"}),
+    "gsam": (fastsam.GSAM, {}),
+    "wsam_interval": (lambda params, base, **kw: fastsam.WSAM(params, base, max_norm=1.0, interval=2, **kw),
+                      {"max_norm": 1.0, "interval": 2}),
 }
 
 
@@ -206,11 +209,12 @@ def test_hf_sam_trainer_equals_the_explicit_loop(tmp_path, method, max_grad_norm
     args = _hf_args(tmp_path, max_grad_norm=max_grad_norm, gradient_accumulation_steps=accumulation)
     data = _Rows(4 * 4 * accumulation)
     model = _tiny_bert()
-    trainer = SAMTrainer(model=model, args=args, train_dataset=data, sam_method=method,
+    trainer = SAMTrainer(model=model, args=args, train_dataset=data, sam_method=method.split("_")[0],
                          sam_kwargs=HF_METHODS[method][1])
     trainer.train()
     opt = trainer._fastsam_optimizer()
-    assert type(opt).__name__ == {"sam": "SAM", "crsam": "CRSAM", "lastsam": "LastSAM"}[method]
+    assert type(opt).__name__ == {"sam": "SAM", "crsam": "CRSAM", "lastsam": "LastSAM", "gsam": "GSAM",
+                                  "wsam_interval": "WSAM"}[method]
     if method == "lastsam":
         assert opt.switch_step == 2 and opt.steps_done == 4
     expected = _hf_explicit(method, args, data, max_grad_norm, accumulation, trainer.model_accepts_loss_kwargs)
@@ -236,7 +240,7 @@ def test_hf_sam_trainer_rejects_bad_arguments(tmp_path):
 
     args, model = _hf_args(tmp_path), _tiny_bert()
     with pytest.raises(ValueError, match="sam_method must be one of"):
-        SAMTrainer(model=model, args=args, sam_method="gsam")
+        SAMTrainer(model=model, args=args, sam_method="bsam")
     with pytest.raises(TypeError, match="sam_kwargs must be a dict"):
         SAMTrainer(model=model, args=args, sam_kwargs=0.05)
     with pytest.raises(TypeError, match="needs a fastsam optimizer"):

@@ -108,3 +108,19 @@ def test_grad_scaler_skips_a_one_pass_step():
 def test_bad_interval(interval, exc):
     with pytest.raises(exc, match="interval"):
         fastsam.SAM(small_cnn().parameters(), torch.optim.SGD, lr=0.1, interval=interval)
+
+
+@pytest.mark.parametrize("name", ["crsam", "gsam", "wsam", "lastsam"])
+def test_a_gated_one_pass_step_is_the_base_step(name):
+    """With nonfinite="skip" every step is gated (its update goes through the fused path with a found flag): a
+    one-pass step must still be the base optimizer's plain step, not the method's combination of stale kept
+    grads. Finite grads: the gated run equals the ungated one."""
+    models = [small_cnn(), small_cnn()]
+    data = batches(models[0], 7)
+    for model, options in zip(models, ({}, {"nonfinite": "skip"})):
+        opt = METHODS[name](model.parameters(), interval=2, **options)
+        for batch in data:
+            opt.step(closure_for(model, batch, []))
+            opt.zero_grad()
+        assert opt.skipped_steps == 0
+    assert_models_close(models[1], models[0])

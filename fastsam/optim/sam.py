@@ -355,19 +355,23 @@ class SAM(torch.optim.Optimizer):
         then step the base optimizer with the grad of the last pass, or the method's combination of kept
         grads. A gated step skips the update on the device when its found flag is set."""
         gate = self._finish_gate(perturbed, restore)
+        # A one-pass step (interval, LastSAM before its switch) is the base optimizer's step with the grad of its
+        # pass: the method's combination of kept grads and its after-update belong to the method's steps.
+        method_step = self.sharpness_active
         kind = self._fused_kind
         same_params = _buckets.grad_signature(self.param_groups) == self._plan_grads
         if kind is not None and same_params and all(
                 _fused_update.group_supported(kind, b.group) for b in perturbed) and all(
                 b.impl != "torch" for b in perturbed):
-            combination = self._combination(perturbed, gate.inv if gate else None)
+            combination = self._combination(perturbed, gate.inv if gate else None) if method_step else None
             for b in perturbed:
                 grad = None
                 if combination is not None:
                     grad = ops.GradArgs(combination[1][b.params[0].device], *combination[0](b))
                 _fused_update.restore_and_update(kind, self.base_optimizer, b, b.grads(), grad=grad,
                                                  amp=gate.on(b.params[0].device) if gate else None, restore=restore)
-            self._after_update(perturbed, gate, fused=True)
+            if method_step:
+                self._after_update(perturbed, gate, fused=True)
         else:
             # Every perturbed parameter is restored, also one that got no grad in this pass.
             for b in perturbed:
@@ -378,14 +382,15 @@ class SAM(torch.optim.Optimizer):
                     grads = [g for g in b.grads() if g is not None]
                     if grads:
                         torch._foreach_mul_(grads, gate.inv[b.params[0].device])
-            combination = self._combination(perturbed, None, fused=False)
+            combination = self._combination(perturbed, None, fused=False) if method_step else None
             if combination is not None:
                 for b in perturbed:
                     _combine_into_grads(b, *combination[0](b), combination[1][b.params[0].device])
             # torch's own step cannot read a found flag on the device: here a gated step reads it.
             if gate is None or not _any_found(gate):
                 self.base_optimizer.step()
-                self._after_update(perturbed, None, fused=False)
+                if method_step:
+                    self._after_update(perturbed, None, fused=False)
         if gate is not None:
             self._count_skipped(gate)
         self._step_ended()
