@@ -37,6 +37,9 @@ METHODS = {
     "crsam_paper": (fastsam.CRSAM, dict(rho=0.5, mode="paper", gamma=1e-3, beta=1e-3)),
     "lastsam": (fastsam.LastSAM, dict(switch_at=3, sharpness="sam", rho=0.5)),
     "lastsam_orthogonal": (fastsam.LastSAM, dict(switch_at=3, sharpness="asam", orthogonal=True)),
+    "gsam": (fastsam.GSAM, dict(rho=0.5)),
+    "wsam": (fastsam.WSAM, dict(rho=0.5, max_norm=1.0)),
+    "sam_interval": (fastsam.SAM, dict(rho=0.5, interval=3)),
 }
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
          "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01))}
@@ -55,7 +58,8 @@ JOBS = ([(m, b, "") for m in METHODS for b in BASES]
            ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan"),
            ("asam", "sgd", "m-sharpness explicit")]
         # their update uses the pass at w, which stays synced (as under DDP): the plain result
-        + [(m, b, "m-sharpness") for m in ("crsam", "crsam_paper", "lastsam_orthogonal") for b in BASES])
+        + [(m, b, "m-sharpness") for m in ("crsam", "crsam_paper", "lastsam_orthogonal", "gsam", "wsam")
+           for b in BASES])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
 CHECKPOINTED = [("sam", "adamw", ""), ("fsam", "sgd", ""), ("lastsam_orthogonal", "sgd", ""),
                 ("asam", "adamw", "m-sharpness"), ("fsam", "adamw", "m-sharpness")]
