@@ -11,7 +11,7 @@ and IDEs, and so that torch.compile traces it as plain code.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 from fastsam.ops import op_table
 from fastsam.ops._dispatch import backend, resolve_impl
@@ -83,7 +83,3 @@ def make_entry(spec: op_table.OpSpec) -> Callable:
     fn.__doc__ = spec.doc
     return fn
 
-
-def source_of(name: str) -> Optional[str]:
-    """The generated source of an entry, for reading (``print(source_of("perturb_"))``)."""
-    return _source(op_table.BY_NAME[name]) if name in op_table.BY_NAME else None
