@@ -71,7 +71,7 @@ except ImportError:  # a torch build without torch.distributed
 
 from fastsam._checks import _check_bool
 from fastsam._fsdp_m_sharpness import LocalPerturbation
-from fastsam.optim import ASAM, CRSAM, GSAM, SAM, WSAM, FriendlySAM, LastSAM
+from fastsam.optim import ASAM, CRSAM, GSAM, SAM, WSAM, FriendlySAM, LastSAM, LookSAM
 from fastsam.optim._sharding import mean_over_ranks
 from fastsam.utils import frozen_bn_stats
 
@@ -117,7 +117,7 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
                          "sync_first_pass=False) with the fully_shard-ed model")
     local = None  # each rank's own perturbation under FSDP2
     if is_fsdp and not sync_first_pass:
-        always_synced = isinstance(optimizer, (CRSAM, GSAM, WSAM)) or (isinstance(optimizer, LastSAM)
+        always_synced = isinstance(optimizer, (CRSAM, GSAM, WSAM, LookSAM)) or (isinstance(optimizer, LastSAM)
                                                                          and optimizer.orthogonal)
         if (type(optimizer) in (SAM, ASAM, LastSAM) and not always_synced) or per_rank_ema:
             local = LocalPerturbation(optimizer, model, FSDPModule)

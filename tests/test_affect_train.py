@@ -251,6 +251,9 @@ def test_cuda_graph_refusals(tmp_path):
     with pytest.raises(ValueError, match="cuda_graph: optimizer 'lastsam'"):
         train(small("expr", optimizer="lastsam", device="cuda"), train_bank, val_bank, run, log=quiet,
               cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph: optimizer 'looksam'"):
+        train(small("expr", optimizer="looksam", device="cuda"), train_bank, val_bank, run, log=quiet,
+              cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph: interval=2"):
         train(small("expr", interval=2, device="cuda"), train_bank, val_bank, run, log=quiet, cuda_graph=True)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):

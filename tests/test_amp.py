@@ -26,6 +26,7 @@ METHODS = {
         params, base, switch_at=1, sharpness="sam", orthogonal=True, impl=impl, **kw, **o),
     "crsam": lambda params, base, kw, impl, **o: fastsam.CRSAM(params, base, rho=0.1, impl=impl, **kw, **o),
     "sam_interval": lambda params, base, kw, impl, **o: fastsam.SAM(params, base, interval=2, impl=impl, **kw, **o),
+    "looksam": lambda params, base, kw, impl, **o: fastsam.LookSAM(params, base, k=2, impl=impl, **kw, **o),
     "gsam": lambda params, base, kw, impl, **o: fastsam.GSAM(params, base, rho=0.05, impl=impl, **kw, **o),
     "wsam": lambda params, base, kw, impl, **o: fastsam.WSAM(params, base, rho=0.05, max_norm=1.0, impl=impl, **kw,
                                                              **o),
@@ -93,7 +94,7 @@ def snapshot(model, opt, poison=1):
 
 def goes_on_as_if_absent(method, poison):
     # interval's phase counts the skipped step too (the flag stays on the device): the next step is a one-pass one.
-    return not (method == "friendly" and poison > 1) and method != "sam_interval"
+    return not (method == "friendly" and poison > 1) and method not in ("sam_interval", "looksam")
 
 
 def assert_same(a, b, exact=False):

@@ -228,6 +228,12 @@ def test_step_closure_runs_two_passes():
     (lambda p: fastsam.WSAM(p, torch.optim.SGD, lr=0.1, gamma=1.0), ValueError, "gamma"),
     (lambda p: fastsam.WSAM(p, torch.optim.SGD, lr=0.1, max_norm=0.0), ValueError, "max_norm"),
     (lambda p: fastsam.WSAM(p, torch.optim.SGD, lr=0.1, decouple="yes"), TypeError, "decouple"),
+    (lambda p: fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, k=0), ValueError, "k"),
+    (lambda p: fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, k=2.0), TypeError, "k"),
+    (lambda p: fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, interval=2), TypeError, "interval"),
+    (lambda p: fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, alpha="x"), TypeError, "alpha"),
+    (lambda p: fastsam.GSAM([{"params": list(p), "p": float("inf")}], torch.optim.SGD, lr=0.1), ValueError,
+     "GSAM supports p=2 only"),
 ])
 def test_bad_arguments(make, exc, word):
     with pytest.raises(exc, match=word):

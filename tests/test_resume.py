@@ -53,6 +53,8 @@ METHODS = {
     "wsam-coupled-clipped-adam": _spec("WSAM", "adam", decouple=False, max_norm=1.0),
     "wsam-decoupled-rmsprop": _spec("WSAM", "rmsprop"),
     "sam-interval-3-sgd": _spec("SAM", "sgd", interval=3),
+    "looksam-3-adamw": _spec("LookSAM", "adamw", k=3),
+    "looksam-4-adaptive-rmsprop": _spec("LookSAM", "rmsprop", k=4, adaptive=True, rho=0.5),
     "crsam-interval-2-adam": _spec("CRSAM", "adam", interval=2),
     "lastsam-5-interval-2-ortho-asam-adamw": _spec("LastSAM", "adamw", switch_at=5, orthogonal=True, interval=2),
 }
@@ -65,7 +67,7 @@ for _switch in (5, 15):
 IMPLS = ("cpu", "torch")
 # Checkpoints resumed without the method's own state (the EMA; steps_done): the runs must differ, or
 # the comparison is blind.
-STRIPPED = ("fsam-sgd", "lastsam-5-plain-sam-nesterov")
+STRIPPED = ("fsam-sgd", "lastsam-5-plain-sam-nesterov", "looksam-3-adamw")
 # Checkpoints of a cpu run resumed with impl="torch" (and back): the kernels round differently.
 CROSS = ("sam-p2-sgd", "asam-filterwise-adamw", "fsam-adam", "crsam-paper-adam", "lastsam-5-ortho-asam-adamw",
          "gsam-adaptive-rho-min-adamw", "wsam-coupled-clipped-adam")

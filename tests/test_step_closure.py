@@ -33,6 +33,7 @@ METHODS = {
     "lastsam_orthogonal": lambda m, impl: fastsam.LastSAM(m.named_parameters(), torch.optim.Adam, switch_at=SWITCH,
                                                           sharpness="sam", orthogonal=True, impl=impl, lr=1e-3),
     "sam_interval": lambda m, impl: fastsam.SAM(m.parameters(), torch.optim.SGD, interval=3, impl=impl, lr=0.05),
+    "looksam": lambda m, impl: fastsam.LookSAM(m.parameters(), torch.optim.SGD, k=3, impl=impl, lr=0.05),
     "gsam": lambda m, impl: fastsam.GSAM(m.parameters(), torch.optim.SGD, impl=impl, lr=0.05, momentum=0.9),
     "wsam": lambda m, impl: fastsam.WSAM(m.parameters(), torch.optim.AdamW, max_norm=1.0, impl=impl, lr=1e-3),
 }

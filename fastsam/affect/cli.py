@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=kind, default=None, help="default: the preset's")
     p.add_argument("--interval", type=int, default=None,
                    help="the SAM family's step on every INTERVAL-th step, the base optimizer's one-pass step between "
-                        "(default 1)")
+                        "(default 1); for looksam its k (default 5)")
     p.add_argument("--impl", default=None, help="fastsam kernel impl: auto, cuda, triton, cpu or torch")
     p.add_argument("--device", default=None, help="default: cpu")
     p.add_argument("--cuda-graph", action="store_true",

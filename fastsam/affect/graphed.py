@@ -29,9 +29,9 @@ StepFn = Callable[[torch.Tensor], torch.Tensor]
 def check_cuda_graph(optimizer: str, device: torch.device, interval: int = 1) -> None:
     """Raises ValueError where ``--cuda-graph`` cannot capture the step: an optimizer that picks its kernels on
     the host step by step (LastSAM, any method with interval > 1), or a device other than CUDA."""
-    if optimizer == "lastsam":
-        raise ValueError("cuda_graph: optimizer 'lastsam' switches from its base phase to SAM on the host, which a "
-                         "captured step cannot follow; train it without --cuda-graph")
+    if optimizer in ("lastsam", "looksam"):
+        raise ValueError(f"cuda_graph: optimizer {optimizer!r} switches between one- and two-pass steps on the host, "
+                         "which a captured step cannot follow; train it without --cuda-graph")
     if interval != 1:
         raise ValueError(f"cuda_graph: interval={interval} alternates one- and two-pass steps on the host, which a "
                          "captured step cannot follow; train it without --cuda-graph or with interval 1")

@@ -34,7 +34,7 @@ from .metrics import score_from_counts
 from .model import AffectMLP
 from .tasks import TASKS, Task, get_task
 
-OPTIMIZERS = ("sam", "asam", "fsam", "crsam", "gsam", "wsam", "lastsam", "adam", "adamw")
+OPTIMIZERS = ("sam", "asam", "fsam", "crsam", "gsam", "wsam", "looksam", "lastsam", "adam", "adamw")
 BASES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 _SAM_FAMILY = {"sam": fastsam.SAM, "asam": fastsam.ASAM, "fsam": fastsam.FriendlySAM, "crsam": fastsam.CRSAM,
                "gsam": fastsam.GSAM, "wsam": fastsam.WSAM}
@@ -79,7 +79,8 @@ class TrainConfig:
     ``rho`` its radius; ``t_max`` (epochs) and ``eta_min`` configure CosineAnnealingLR, stepped once per
     epoch; ``impl`` goes to the optimizer and the loss; ``interval``: the SAM family's step on every
     ``interval``-th step, the base optimizer's one-pass step between (default 1: every step; must be 1 for
-    the plain "adam"/"adamw" choices).
+    the plain "adam"/"adamw" choices). For "looksam" it is LookSAM's k, its SAM steps' interval, and 1 takes
+    LookSAM's default k = 5.
     """
 
     task: str
@@ -165,6 +166,10 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
         return BASES[config.optimizer](model.parameters(), **kwargs)
     kwargs.update(rho=config.rho, impl=config.impl, interval=config.interval)
     base = BASES[config.base]
+    if config.optimizer == "looksam":
+        kwargs.pop("interval")
+        return fastsam.LookSAM(model.named_parameters(), base, k=config.interval if config.interval > 1 else 5,
+                               **kwargs)
     if config.optimizer == "lastsam":
         return fastsam.LastSAM(model.named_parameters(), base, switch_at=0.5, sharpness="sam",
                                total_steps=config.epochs * steps_per_epoch, **kwargs)

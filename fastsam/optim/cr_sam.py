@@ -54,6 +54,7 @@ class CRSAM(SAM):
     """
 
     _buffers = ("grad0", "grad_plus")
+    _update_uses_g0 = True  # g0 enters the combined grad
 
     def __init__(self, params, base_optimizer, rho: float = 0.1, gamma: float = 0.1, beta: float = 0.1,
                  mode: str = "authors", impl: str = "auto", nonfinite: Optional[str] = None, **base_kwargs):
@@ -190,10 +191,6 @@ class CRSAM(SAM):
     @property
     def next_pass_at_w(self) -> bool:
         return super().next_pass_at_w and self._moved is None
-
-    @property
-    def update_uses_grad_at_w(self) -> bool:
-        return True  # g0 enters the combined grad
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

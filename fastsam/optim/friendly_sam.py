@@ -54,6 +54,7 @@ class FriendlySAM(SAM):
     """
 
     _buffers = ("ema",)
+    _p2_only = True
     _saved_buffers = ("ema",)
     per_rank_ema = False
 
@@ -93,8 +94,6 @@ class FriendlySAM(SAM):
         super()._check_group(group)
         _check_number("sigma", group["sigma"])
         _check_lmbda(group["lmbda"])
-        if group["p"] != 2:
-            raise ValueError(f"FriendlySAM supports p=2 only, got p={group['p']}")
 
     def _directions(self, bucket: _buckets.Bucket) -> List[Direction]:
         ema = bucket.buffers["ema"]

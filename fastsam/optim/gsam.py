@@ -63,6 +63,8 @@ class GSAM(SAM):
             sched.step()
     """
 
+    _p2_only = True
+    _update_uses_g0 = True  # the first pass's grad enters the update
     _buffers = ("grad0",)
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, alpha: float = 0.4,
@@ -77,8 +79,6 @@ class GSAM(SAM):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        if group["p"] != 2:
-            raise ValueError(f"GSAM supports p=2 only, got p={group['p']}")
         rho_min = group["rho_min"]
         if rho_min is None:
             return
@@ -99,10 +99,6 @@ class GSAM(SAM):
         if isinstance(lr, Tensor):
             raise TypeError("GSAM with rho_min follows the lr on the host: the lr must be a float, not a tensor")
         return rho_min + (group["rho"] - rho_min) * (lr - lr_min) / (group["initial_lr"] - lr_min)
-
-    @property
-    def update_uses_grad_at_w(self) -> bool:
-        return True  # g_perp is made of the first pass's grad
 
     def _combination(self, buckets: List[_buckets.Bucket], inv=None, fused: bool = True) -> Combination:
         # g1 - alpha g_perp = (1 + alpha cos ||g0|| / (||g1|| + eps)) g1 - alpha g0: coef (c, -alpha, 0), g_b = g0.

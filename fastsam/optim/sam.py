@@ -178,6 +178,8 @@ class SAM(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         _check_nonneg("rho", group["rho"])
         _check_p(group["p"])
+        if self._p2_only and group["p"] != 2:
+            raise ValueError(f"{type(self).__name__} supports p=2 only, got p={group['p']}")
         _check_bool("perturb", group.get("perturb", True))
 
     @staticmethod
@@ -190,6 +192,12 @@ class SAM(torch.optim.Optimizer):
     _buffers: Tuple[str, ...] = ()
     # Those of them that are method state (saved by state_dict), not scratch space within a step.
     _saved_buffers: Tuple[str, ...] = ()
+    # Whether the one-pass steps update with the method's combination too (LookSAM: g + kept g_v), not g alone.
+    _one_pass_combines = False
+    # Whether the method's own update is made of the grad of the pass at w too (CR-SAM, GSAM, WSAM, LookSAM).
+    _update_uses_g0 = False
+    # Whether the method is defined for p = 2 only.
+    _p2_only = False
 
     def _radius(self, group: dict) -> float:
         """The radius of this step's perturbation of ``group`` (GSAM: rho following the lr)."""
@@ -358,12 +366,13 @@ class SAM(torch.optim.Optimizer):
         # A one-pass step (interval, LastSAM before its switch) is the base optimizer's step with the grad of its
         # pass: the method's combination of kept grads and its after-update belong to the method's steps.
         method_step = self.sharpness_active
+        combines = method_step or self._one_pass_combines
         kind = self._fused_kind
         same_params = _buckets.grad_signature(self.param_groups) == self._plan_grads
         if kind is not None and same_params and all(
                 _fused_update.group_supported(kind, b.group) for b in perturbed) and all(
                 b.impl != "torch" for b in perturbed):
-            combination = self._combination(perturbed, gate.inv if gate else None) if method_step else None
+            combination = self._combination(perturbed, gate.inv if gate else None) if combines else None
             for b in perturbed:
                 grad = None
                 if combination is not None:
@@ -382,7 +391,7 @@ class SAM(torch.optim.Optimizer):
                     grads = [g for g in b.grads() if g is not None]
                     if grads:
                         torch._foreach_mul_(grads, gate.inv[b.params[0].device])
-            combination = self._combination(perturbed, None, fused=False) if method_step else None
+            combination = self._combination(perturbed, None, fused=False) if combines else None
             if combination is not None:
                 for b in perturbed:
                     _combine_into_grads(b, *combination[0](b), combination[1][b.params[0].device])
@@ -530,8 +539,8 @@ class SAM(torch.optim.Optimizer):
             passes = self._closure_passes(closure)
             if not passes.calls:
                 loss = self._pass_at_w(passes)
-        if getattr(self, "found_inf", None) is not None or self.nonfinite is not None:
-            self._update(self._buckets(), restore=False)  # gated: unscaled and skipped on the device
+        if getattr(self, "found_inf", None) is not None or self.nonfinite is not None or self._one_pass_combines:
+            self._update(self._buckets(), restore=False)  # gated (unscaled, skipped on the device), or combined
         else:
             self.base_optimizer.step()
             for b in self._plan or ():
@@ -657,8 +666,9 @@ class SAM(torch.optim.Optimizer):
     @property
     def update_uses_grad_at_w(self) -> bool:
         """Whether the base update of the coming step uses the grad of the pass at w, not only the
-        perturbation does (under DDP that pass must then be all-reduced): the base optimizer's one-pass step."""
-        return not self.sharpness_active
+        perturbation does (under DDP that pass must then be all-reduced): the base optimizer's one-pass step, and
+        every step of a method whose update uses it."""
+        return self._update_uses_g0 or not self.sharpness_active
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -44,6 +44,8 @@ class WSAM(SAM):
             groups; rho and adaptive are param-group options.
     """
 
+    _p2_only = True
+    _update_uses_g0 = True  # the first pass's grad enters the update
     _buffers = ("grad0",)
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, gamma: float = 0.9, decouple: bool = True,
@@ -60,15 +62,6 @@ class WSAM(SAM):
         self._base_grads: Dict[int, List[Tensor]] = {}  # the generic decoupled path's c0 g0, by bucket
         defaults = dict(rho=_check_nonneg("rho", rho), adaptive=bool(adaptive), p=2.0, perturb=True)
         self._init_sam(params, base_optimizer, impl, defaults, base_kwargs, nonfinite)
-
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
-        if group["p"] != 2:
-            raise ValueError(f"WSAM supports p=2 only, got p={group['p']}")
-
-    @property
-    def update_uses_grad_at_w(self) -> bool:
-        return True  # the update is made of the first pass's grad too
 
     def _clip_factors(self, buckets: List[_buckets.Bucket], inv) -> Dict[torch.device, Tensor]:
         """The coefficient buffer of every device, its clip factors set (1 without max_norm)."""
