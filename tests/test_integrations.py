@@ -195,6 +195,7 @@ HF_METHODS = {
     "lastsam": (lambda params, base, **kw: fastsam.LastSAM(params, base, switch_at=2, sharpness="sam", **kw),
                 {"switch_at": 0.5, "sharpness": "sam"}),
     "gsam": (fastsam.GSAM, {}),
+    "looksam": (lambda params, base, **kw: fastsam.LookSAM(params, base, k=2, **kw), {"k": 2}),
     "wsam_interval": (lambda params, base, **kw: fastsam.WSAM(params, base, max_norm=1.0, interval=2, **kw),
                       {"max_norm": 1.0, "interval": 2}),
 }
@@ -214,7 +215,7 @@ def test_hf_sam_trainer_equals_the_explicit_loop(tmp_path, method, max_grad_norm
     trainer.train()
     opt = trainer._fastsam_optimizer()
     assert type(opt).__name__ == {"sam": "SAM", "crsam": "CRSAM", "lastsam": "LastSAM", "gsam": "GSAM",
-                                  "wsam_interval": "WSAM"}[method]
+                                  "wsam_interval": "WSAM", "looksam": "LookSAM"}[method]
     if method == "lastsam":
         assert opt.switch_step == 2 and opt.steps_done == 4
     expected = _hf_explicit(method, args, data, max_grad_norm, accumulation, trainer.model_accepts_loss_kwargs)

@@ -38,6 +38,7 @@ SAM_METHODS = {
     "lastsam": fastsam.LastSAM,
     "gsam": fastsam.GSAM,
     "wsam": fastsam.WSAM,
+    "looksam": fastsam.LookSAM,
 }
 
 
@@ -46,10 +47,10 @@ class SAMTrainer(transformers.Trainer):
 
     Args:
         *args, **kwargs: as for ``transformers.Trainer``. ``optimizers=(opt, scheduler)`` may hold a fastsam
-            optimizer (SAM, ASAM, FriendlySAM, CRSAM, LastSAM, GSAM, WSAM) built over the model's parameters;
-            ``scheduler`` may be None (the Trainer then builds its own on ``opt``).
-        sam_method: "sam", "asam", "fsam", "crsam", "lastsam", "gsam" or "wsam": build that optimizer around the
-            base optimizer the TrainingArguments name (``optim``, ``learning_rate``, ``weight_decay``, betas,
+            optimizer (SAM, ASAM, FriendlySAM, CRSAM, LastSAM, GSAM, WSAM, LookSAM) built over the model's
+            parameters; ``scheduler`` may be None (the Trainer then builds its own on ``opt``).
+        sam_method: "sam", "asam", "fsam", "crsam", "lastsam", "gsam", "wsam" or "looksam": build that optimizer
+            around the base optimizer the TrainingArguments name (``optim``, ``learning_rate``, ``weight_decay``, betas,
             eps), with the Trainer's weight-decay groups (named parameters, so ASAM's "weight" rule applies).
             Default "sam" when ``optimizers`` holds no optimizer. Not allowed together with an optimizer instance.
         sam_kwargs: the method's own options (``rho``, ``adaptive``, ``eta``, ``switch_at``, ...). For LastSAM
