@@ -94,6 +94,11 @@ def take(ts: List[Tensor], idx: "List[int] | None") -> List[Tensor]:
     return ts if idx is None or not ts else [ts[i] for i in idx]
 
 
+def with_grad(grads: List["Tensor | None"]) -> "List[int] | None":
+    """The positions of the tensors that have a grad, for :func:`take`: None when all of them have one."""
+    return None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
+
+
 # A state flag: the parameter's buffers were made zero-filled before its first step (a template to load a
 # checkpoint into); its first step still treats it as new.
 UNSTARTED = "unstarted"

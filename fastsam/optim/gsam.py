@@ -9,7 +9,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets, _sharding
-from fastsam.optim._buckets import take
+from fastsam.optim._buckets import take, with_grad
 from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number
 
 # The authors' perturb_eps, in the perturbation's norm (SAM's own), the cosine and the projection.
@@ -106,21 +106,21 @@ class GSAM(SAM):
         for b in buckets:
             grads = b.grads()
             # A parameter without a grad in this pass takes no step: the authors leave it out of the sums too.
-            idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
+            idx = with_grad(grads)
             g0, acc = take(b.buffers["grad0"], idx), sums[b.scope]
             ops.dot_norm_sq_(acc=acc[_DOT:_SQ_G1], a=take(grads, idx), b=g0, impl=b.impl)
             ops.norm_sq_(acc=acc[_SQ_G1:], grads=take(grads, idx), params=take(b.params, idx), row_scales=[],
                          mode=ops.MODE_IDENTITY, eta=0.0, amp=None if inv is None else ops.AmpArgs(inv[b.scope.device]),
                          impl=b.impl)
-        for d, acc in _sharding.global_sums(sums).items():
+        totals = _sharding.global_sums(sums)
+        coefs = _sharding.zeroed(self._coef, totals, 3)  # written in place: no allocation per step
+        for d, acc in totals.items():
             dot, g0_sq, g1_sq = acc[_DOT], acc[_SQ_G0], acc[_SQ_G1]
             if inv is not None:  # g1 is still loss-scaled in the dot product (the kernels unscale it later)
                 dot = dot * inv[d].reshape(())
             n0, n1 = g0_sq.sqrt(), g1_sq.sqrt()
             cos = dot / (n1 * n0 + _EPS)
-            if d not in self._coef:
-                self._coef[d] = torch.zeros(3, device=d)
-            coef = self._coef[d]  # written in place: no allocation per step
+            coef = coefs[d]
             coef[0] = 1 + self.alpha * cos * n0 / (n1 + _EPS)
             coef[1] = -self.alpha
         return (lambda b: (b.buffers["grad0"], [])), self._coef

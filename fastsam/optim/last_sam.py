@@ -9,7 +9,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets, _sharding
-from fastsam.optim._buckets import take
+from fastsam.optim._buckets import take, with_grad
 from fastsam.optim.asam import ASAM, _check_normalization, check_asam_group
 from fastsam.optim.sam import SAM, Combination, _check_bool, _check_nonneg, _check_p
 
@@ -119,7 +119,7 @@ class LastSAM(SAM):
         for b in buckets:
             grads = b.grads()
             # A parameter without a grad in this pass takes no step: it is left out of the projection too.
-            idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
+            idx = with_grad(grads)
             ops.dot_norm_sq_(acc=dots[b.scope], a=take(grads, idx), b=take(b.buffers["grad0"], idx), impl=b.impl)
         for d, acc in _sharding.global_sums(dots).items():
             if d not in self._coef:

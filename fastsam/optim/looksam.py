@@ -9,7 +9,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets, _gate, _sharding
-from fastsam.optim._buckets import take
+from fastsam.optim._buckets import take, with_grad
 from fastsam.optim.sam import SAM, Combination, _check_nonneg, _check_number
 
 _EPS = 1e-12  # in the projection's ||g||^2
@@ -62,6 +62,7 @@ class LookSAM(SAM):
         self._sums_v: Dict[_sharding.Scope, Tensor] = {}
         self._sq_v: Dict[torch.device, Tensor] = {}  # ||g_v||^2 of the kept g_v (summed again after a load)
         self._coef: Dict[torch.device, Tensor] = {}
+        self._projection: Dict[torch.device, Tensor] = {}
         defaults = dict(rho=_check_nonneg("rho", rho), adaptive=bool(adaptive), p=2.0, perturb=True)
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be an int >= 1, got {k!r}")
@@ -82,14 +83,14 @@ class LookSAM(SAM):
         sums = _sharding.zeroed(self._sums, {b.scope for b in buckets}, 2)
         for b in buckets:
             grads = b.grads()
-            idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
+            idx = with_grad(grads)
             ops.norm_sq_(acc=sums[b.scope][_SQ_G:], grads=take(grads, idx), params=take(b.params, idx),
                          row_scales=[], mode=ops.MODE_IDENTITY, eta=0.0,
                          amp=None if inv is None else ops.AmpArgs(inv[b.scope.device]), impl=b.impl)
-        for d, acc in _sharding.global_sums(sums).items():
-            if d not in self._coef:
-                self._coef[d] = torch.zeros(3, device=d)
-            coef, sq_v = self._coef[d], self._sq_v[d]
+        totals = _sharding.global_sums(sums)
+        coefs = _sharding.zeroed(self._coef, totals, 3)  # written in place: no allocation per step
+        for d, acc in totals.items():
+            coef, sq_v = coefs[d], self._sq_v[d]
             ratio = acc[_SQ_G].sqrt() / sq_v.sqrt()
             coef[0] = 1.0
             coef[1] = torch.where(sq_v > 0, self.alpha * ratio, torch.zeros_like(ratio))  # 0 before any g_v
@@ -106,28 +107,27 @@ class LookSAM(SAM):
     def _after_update(self, buckets: List[_buckets.Bucket], gate: Optional[_gate.Gate], fused: bool) -> None:
         # g_v = g_s - (<g_s, g> / (||g||^2 + eps)) g, g_s the grad of this pass (unscaled in the op), g kept.
         sums = _sharding.zeroed(self._sums, {b.scope for b in buckets}, 2)
+        taken = []  # per bucket: the grads of this pass, and which tensors have one
         for b in buckets:
             grads = b.grads()
-            idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
-            ops.dot_norm_sq_(acc=sums[b.scope], a=take(grads, idx), b=take(b.buffers["grad0"], idx), impl=b.impl)
+            idx = with_grad(grads)
+            taken.append((take(grads, idx), idx))
+            ops.dot_norm_sq_(acc=sums[b.scope], a=taken[-1][0], b=take(b.buffers["grad0"], idx), impl=b.impl)
         inv = gate.inv if (gate is not None and fused) else None
-        projection = {}
-        for d, acc in _sharding.global_sums(sums).items():
+        totals = _sharding.global_sums(sums)
+        projection = _sharding.zeroed(self._projection, totals, 3)  # written in place: no allocation per step
+        for d, acc in totals.items():
             dot = acc[_DOT] if inv is None else acc[_DOT] * inv[d].reshape(())
-            coef = torch.zeros(3, device=d)
-            coef[0] = 1.0
-            coef[1] = -dot / (acc[_SQ_G] + _EPS)
-            projection[d] = coef
-        for b in buckets:
-            grads = b.grads()
-            idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
+            projection[d][0] = 1.0
+            projection[d][1] = -dot / (acc[_SQ_G] + _EPS)
+        for b, (grads, idx) in zip(buckets, taken):
             d = b.params[0].device
             g0, gv = take(b.buffers["grad0"], idx), take(b.buffers["grad_v"], idx)
             amp = gate.on(d) if (gate is not None and fused) else None
             # The restore + SGD op as a skip-aware axpy: its momentum buffers (g_v) are set to d_p at an "initial"
             # step, d_p = g_s + coef[1] g; lr 0 leaves its parameters (g's copy) as they were; a skipped step
             # writes nothing.
-            ops.restore_sgd_(params=g0, grads=take(grads, idx), backups=[], momentum_buffers=gv, lr=0.0,
+            ops.restore_sgd_(params=g0, grads=grads, backups=[], momentum_buffers=gv, lr=0.0,
                              weight_decay=0.0, momentum=1.0, dampening=0.0, nesterov=False, maximize=False,
                              init_momentum=True, grad=ops.GradArgs(projection[d], g0), amp=amp, impl=b.impl)
         self._sq_v = self._kept_norm_sq(buckets)

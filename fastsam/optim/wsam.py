@@ -8,7 +8,7 @@ from torch import Tensor
 
 import fastsam.ops as ops
 from fastsam.optim import _buckets, _gate, _sharding
-from fastsam.optim._buckets import take
+from fastsam.optim._buckets import take, with_grad
 from fastsam.optim.sam import SAM, Combination, _check_bool, _check_nonneg, _check_number
 
 # torch.nn.utils.clip_grad_norm_'s epsilon: the clip factor is max_norm / (norm + 1e-6), at most 1.
@@ -73,7 +73,7 @@ class WSAM(SAM):
         sums = _sharding.zeroed(self._sums, {b.scope for b in buckets}, 2)  # ||g0||^2, ||g1||^2
         for b in buckets:
             grads = b.grads()
-            idx = None if all(g is not None for g in grads) else [i for i, g in enumerate(grads) if g is not None]
+            idx = with_grad(grads)
             params, acc = take(b.params, idx), sums[b.scope]
             # g0 is clipped over every parameter that had a grad at w (all of a bucket's), g1 over those with one now.
             ops.norm_sq_(acc=acc[0:1], grads=b.buffers["grad0"], params=b.params, row_scales=[],
