@@ -6,13 +6,13 @@ from fastsam.bench.methods import METHODS
 from fastsam.bench.shapes import make_params
 
 
-def trajectory(method, opt, params, shapes, steps=3):
-    """The parameters after every step call of ``steps`` steps of ``opt`` (a row of ``method`` over ``params``,
-    made from ``shapes``), and SGD's momentum buffers (the sums of the grads the base optimizer stepped with)
-    after every step."""
+def trajectory(method, opt, params, shapes, steps=3, row=None):
+    """The parameters after every step call of ``steps`` timed calls of ``opt`` (row ``row`` of ``method`` over
+    ``params``, made from ``shapes``; LookSAM: a call is a cycle of k steps), and SGD's momentum buffers (the sums
+    of the grads the base optimizer stepped with) after every call."""
     points, momenta = [], []
     for step in range(steps):
-        for k, call in enumerate(METHODS[method].steps):
+        for k, call in enumerate(METHODS[method].calls(row)):
             for p, q in zip(params, make_params(shapes, seed=100 + 10 * step + k)):
                 p.grad = q.grad
             getattr(opt, call)()

@@ -11,7 +11,7 @@ import torch
 from fastsam.bench import cli
 from fastsam.bench.cli import parse_args
 from fastsam.bench.cvar_peers import cvar_rows
-from fastsam.bench.methods import METHODS, SAM_PEERS
+from fastsam.bench.methods import METHODS, SAM_PEERS, GradReset
 from fastsam.bench.peers import rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +99,42 @@ def test_methods_flag_adds_a_block_per_method(tmp_path, monkeypatch, capsys):
     assert record["methods"]["crsam"]["steps"] == ["first_step", "second_step", "third_step"]
 
 
+def test_looksam_rows_are_per_step_of_a_cycle(tmp_path, monkeypatch, capsys):
+    """LookSAM's timed call is a cycle of k steps: its times, limit ratio and compile time are per step, every row
+    shares one grad reset as its prepare, and the table names the cycle (timings faked: the plumbing)."""
+    monkeypatch.setitem(cli.SHAPES, "tiny", [("w", (64, 32)), ("b", (64,))])
+    monkeypatch.setitem(cli.SHAPE_DTYPES, "tiny", "fp32")
+    monkeypatch.setattr(cli.stream, "bandwidths", lambda nbytes, seconds: dict(read=10e9, copy=5e9, triad=6e9,
+                                                                               mix=8e9))
+    prepares = {}
+
+    def paired(fns, device, **timing):  # each call 10 ms, the first 1 s
+        prepares.update({name: getattr(fn, "prepare", None) for name, fn in fns.items()})
+        return {name: dict(first_s=1.0, times=[0.010, 0.010]) for name in fns}
+    monkeypatch.setattr(cli, "time_paired", paired)
+    out = tmp_path / "r.json"
+    assert cli.main(["--quick", "--device", "cpu", "--tables", "sam", "--shapes", "tiny", "--methods", "looksam",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    method = METHODS["looksam"]
+    assert method.cycle == 5 and record["methods"]["looksam"]["steps_per_call"] == 5
+    assert record["methods"]["looksam"]["passes_per_100_steps"] == 120
+    rows_ = record["rows"]
+    assert [r["impl"] for r in rows_] == [r for r in method.rows("cpu") if r != "torch"]
+    assert ("pytorch_optimizer" in method.rows("cpu")) == cli.po_peers.available()  # its LookSAM class
+    assert all(r["median_ms"] == pytest.approx(2.0) and r["first_call_ms"] == pytest.approx(1000.0) for r in rows_)
+    compiled = next(r for r in rows_ if r["impl"] == "compiled")
+    assert compiled["compile_s"] == pytest.approx(1.0 - 0.010)
+    limit = 1e3 * 4 * method.words_per_param * (2048 + 64) / 10e9  # per step, fp32
+    assert record["shapes"]["tiny"]["methods"]["looksam"]["limit_ms"] == pytest.approx(limit)
+    assert rows_[0]["x_limit"] == pytest.approx(2.0 / limit)
+    reset = prepares["loop"]
+    assert isinstance(reset, GradReset)
+    assert all(p is reset for name, p in prepares.items() if not name.startswith(cli.STREAM))
+    assert "looksam: (first_step + second_step + 4 x step) / 5" in printed and "looksam 8.6" in printed
+
+
 @pytest.mark.parametrize("argv,word", [
     (["--shapes", "mlp,alexnet"], "alexnet"),
     (["--shapes", ","], "empty"),
@@ -130,6 +166,6 @@ def test_defaults():
     assert parse_args(["--device", "cpu"]).shapes == ["mlp", "resnet18", "vit_b16"]  # GPT-2: only when named
     assert parse_args(["--device", "cpu", "--shapes", "gpt2_medium"]).shapes == ["gpt2_medium"]
     assert args.methods == list(METHODS) == ["sam", "friendly_sam", "crsam", "lastsam", "lastsam_orthogonal", "gsam",
-                                             "wsam"]
+                                             "wsam", "looksam"]
     assert parse_args(["--device", "cpu", "--shapes", "vit_b16,mlp,vit_b16"]).shapes == ["vit_b16", "mlp"]
     assert parse_args(["--device", "cpu", "--methods", "crsam,sam,crsam"]).methods == ["crsam", "sam"]

@@ -77,6 +77,7 @@ VARIANTS = [(m, {}) for m in FAMILY] + [
     ("crsam", dict(gamma=0.3, beta=0.05)),
     ("lastsam", dict(sharpness="sam", rho=0.05, eta=None)),
     ("lastsam_orthogonal", dict(sharpness="sam", rho=0.05, eta=None)),
+    ("looksam", dict(adaptive=True, rho=0.5, alpha=0.5)),  # k is the calls' (METHODS["looksam"].steps)
 ]
 FAMILY_SHAPES = SHAPES + [("scalar", ())]
 
@@ -84,7 +85,7 @@ FAMILY_SHAPES = SHAPES + [("scalar", ())]
 def _family_trajectory(method, row, options, steps=3):
     """Row ``row``'s trajectory (tests/_bench_trajectory.py) over FAMILY_SHAPES."""
     params = make_params(FAMILY_SHAPES)
-    return trajectory(method, METHODS[method].make(row, params, **options), params, FAMILY_SHAPES, steps)
+    return trajectory(method, METHODS[method].make(row, params, **options), params, FAMILY_SHAPES, steps, row)
 
 
 def _variant_id(v):
@@ -114,6 +115,7 @@ def test_family_rows_compute_the_fastsam_math(variant):
     ("crsam", dict(gamma=0.0, beta=0.0)),  # the base step with g+ alone
     ("lastsam_orthogonal", dict(orthogonal=False)),
     ("lastsam", dict(eta=1.0)),
+    ("looksam", dict(alpha=0.0)),  # the steps between with g alone
 ])
 def test_family_trajectories_use_what_the_method_keeps(method, off):
     """The trajectories compared above change when the method's own part is switched off: the comparison
@@ -219,3 +221,36 @@ def test_sam_rows_are_the_peers_then_the_impls():
             peers.append("pytorch_optimizer")
         assert method.rows("cpu") == [*peers, *rows("cpu")[len(PEERS):]]
         assert method.rows("cpu", ["torch"]) == [*peers, "torch"]
+
+
+def test_grad_reset_puts_the_fixed_grads_back():
+    """LookSAM's rows add into .grad on the steps between (the peers): a timed call's prepare puts the pair's fixed
+    grads back, values and bindings, so every call starts from the same grads."""
+    method = METHODS["looksam"]
+    assert method.fresh_grads and all(not m.fresh_grads for name, m in METHODS.items() if name != "looksam")
+    params = make_params(SHAPES)
+    grads = [p.grad.clone() for p in params]
+    bound = [p.grad for p in params]
+    reset = method.grad_reset(params)
+    opt = method.make("loop", params)
+    assert method.step_fn(opt, "loop", reset).prepare is reset
+    opt.first_step()
+    for p, q in zip(params, make_params(SHAPES, seed=1)):  # another grad at w + e: a g_v of norm > 0
+        p.grad = q.grad
+    opt.second_step()
+    for p, b in zip(params, bound):
+        p.grad = b
+    opt.step()
+    assert all(not torch.equal(p.grad, g) for p, g in zip(params, grads))  # the step between wrote into them
+    params[0].grad = torch.zeros_like(grads[0])
+    reset()
+    assert all(p.grad is b and torch.equal(p.grad, g) for p, b, g in zip(params, bound, grads))
+
+
+def test_looksam_calls_are_a_cycle_of_k_steps():
+    method = METHODS["looksam"]
+    k = method.options["k"]
+    assert method.cycle == k and method.calls("loop") == ("first_step", "second_step") + ("step",) * (k - 1)
+    assert method.calls("pytorch_optimizer") == ("first_step", "second_step") * k
+    assert method.passes_per_100_steps() == 100 + 100 // k
+    assert method.words_per_param == pytest.approx((15 + 7 * (k - 1)) / k)

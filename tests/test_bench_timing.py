@@ -7,7 +7,8 @@ import torch
 from torch.autograd import DeviceType
 
 from fastsam.bench import stream
-from fastsam.bench.timing import count_launches, gpu_launches, time_paired
+from fastsam.bench.methods import StepCalls
+from fastsam.bench.timing import count_launches, gpu_launches, time_calls, time_paired
 
 CPU = torch.device("cpu")
 
@@ -20,6 +21,17 @@ def test_paired_rounds_interleave_the_rows_in_rotated_order():
     assert calls[6:] == list("abc" "bca" "cab" "abc")  # each round starts one row later
     assert all(len(entry["times"]) == 4 and entry["first_s"] > 0 for entry in out.values())
     assert set(out) == set("abc") and set(out["a"]) == {"first_s", "times"}
+
+
+def test_prepare_runs_before_every_call_outside_the_timer():
+    """A StepCalls' prepare (the benchmark's grad reset) runs before each call, warm-up included, and its time
+    is not counted."""
+    calls = []
+    fn = StepCalls([lambda: calls.append("call")], prepare=lambda: (calls.append("prepare"), time.sleep(0.05)))
+    out = time_paired(dict(a=fn), CPU, rounds=3, warmup=2)
+    assert calls == ["prepare", "call"] * 5
+    assert max(out["a"]["times"]) < 0.04 and out["a"]["first_s"] < 0.04
+    assert time_calls(fn, CPU, reps=2, warmup=1) and calls[10:] == ["prepare", "call"] * 3
 
 
 def test_paired_rounds_fit_the_budget_of_the_slowest_row():

@@ -90,7 +90,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parses and checks the flags; bad values exit through argparse's error (status 2)."""
     p = argparse.ArgumentParser(
         prog="python -m fastsam.bench",
-        description="Time one step (first_step + second_step; CR-SAM: + third_step; no forward/backward) of "
+        description="Time one step (first_step + second_step; CR-SAM: + third_step; LookSAM: a cycle of k steps / k; "
+                    "no forward/backward) of "
                     "SAM and its variants, for every available fastsam impl against a per-parameter loop of the "
                     "published algorithm (davda54/sam's for SAM) and a torch._foreach version of it; then the "
                     "forward + backward of fastsam.losses.cvar_cross_entropy against a torch.topk composite and "
@@ -159,7 +160,9 @@ def run(args: argparse.Namespace, log=sys.stderr,
     and per method the STREAM kernels' bandwidths, the best of them, its limit and loop time; each row has
     a ``method``, its ``speedup_vs_loop`` and ``speedup_vs_compiled`` (peer ms / row ms), its ``x_limit`` (row
     ms / the method's limit; None without one), the first call's time, the compiled row's compile time and
-    the GPU launches of one step (None on the CPU). Without the SAM table, ``shapes`` and ``rows`` are empty.
+    the GPU launches of one step (None on the CPU). Times and launches are per step: a method whose timed call
+    is a cycle of steps (LookSAM) has them divided by its ``steps_per_call``; ``first_call_ms`` is the whole
+    first call. Without the SAM table, ``shapes`` and ``rows`` are empty.
     CVaR (:func:`run_cvar`): the ``cvar`` entry; affect (:func:`run_affect`): the ``affect`` entry.
     ``progress`` gets the record so far after each (shapes, method) pair and each table, with ``complete``
     False until the end, so that a run stopped part-way (a time limit) leaves what it measured.
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace, log=sys.stderr,
         stream_words=dict(stream.WORDS), pytorch_optimizer=po_peers.version(),
         methods={m: dict(title=METHODS[m].title, steps=list(METHODS[m].steps), options=METHODS[m].options,
                          fastsam_options=METHODS[m].fastsam_options,
-                         words_per_param=METHODS[m].words_per_param,
+                         words_per_param=METHODS[m].words_per_param, steps_per_call=METHODS[m].cycle,
                          passes_per_100_steps=METHODS[m].passes_per_100_steps()) for m in args.methods if sam},
         shapes={}, rows=[], complete=False)
 
@@ -227,7 +230,9 @@ def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr,
             bandwidth = max(streams.values())
             words = method.words_per_param
             limit_ms = None if words is None else 1e3 * stream.limit_seconds(n, dtype, bandwidth, words)
-            medians = {row: 1e3 * statistics.median(timed[row]["times"]) for row in row_names}
+            # ms per step: a timed call is method.cycle steps (LookSAM: a SAM step and the k - 1 between)
+            per_step = {row: [t / method.cycle for t in timed[row]["times"]] for row in row_names}
+            medians = {row: 1e3 * statistics.median(per_step[row]) for row in row_names}
             info["methods"][method_name] = dict(limit_ms=limit_ms, loop_ms=medians["loop"],
                                                 stream_GBps={k: v / 1e9 for k, v in streams.items()},
                                                 bandwidth_GBps=bandwidth / 1e9)
@@ -235,9 +240,10 @@ def run_sam(args: argparse.Namespace, result: Dict[str, Any], log=sys.stderr,
                 first_ms = 1e3 * timed[row]["first_s"]
                 result["rows"].append(dict(
                     shapes=name, method=method_name, impl=row, kind="peer" if row in SAM_PEERS else "fastsam",
-                    **_stats(timed[row]["times"]), first_call_ms=first_ms,
-                    compile_s=(first_ms - medians[row]) / 1e3 if row == "compiled" else None,
-                    launches=launches[row], speedup_vs_loop=medians["loop"] / medians[row],
+                    **_stats(per_step[row]), first_call_ms=first_ms,
+                    compile_s=(first_ms - method.cycle * medians[row]) / 1e3 if row == "compiled" else None,
+                    launches=None if launches[row] is None else launches[row] / method.cycle,
+                    speedup_vs_loop=medians["loop"] / medians[row],
                     speedup_vs_compiled=medians["compiled"] / medians[row],
                     x_limit=None if limit_ms is None else medians[row] / limit_ms))
                 print(f"{name:11s} {method_name:18s} {row:17s} {medians[row]:10.3f} ms  "
@@ -256,12 +262,13 @@ def _time_rows(method, row_names: List[str], shapes, device: torch.device, dtype
     kernels (named ``STREAM + kernel``) in paired rounds, and counts each step's GPU launches; frees the
     tensors before returning."""
     params = make_params(shapes, device, dtype)
-    fns = {row: method.step_fn(method.make(row, params)) for row in row_names}
+    reset = method.grad_reset(params)
+    fns = {row: method.step_fn(method.make(row, params), row, reset) for row in row_names}
     arrays = stream.stream_arrays(stream.array_bytes(numel(shapes), dtype.itemsize), device)
     timed = time_paired({**fns, **{STREAM + k: fn for k, fn in stream.kernels(arrays).items()}}, device, **timing)
     launches = {row: count_launches(fn, device) for row, fn in fns.items()}
     alive = weakref.ref(params[0])
-    del fns, params, arrays
+    del fns, params, arrays, reset
     torch._dynamo.reset()  # the compiled row's graphs hold its optimizer, and with it the rows' tensors
     if alive() is not None:  # a reference cycle holds the rows' tensors (GBs on the large sets):
         gc.collect()  # free them before the next pair allocates

@@ -4,7 +4,10 @@ Every method runs over SGD(lr=0.1, momentum=0.9) with its defaults below; a row 
 "foreach", "compiled": the foreach step under torch.compile, "pytorch_optimizer": the package's class where it
 has the method) or a fastsam impl. The step timed is the method's step calls in order, without forward/backward:
 the grads are the fixed synthetic ones of :func:`fastsam.bench.shapes.make_params`, so every pass sees the
-same grad tensor. Some values are then degenerate: Friendly SAM's d = g - m is ~0 from the second step on,
+same grad tensor. LookSAM's timed call is a cycle of k steps (a SAM step, then k - 1 steps between), its time
+divided by k: ms per step, as for the others; its rows add into ``.grad`` on the steps between (the peers), which
+on fixed grads would compound from call to call, so its grads are put back before each call, untimed
+(:class:`GradReset`). Some values are then degenerate: Friendly SAM's d = g - m is ~0 from the second step on,
 CR-SAM's combination is g, and the orthogonal projection of g off itself is 0 (the rows that write the
 projected grad into ``.grad``, the loop and impl="torch", then run on zero grads). The ops and the memory they
 move are those of a real step, and their time does not depend on the values: no denormals arise (the values
@@ -38,6 +41,13 @@ training loop (the next backward may accumulate into it).
   term folded in, ``w <- SGD(backup, g0) - lr a (g1 - g0)``: read backup, g0, g1, m; write w, m (6). fastsam's
   restore + update reads g1 with a zero weight and the decoupled term is a pass of its own (read w, g1, g0;
   write w): 16 words. Coupled (a g1 + (1 - a) g0 in the update) both are 12.
+* ``looksam`` ((15 + 7 (k - 1)) / k per step: 8.6 at k = 5). A SAM step (15): norm of g, which is also the
+  ||g||^2 of the projection (1) | perturb, also copying g (5) | <g, g_s> and ||g_s||^2: read g_s, g (2) |
+  restore + update with g_s, writing g_v = g_s - c g beside it and summing ||g_v||^2 on the way: read backup,
+  g_s, g, m; write w, m, g_v (7). A step between (7): ||g||^2: read g (1) | update with g + c' g_v: read w, g,
+  g_v, m; write w, m (6). fastsam's SAM step writes g_v in a pass of its own (the restore + SGD op as an axpy:
+  read g's copy twice and g_s; write g_v and the copy back, 5) and sums ||g_v||^2 in another (1): 19, so 47
+  words per cycle of 5 against 43 (1.09).
 """
 from __future__ import annotations
 
@@ -49,6 +59,7 @@ import torch
 import fastsam
 from fastsam.bench import family_peers as fp
 from fastsam.bench import gsam_wsam_peers as gw
+from fastsam.bench import looksam_peers as ls
 from fastsam.bench import peers, po_peers
 
 
@@ -62,10 +73,13 @@ class Method:
     loop: type
     foreach: type
     fastsam: Callable[..., torch.optim.Optimizer]
-    words_per_param: Optional[int]  # None: no justified limit (the ratio is left blank)
-    steps: Tuple[str, ...] = ("first_step", "second_step")
+    words_per_param: Optional[float]  # per step; None: no justified limit (the ratio is left blank)
+    steps: Tuple[str, ...] = ("first_step", "second_step")  # the calls of one timed call
     options: Dict[str, Any] = field(default_factory=dict)  # the method's hyper-parameters, for every row
     fastsam_options: Dict[str, Any] = field(default_factory=dict)  # for the fastsam rows only
+    cycle: int = 1  # optimizer steps per timed call (LookSAM: k); the tables show its time / cycle
+    po_steps: Optional[Tuple[str, ...]] = None  # the pytorch_optimizer row's calls, where they differ from steps
+    fresh_grads: bool = False  # put the fixed grads back before each timed call (:class:`GradReset`)
 
     def make(self, row: str, params: Iterable[torch.Tensor], lr: float = 0.1, momentum: float = 0.9,
              **options) -> torch.optim.Optimizer:
@@ -78,7 +92,7 @@ class Method:
         if row == "foreach":
             return self.foreach(params, torch.optim.SGD, **kw)
         if row == "compiled":
-            return peers.compile_steps(self.foreach(params, torch.optim.SGD, **kw), self.steps)
+            return peers.compile_steps(self.foreach(params, torch.optim.SGD, **kw), dict.fromkeys(self.steps))
         if row == "pytorch_optimizer":
             return po_peers.make(self.name, params, torch.optim.SGD, **kw)
         return self.fastsam(params, torch.optim.SGD, impl=row, **self.fastsam_options, **kw)
@@ -113,14 +127,59 @@ class Method:
             opt.zero_grad()
         return len(calls)
 
-    def step_fn(self, opt: torch.optim.Optimizer) -> Callable[[], None]:
-        """One step of ``opt``: its step calls in order (the forward/backward passes between them left out)."""
-        calls = [getattr(opt, name) for name in self.steps]
+    def calls(self, row: str) -> Tuple[str, ...]:
+        """The step calls of one timed call of ``row``, in order (pytorch_optimizer's LookSAM does a step
+        between as ``first_step`` (which does nothing there) + ``second_step``)."""
+        return self.po_steps if (row == "pytorch_optimizer" and self.po_steps) else self.steps
 
-        def step() -> None:
-            for call in calls:
-                call()
-        return step
+    def grad_reset(self, params: Sequence[torch.Tensor]) -> Optional["GradReset"]:
+        """The reset of ``params``' grads shared by the rows of one (shape set, method) pair, where the method
+        asks for one (:attr:`fresh_grads`), else None."""
+        return GradReset(params) if self.fresh_grads else None
+
+    def step_fn(self, opt: torch.optim.Optimizer, row: str, reset: Optional["GradReset"] = None) -> "StepCalls":
+        """One timed call of ``opt`` (the optimizer of ``row``): its step calls in order (the forward/backward
+        passes between them left out), with ``reset`` as its untimed ``prepare``."""
+        return StepCalls([getattr(opt, name) for name in self.calls(row)], reset)
+
+
+class StepCalls:
+    """A timed call: ``calls`` in order. ``prepare`` (None, or a function of no arguments) is what the timers of
+    :mod:`fastsam.bench.timing` run before each call, outside the timed interval."""
+
+    def __init__(self, calls: List[Callable[[], Any]], prepare: Optional[Callable[[], None]] = None):
+        self.calls, self.prepare = calls, prepare
+
+    def __call__(self) -> None:
+        for call in self.calls:
+            call()
+
+
+class GradReset:
+    """Puts the benchmark's fixed grads back, bindings and values, from a copy made once.
+
+    A row that adds into ``.grad`` (the LookSAM peers on the steps between, pytorch_optimizer's LookSAM) would
+    otherwise step next time from what it wrote: on fixed grads, ``g <- g + alpha (||g|| / ||g_v||) g_v`` at
+    every step between grows g without bound (by up to 1 + alpha a step). Called before every timed call of
+    every row of the pair, it costs no row anything timed."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self.grads = [p.grad for p in self.params]
+        self.saved = [g.clone() for g in self.grads]
+
+    def __call__(self) -> None:
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        torch._foreach_copy_(self.grads, self.saved)
+
+
+def _looksam(k: int = 5) -> Method:
+    """LookSAM at interval k: a timed call is one cycle, a SAM step and the k - 1 steps between."""
+    return Method("looksam", f"LookSAM (k={k}: a SAM step, {k - 1} one-pass steps)", ls.LoopLookSAM,
+                  ls.ForeachLookSAM, fastsam.LookSAM, (15 + 7 * (k - 1)) / k,
+                  steps=("first_step", "second_step") + ("step",) * (k - 1), options=dict(rho=0.05, k=k, alpha=0.7),
+                  cycle=k, po_steps=("first_step", "second_step") * k, fresh_grads=True)
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in [
@@ -138,5 +197,6 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     Method("gsam", "GSAM", gw.LoopGSAM, gw.ForeachGSAM, fastsam.GSAM, 14, options=dict(rho=0.05, alpha=0.4)),
     Method("wsam", "WSAM (decoupled)", gw.LoopWSAM, gw.ForeachWSAM, fastsam.WSAM, 12,
            options=dict(rho=0.05, gamma=0.9, decouple=True)),
+    _looksam(),
 ]}
 

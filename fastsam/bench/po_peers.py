@@ -3,8 +3,9 @@
 PyPI collection, as a benchmark row next to the ``loop`` and ``foreach`` peers of :mod:`fastsam.bench.peers`.
 
 Read from pytorch_optimizer 4.1.0 (``pytorch_optimizer/optimizer/sam.py``). Its SAM family is SAM, FriendlySAM,
-GSAM, WSAM, BSAM and LookSAM. A method of :data:`fastsam.bench.methods.METHODS` gets this row only where a class
-does the same math with the same hyper-parameters (:data:`PO_CLASSES`):
+GSAM, WSAM, BSAM and LookSAM. A method of :data:`fastsam.bench.methods.METHODS` gets this row where a class
+does the same math with the same hyper-parameters (:data:`PO_CLASSES`), or the same method with its math differing
+in a way that moves the same memory (:data:`DIFFERENT_MATH`: LookSAM):
 
 * ``sam`` -> ``SAM``: ``e = rho T^2 g / (||T g|| + perturb_eps)`` with ``T = |w|`` if ``adaptive`` else 1, the
   eps (1e-12, pinned here to :attr:`fastsam.bench.peers.LoopSAM.eps`) added to the global norm as in davda54/sam,
@@ -28,13 +29,21 @@ does the same math with the same hyper-parameters (:data:`PO_CLASSES`):
   ``w -= lr a (g1 - g0)``, a = gamma / (1 - gamma). Its ``max_norm`` clips g1 only (before the mix), where the
   authors' code and fastsam clip g0 and g1: pinned to None (no clipping), where the math is the same. Its first
   argument is a model, used by that clipping only: None here.
+* ``looksam`` -> ``LookSAM`` (:data:`DIFFERENT_MATH`): the same steps as the paper's Algorithm 1 (SAM on every
+  k-th step keeping g_v, the steps between one pass with ``g + alpha (||g|| / ||g_v||) g_v``), but its cosine and
+  norms are per tensor where the paper's are global, and it adds 1e-8 to ``||g_v||`` (fastsam: a g_v of norm 0
+  adds nothing). Its step between is ``first_step()`` (which does nothing there) + ``second_step()``
+  (:attr:`fastsam.bench.methods.Method.po_steps`), after one pass in an explicit loop; its ``step(closure)``
+  runs the closure at w and at the point it is at on every step (200 passes per 100 steps: no pass saved). It
+  keeps ``old_p`` and g as fresh clones per SAM step and writes the combined grad into ``p.grad`` in place (the
+  benchmark puts its fixed grads back before each timed call). Its trajectory equals fastsam's where per-tensor
+  and global norms agree: a single parameter tensor (tests/test_bench_po_peers.py).
 
 Not mapped (no row): ``crsam`` (no CR-SAM class), ``lastsam`` and ``lastsam_orthogonal`` (no LastSAM class, and
 ``SAM(adaptive=True)`` is SAM's ``T = |w|``, not ASAM's ``T = |w| + eta`` with eps 1e-16), ``gsam`` (its GSAM
 takes a model and an rho scheduler and drives its own closure: no first/second step to time; the package marks
 it untested, ``pragma: no cover``). BSAM is a standalone Bayesian optimizer (noise, its own Adam-like moments, no
-base optimizer). LookSAM with ``k=1`` updates with SAM's grad but also copies g and computes a per-tensor
-orthogonal component at every step (more traffic); it normalizes per tensor where the paper's norms are global.
+base optimizer).
 
 ``foreach``: the classes take ``foreach: bool | None = None``; None batches their own perturbation and restore
 with ``torch._foreach_*`` on CUDA only, and leaves the base optimizer at torch's default (SGD: foreach on CUDA,
@@ -63,7 +72,11 @@ PO_CLASSES: Dict[str, str] = {
     "sam": "SAM",
     "friendly_sam": "FriendlySAM",
     "wsam": "WSAM",
+    "looksam": "LookSAM",
 }
+# mapped methods whose class's math differs from ours (per tensor instead of global norms): a row for the cost,
+# not a parity target
+DIFFERENT_MATH = {"looksam"}
 # classes whose first argument is the model (WSAM: for its clip_grad_norm_, unused without max_norm)
 TAKES_MODEL = {"wsam"}
 
@@ -72,6 +85,7 @@ OPTION_NAMES: Dict[str, Dict[str, str]] = {
     "sam": {"rho": "rho", "adaptive": "adaptive"},
     "friendly_sam": {"rho": "rho", "sigma": "sigma", "lmbda": "lmbda", "adaptive": "adaptive"},
     "wsam": {"rho": "rho", "gamma": "gamma", "decouple": "decouple", "adaptive": "adaptive"},
+    "looksam": {"rho": "rho", "k": "k", "alpha": "alpha", "adaptive": "adaptive"},
 }
 
 # keywords pinned to our peers' values, whatever the package's defaults become
@@ -79,6 +93,7 @@ PINNED: Dict[str, Dict[str, Any]] = {
     "sam": {"perturb_eps": 1e-12, "use_gc": False},
     "friendly_sam": {"perturb_eps": 1e-12},
     "wsam": {"eps": 1e-12, "max_norm": None},
+    "looksam": {"perturb_eps": 1e-12, "use_gc": False},
 }
 
 def _module():

@@ -64,13 +64,27 @@ def _ratio(x: Any, suffix: str = "x") -> str:
     return "-" if x is None else f"{x:.2f}{suffix}"
 
 
+def _calls(method: Dict[str, Any]) -> str:
+    """A method's step calls, runs of one call counted (``first_step + second_step + 4 x step``), and ``/ n`` for
+    a timed call of n steps (its times are per step)."""
+    runs: List[List[Any]] = []
+    for call in method["steps"]:
+        if runs and runs[-1][0] == call:
+            runs[-1][1] += 1
+        else:
+            runs.append([call, 1])
+    text = " + ".join(call if n == 1 else f"{n} x {call}" for call, n in runs)
+    cycle = method.get("steps_per_call", 1)  # records before the field: 1
+    return text if cycle == 1 else f"({text}) / {cycle}"
+
+
 def format_table(result: Dict[str, Any]) -> str:
     """The SAM table: a header line per shape set and method with its dtype and STREAM bandwidths; per shape
     set and method a row per peer and fastsam impl, then the method's bandwidth limit."""
     methods = result["methods"]
     by_steps: Dict[str, List[str]] = {}
     for name, m in methods.items():
-        by_steps.setdefault(" + ".join(m["steps"]), []).append(name)
+        by_steps.setdefault(_calls(m), []).append(name)
     steps = "; ".join(f"{', '.join(names)}: {calls}" for calls, names in by_steps.items())
     words = ", ".join(f"{name} {m['words_per_param'] if m['words_per_param'] is not None else '-'}"
                       for name, m in methods.items())
@@ -82,7 +96,9 @@ def format_table(result: Dict[str, Any]) -> str:
             f"limit = words/param ({words}) x element size / bandwidth, the bandwidth being the best of the STREAM "
             f"kernels ({', '.join(f'{k} {w}' for k, w in result['stream_words'].items())} words over SAM's 4 "
             f"arrays of the set's size) timed in the method's rounds; x limit = ms / limit; compile s: the compiled "
-            f"row's first call less a step"]
+            f"row's first call less a step",
+            "passes/100 steps: the forward/backward passes of 100 fastsam step(closure) calls (an explicit loop "
+            "over any row can run the same; pytorch_optimizer's step(closure) runs 2 a step, LookSAM's too)"]
     for name, info in result["shapes"].items():
         for method, per in info["methods"].items():
             head.append(f"  STREAM GB/s in the rounds of {name} ({info['dtype']}), {method}: " +

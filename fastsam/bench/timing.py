@@ -14,6 +14,10 @@ def sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``, its ``prepare`` (where it has one, not None) run first, untimed."""
+    prepare = getattr(fn, "prepare", None)
+    if prepare is not None:
+        prepare()
     sync(device)
     t0 = time.perf_counter()
     fn()
@@ -26,7 +30,8 @@ def time_calls(fn: Callable[[], object], device: torch.device, reps: Optional[in
     """Seconds per call of ``fn``, one sample per call, after ``warmup`` calls.
 
     Without ``reps`` the count fits ``budget_s`` (from the last warmup call) within [min_reps, max_reps]:
-    slow rows (the loop peer on ViT-B/16) get few samples, launch-bound ones many.
+    slow rows (the loop peer on ViT-B/16) get few samples, launch-bound ones many. A ``fn`` with a ``prepare``
+    attribute (:class:`fastsam.bench.methods.StepCalls`) has it called before each call, outside the timer.
     """
     last = 0.0
     for _ in range(max(warmup, 1)):  # at least one: lazy state (backups, momentum) is made in the first step
@@ -44,7 +49,8 @@ def time_paired(fns: Dict[str, Callable[[], object]], device: torch.device, roun
     clock, the allocator's placement of a new tensor) hits every row alike and no row always runs first.
 
     Each function is called ``warmup`` times first (at least once: lazy state, and torch.compile's
-    compilation, happen in the first call); ``first_s`` keeps the first call's time. Without ``rounds`` the
+    compilation, happen in the first call); ``first_s`` keeps the first call's time. A function's ``prepare``
+    runs before each of its calls, untimed (as in :func:`time_calls`). Without ``rounds`` the
     count fits ``budget_s`` for the slowest row (from each row's last warm-up call) within
     [min_rounds, max_rounds].
 
