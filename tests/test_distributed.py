@@ -23,8 +23,9 @@ RHO, LR, MOMENTUM, GAMMA, BETA = 0.5, 0.1, 0.9, 0.1, 0.1
 # method -> number of steps; LastSAM switches to SAM after its first step. "sam_zero": SAM over ZeRO-1
 # (torch's ZeroRedundancyOptimizer: each rank updates its partition and broadcasts it), the math of "sam".
 STEPS = {"sam": 3, "crsam": 2, "crsam_paper": 2, "lastsam": 3, "sam_zero": 3, "gsam": 2, "wsam": 2,
-         "sam_interval": 3}
+         "sam_interval": 3, "looksam": 4}
 ALPHA, WSAM_GAMMA = 0.4, 0.6  # GSAM's alpha; WSAM coupled, a = 1.5
+LOOK_K, LOOK_ALPHA = 2, 0.7  # LookSAM: SAM steps 0 and 2, the steps between 1 and 3 reuse g_v
 CONFIGS = [(method, sync) for method in STEPS for sync in (False, True)]
 
 
@@ -58,6 +59,8 @@ def _optimizer(method: str, params):
                             momentum=MOMENTUM)
     if method == "sam_interval":  # SAM on steps 0 and 2, the one-pass step 1 between
         return fastsam.SAM(params, torch.optim.SGD, rho=RHO, interval=2, lr=LR, momentum=MOMENTUM)
+    if method == "looksam":
+        return fastsam.LookSAM(params, torch.optim.SGD, rho=RHO, k=LOOK_K, alpha=LOOK_ALPHA, lr=LR, momentum=MOMENTUM)
     return fastsam.LastSAM(params, torch.optim.SGD, switch_at=1, sharpness="sam", rho=RHO, lr=LR,
                            momentum=MOMENTUM)
 
@@ -108,11 +111,25 @@ def _moved(w, g, sign: float = 1.0):
     return [p + scale * t for p, t in zip(w, g)]
 
 
-def _update_grad(method: str, sync: bool, step: int, net, names, w):
-    """The grad the base optimizer steps with on every rank: the mean over ranks, as DDP all-reduces."""
+def _flat(ts):
+    return torch.cat([t.flatten() for t in ts])
+
+
+def _update_grad(method: str, sync: bool, step: int, net, names, w, kept):
+    """The grad the base optimizer steps with on every rank: the mean over ranks, as DDP all-reduces.
+    ``kept``: what a method keeps from step to step (LookSAM's g_v)."""
     grad = [_grads(net, names, w, step, r) for r in range(WORLD)]
     if (method == "lastsam" and step == 0) or (method == "sam_interval" and step % 2):  # one pass: synced
         return _mean(grad)
+    if method == "looksam":  # g enters g_v and the steps between, so the pass at w is synced in both modes
+        g = _mean(grad)
+        if step % LOOK_K:
+            ratio = LOOK_ALPHA * _flat(g).norm() / _flat(kept["g_v"]).norm()
+            return [x + ratio * v for x, v in zip(g, kept["g_v"])]
+        g_s = _mean([_grads(net, names, _moved(w, g), step, r) for r in range(WORLD)])
+        coef = _flat(g).dot(_flat(g_s)) / (_flat(g).norm() ** 2 + 1e-12)
+        kept["g_v"] = [s - coef * x for s, x in zip(g_s, g)]
+        return g_s
     if method in ("gsam", "wsam"):  # g0 enters the update, so the pass at w is synced in both modes
         g0 = _mean(grad)
         g1 = _mean([_grads(net, names, _moved(w, g0), step, r) for r in range(WORLD)])
@@ -143,9 +160,9 @@ def _simulate(method: str, sync: bool):
     w = [p.detach().clone() for p in net.parameters()]
     leaves = [t.clone().requires_grad_() for t in w]
     sgd = torch.optim.SGD(leaves, lr=LR, momentum=MOMENTUM)
-    trajectory = []
+    trajectory, kept = [], {}
     for step in range(STEPS[method]):
-        for leaf, g in zip(leaves, _update_grad(method, sync, step, net, names, [t.detach() for t in leaves])):
+        for leaf, g in zip(leaves, _update_grad(method, sync, step, net, names, [t.detach() for t in leaves], kept)):
             leaf.grad = g
         sgd.step()
         trajectory.append([t.detach().clone() for t in leaves])

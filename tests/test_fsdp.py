@@ -40,6 +40,7 @@ METHODS = {
     "gsam": (fastsam.GSAM, dict(rho=0.5)),
     "wsam": (fastsam.WSAM, dict(rho=0.5, max_norm=1.0)),
     "sam_interval": (fastsam.SAM, dict(rho=0.5, interval=3)),
+    "looksam": (fastsam.LookSAM, dict(rho=0.5, k=3)),
 }
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
          "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01))}
@@ -58,11 +59,12 @@ JOBS = ([(m, b, "") for m in METHODS for b in BASES]
            ("sam", "sgd", "m-sharpness bf16"), ("sam", "adamw", "m-sharpness nan"),
            ("asam", "sgd", "m-sharpness explicit")]
         # their update uses the pass at w, which stays synced (as under DDP): the plain result
-        + [(m, b, "m-sharpness") for m in ("crsam", "crsam_paper", "lastsam_orthogonal", "gsam", "wsam")
+        + [(m, b, "m-sharpness") for m in ("crsam", "crsam_paper", "lastsam_orthogonal", "gsam", "wsam", "looksam")
            for b in BASES])
 # The checkpointed runs: the method's own state (EMA, step counter across the switch) must survive DCP.
 CHECKPOINTED = [("sam", "adamw", ""), ("fsam", "sgd", ""), ("lastsam_orthogonal", "sgd", ""),
-                ("asam", "adamw", "m-sharpness"), ("fsam", "adamw", "m-sharpness")]
+                ("asam", "adamw", "m-sharpness"), ("fsam", "adamw", "m-sharpness"),
+                ("looksam", "sgd", "")]  # its g_v, kept at step 3, is used by steps 5 (after the load) and 7
 CHECKPOINT_SWITCH = 7  # LastSAM switches after the checkpoint: a lost steps_done would delay it
 COUNTED = ["sam", "sam_inf", "asam_filterwise", "fsam", "crsam", "crsam_paper", "lastsam_orthogonal", "sam_skip"]
 
