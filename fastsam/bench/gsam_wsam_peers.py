@@ -21,20 +21,45 @@ from fastsam.bench.peers import ForeachSAM, LoopSAM
 EPS = 1e-12  # GSAM's perturb_eps, in the cosine and the projection too
 
 
-def _kept(opt, ps: List[torch.Tensor]) -> List[torch.Tensor]:
+def kept_g0(opt, ps: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The first-pass grads ``opt`` kept for the parameters ``ps`` (state key "g0")."""
     return [opt.state[p]["g0"] for p in ps]
 
 
-def _flat_dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+def flat_dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    """``<a, b>`` over two lists of same-shaped tensors (0-dim): a ``torch.dot`` per pair, summed."""
     return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
 
 
-def _norm(ts: List[torch.Tensor]) -> torch.Tensor:
+def foreach_global_norm(ts: List[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm over all of ``ts`` (0-dim): foreach norms, then the norm of those."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts, 2)), 2)
 
 
+class LoopKeepsG0(LoopSAM):
+    """A loop peer whose update uses g0, the grad of the pass at w: cloned per parameter at the first step."""
+
+    def _direction(self, group, p):
+        self.state[p]["g0"] = p.grad.clone()
+        return p.grad
+
+    def _inner_with_g0(self):
+        """The parameters with a grad, and ``<g0, g>`` over them: per tensor, stacked and summed."""
+        ps = [p for _, p in self._pairs_with_grad()]
+        device = ps[0].device
+        return ps, torch.stack([(self.state[p]["g0"] * p.grad).sum().to(device) for p in ps]).sum()
+
+
+class ForeachKeepsG0(ForeachSAM):
+    """A foreach peer whose update uses g0: copied into buffers made once, at the first step."""
+
+    def _directions(self, group, ps, grads):
+        torch._foreach_copy_([self._buffer(p, "g0") for p in ps], grads)
+        return grads
+
+
 # ---- GSAM ----------------------------------------------------------------------------------------------------
-class LoopGSAM(LoopSAM):
+class LoopGSAM(LoopKeepsG0):
     """GSAM as gsam.py writes it: g0 cloned at the first pass; then the inner product and both norms per tensor,
     ``cos = <g0, g1> / (||g1|| ||g0|| + eps)`` and ``p.grad += -alpha (g0 - cos ||g0|| g1 / (||g1|| + eps))``."""
 
@@ -43,23 +68,17 @@ class LoopGSAM(LoopSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.alpha = alpha
 
-    def _direction(self, group, p):
-        self.state[p]["g0"] = p.grad.clone()
-        return p.grad
-
     def _base_grads(self) -> None:
-        ps = [p for _, p in self._pairs_with_grad()]
-        device = ps[0].device
-        inner = torch.stack([(self.state[p]["g0"] * p.grad).sum().to(device) for p in ps]).sum()
+        ps, inner = self._inner_with_g0()
         n1 = self._global_norm([p.grad for p in ps])
-        n0 = self._global_norm(_kept(self, ps))
+        n0 = self._global_norm(kept_g0(self, ps))
         cos = inner / (n1 * n0 + EPS)
         for p in ps:
             vertical = self.state[p]["g0"] - cos * n0 * p.grad / (n1 + EPS)
             p.grad.add_(vertical, alpha=-self.alpha)
 
 
-class ForeachGSAM(ForeachSAM):
+class ForeachGSAM(ForeachKeepsG0):
     """LoopGSAM's math on foreach ops: g0 copied into buffers made once, ``g1 <- (1 + alpha cos ||g0|| /
     (||g1|| + eps)) g1 - alpha g0`` in place in ``p.grad``."""
 
@@ -68,21 +87,17 @@ class ForeachGSAM(ForeachSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.alpha = alpha
 
-    def _directions(self, group, ps, grads):
-        torch._foreach_copy_([self._buffer(p, "g0") for p in ps], grads)
-        return grads
-
     def _base_grads(self) -> None:
         ps = [p for group in self.param_groups for p in self._with_grad(group)]
-        grads, g0s = [p.grad for p in ps], _kept(self, ps)
-        n1, n0 = _norm(grads), _norm(g0s)
-        cos = _flat_dot(g0s, grads) / (n1 * n0 + EPS)
+        grads, g0s = [p.grad for p in ps], kept_g0(self, ps)
+        n1, n0 = foreach_global_norm(grads), foreach_global_norm(g0s)
+        cos = flat_dot(g0s, grads) / (n1 * n0 + EPS)
         torch._foreach_mul_(grads, 1 + self.alpha * cos * n0 / (n1 + EPS))
         torch._foreach_add_(grads, g0s, alpha=-self.alpha)
 
 
 # ---- WSAM ----------------------------------------------------------------------------------------------------
-class LoopWSAM(LoopSAM):
+class LoopWSAM(LoopKeepsG0):
     """WSAM as atorch's WeightedSAM writes it (max_norm None): g0 cloned at the first pass; coupled, ``p.grad <-
     a g1 + (1 - a) g0``; decoupled, the sharpness ``g1 - g0`` cloned, ``p.grad <- g0``, the base step, then
     ``w -= lr a (g1 - g0)`` per parameter."""
@@ -91,10 +106,6 @@ class LoopWSAM(LoopSAM):
                  adaptive: bool = False, **kwargs):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.weight, self.decouple = gamma / (1 - gamma), decouple
-
-    def _direction(self, group, p):
-        self.state[p]["g0"] = p.grad.clone()
-        return p.grad
 
     def _base_grads(self) -> None:
         for _, p in self._pairs_with_grad():
@@ -115,7 +126,7 @@ class LoopWSAM(LoopSAM):
             self.zero_grad()
 
 
-class ForeachWSAM(ForeachSAM):
+class ForeachWSAM(ForeachKeepsG0):
     """LoopWSAM's math on foreach ops: g0 copied into buffers made once; coupled, ``g1 <- lerp(g1, g0, 1 - a)``
     in place; decoupled, ``g1 - g0`` into a second buffer made once, ``p.grad <- g0`` for the base step, then
     ``w -= lr a (g1 - g0)``."""
@@ -125,16 +136,12 @@ class ForeachWSAM(ForeachSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.weight, self.decouple = gamma / (1 - gamma), decouple
 
-    def _directions(self, group, ps, grads):
-        torch._foreach_copy_([self._buffer(p, "g0") for p in ps], grads)
-        return grads
-
     def _base_grads(self) -> None:
         for group in self.param_groups:
             ps = self._with_grad(group)
             if not ps:
                 continue
-            grads, g0s = [p.grad for p in ps], _kept(self, ps)
+            grads, g0s = [p.grad for p in ps], kept_g0(self, ps)
             if self.decouple:
                 sharpness = [self._buffer(p, "sharpness") for p in ps]
                 torch._foreach_copy_(sharpness, grads)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from fastsam.bench.gsam_wsam_peers import EPS, _flat_dot, _kept, _norm
-from fastsam.bench.peers import ForeachSAM, LoopSAM, add_scaled_
+from fastsam.bench.gsam_wsam_peers import (EPS, ForeachKeepsG0, LoopKeepsG0, flat_dot, foreach_global_norm,
+                                           kept_g0)
+from fastsam.bench.peers import add_scaled_
 
 _NORM_V = "g_v_norm"  # ForeachLookSAM: ||g_v||, kept in the state of the first parameter with a grad
 
@@ -33,7 +34,7 @@ def _ratio(alpha: float, norm: torch.Tensor, norm_v: torch.Tensor) -> torch.Tens
     return torch.where(norm_v > 0, alpha * norm / norm_v, torch.zeros_like(norm))
 
 
-class LoopLookSAM(LoopSAM):
+class LoopLookSAM(LoopKeepsG0):
     """Algorithm 1 per parameter (see the module docstring)."""
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, k: int = 5, alpha: float = 0.7,
@@ -41,16 +42,10 @@ class LoopLookSAM(LoopSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.k, self.alpha = k, alpha
 
-    def _direction(self, group, p):
-        self.state[p]["g0"] = p.grad.clone()
-        return p.grad
-
     def _base_grads(self) -> None:
         # a SAM step, after the restore: keep g_v; the base step takes g_s as it is
-        ps = [p for _, p in self._pairs_with_grad()]
-        device = ps[0].device
-        inner = torch.stack([(self.state[p]["g0"] * p.grad).sum().to(device) for p in ps]).sum()
-        coef = inner / (self._global_norm(_kept(self, ps)) ** 2 + EPS)
+        ps, inner = self._inner_with_g0()
+        coef = inner / (self._global_norm(kept_g0(self, ps)) ** 2 + EPS)
         for p in ps:
             self.state[p]["g_v"] = p.grad - coef * self.state[p]["g0"]
 
@@ -67,7 +62,7 @@ class LoopLookSAM(LoopSAM):
         self.base_optimizer.step()
 
 
-class ForeachLookSAM(ForeachSAM):
+class ForeachLookSAM(ForeachKeepsG0):
     """LoopLookSAM's math on foreach ops (see the module docstring)."""
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, k: int = 5, alpha: float = 0.7,
@@ -75,22 +70,18 @@ class ForeachLookSAM(ForeachSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.k, self.alpha = k, alpha
 
-    def _directions(self, group, ps, grads):
-        torch._foreach_copy_([self._buffer(p, "g0") for p in ps], grads)
-        return grads
-
     def _all_with_grad(self):
         return [p for group in self.param_groups for p in self._with_grad(group)]
 
     def _base_grads(self) -> None:
         # a SAM step, after the restore: g_v = g_s - coef g into its buffers, and ||g_v||
         ps = self._all_with_grad()
-        grads, g0s = [p.grad for p in ps], _kept(self, ps)
-        coef = _flat_dot(g0s, grads) / (_norm(g0s) ** 2 + EPS)
+        grads, g0s = [p.grad for p in ps], kept_g0(self, ps)
+        coef = flat_dot(g0s, grads) / (foreach_global_norm(g0s) ** 2 + EPS)
         gvs = [self._buffer(p, "g_v") for p in ps]
         torch._foreach_copy_(gvs, grads)
         add_scaled_(gvs, g0s, coef, -1.0)
-        self.state[ps[0]][_NORM_V] = _norm(gvs)
+        self.state[ps[0]][_NORM_V] = foreach_global_norm(gvs)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -99,6 +90,6 @@ class ForeachLookSAM(ForeachSAM):
         ps = self._all_with_grad()
         if ps and _NORM_V in self.state[ps[0]]:
             grads = [p.grad for p in ps]
-            ratio = _ratio(self.alpha, _norm(grads), self.state[ps[0]][_NORM_V])
+            ratio = _ratio(self.alpha, foreach_global_norm(grads), self.state[ps[0]][_NORM_V])
             add_scaled_(grads, [self.state[p]["g_v"] for p in ps], ratio)
         self.base_optimizer.step()
