@@ -9,7 +9,8 @@ divided by k: ms per step, as for the others; its rows add into ``.grad`` on the
 on fixed grads would compound from call to call, so its grads are put back before each call, untimed
 (:class:`GradReset`). Some values are then degenerate: Friendly SAM's d = g - m is ~0 from the second step on,
 CR-SAM's combination is g, and the orthogonal projection of g off itself is 0 (the rows that write the
-projected grad into ``.grad``, the loop and impl="torch", then run on zero grads). The ops and the memory they
+projected grad into ``.grad``, the loop and impl="torch", then run on zero grads; LookSAM's g_v, g_s less its
+part along g = g_s, is 0 or rounding). The ops and the memory they
 move are those of a real step, and their time does not depend on the values: no denormals arise (the values
 stay exact zeros or far above the denormal range), no op skips work on zeros.
 
@@ -92,7 +93,7 @@ class Method:
         if row == "foreach":
             return self.foreach(params, torch.optim.SGD, **kw)
         if row == "compiled":
-            return peers.compile_steps(self.foreach(params, torch.optim.SGD, **kw), dict.fromkeys(self.steps))
+            return peers.compile_steps(self.foreach(params, torch.optim.SGD, **kw), tuple(dict.fromkeys(self.steps)))
         if row == "pytorch_optimizer":
             return po_peers.make(self.name, params, torch.optim.SGD, **kw)
         return self.fastsam(params, torch.optim.SGD, impl=row, **self.fastsam_options, **kw)
