@@ -186,3 +186,12 @@ def test_smoke_script_calls_every_op_on_the_cpu(capsys):
     impl = "cpu" if _extension.impl_works_on("cpu", "cpu") else "torch"
     assert _load("gpu_smoke").main(["--device", "cpu", "--impl", impl]) == 0
     assert f"training step ok: {impl} on cpu" in capsys.readouterr().out
+
+
+def test_every_file_with_device_tests_is_selected():
+    """A test file that parametrizes over the impls (ALL_IMPLS, impl_params) or has GPU-only tests is in
+    TEST_FILES: otherwise its CUDA and Triton ids never run, here (skipped) nor on a GPU."""
+    marks = ("ALL_IMPLS", "impl_params", "_on_the_gpu")
+    files = sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
+                   if p.name != "test_gpu_check.py" and any(m in p.read_text() for m in marks))
+    assert files and set(files) <= set(gc.TEST_FILES), sorted(set(files) - set(gc.TEST_FILES))

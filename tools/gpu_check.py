@@ -51,16 +51,18 @@ BENCH_ARGS = "--tables sam,cvar --quick --shapes mlp,resnet18,vit_b16,gpt2_mediu
 
 # Every test file with device parametrizations (tests/_impls.py impl_params: ids "cuda-cuda" and "cuda-triton")
 # or GPU-only tests (named *_on_the_gpu). Add a file here when it gains CUDA tests; the selection then keeps only
-# their device ids (the CPU ids run in `make test` everywhere). test_sam and test_sam_family hold the trajectory
-# tests against the authors' loops (SAM, ASAM, Friendly SAM, CR-SAM, LastSAM over several bases), whose models
-# and batches go to the test's device; their other tests, and test_recipes, run on the CPU impls only.
+# their device ids (the CPU ids run in `make test` everywhere). test_sam, test_sam_family, test_gsam_wsam and
+# test_looksam hold the trajectory tests against the authors' loops (SAM, ASAM, Friendly SAM, CR-SAM, LastSAM,
+# GSAM, WSAM, LookSAM over several bases), whose models and batches go to the test's device; their other tests,
+# and test_recipes, run on the CPU impls only.
 TEST_FILES = ("tests/test_ops.py", "tests/test_ops_scaled.py", "tests/test_cvar_ops.py", "tests/test_losses.py",
               "tests/test_amp.py", "tests/test_cuda_graphs.py", "tests/test_sam.py", "tests/test_sam_family.py",
-              "tests/test_bench_timing.py")
+              "tests/test_gsam_wsam.py", "tests/test_looksam.py", "tests/test_bench_timing.py")
 TEST_SELECTION = "cuda-cuda or cuda-triton or test_cuda_graphs or on_the_gpu"
 # How the selection was sized for the budget (counted on the CPU, where the cuda ids are collected and skipped):
 # it is 4096 tests (2043 cuda-cuda, 2044 cuda-triton, 8 CUDA-graph captures, 1 launch count; 104 of them the
-# 20-step trajectory tests of test_sam and test_sam_family). The CUDA kernels are compiled by
+# 20-step trajectory tests of test_sam and test_sam_family), and since GSAM, WSAM and LookSAM 48 more 20-step
+# trajectory tests (test_gsam_wsam, test_looksam; on the existing ops, so few new Triton variants). The CUDA kernels are compiled by
 # the build, so those tests cost milliseconds each; the Triton ones JIT-compile their kernel variants on first
 # use, 0.5-2 s each, and the selection launches 955 distinct variants (kernel x constexprs x dtypes x argument
 # specialization, counted by recording the launches of the selected tests with the GPU's block sizes). That is
