@@ -21,6 +21,9 @@ OPTIMIZERS = {
     "crsam": lambda params: fastsam.CRSAM(params, torch.optim.SGD, lr=0.05, momentum=0.9),
     "lastsam": lambda params: fastsam.LastSAM(params, torch.optim.Adam, switch_at=3, sharpness="sam", orthogonal=True,
                                               lr=1e-3),
+    "gsam": lambda params: fastsam.GSAM(params, torch.optim.AdamW, rho=0.05, alpha=0.4, lr=1e-3),
+    # SAM steps 0, 2, 4 keep g_v; the one-pass steps 1, 3, 5 reuse it (one closure call each)
+    "looksam": lambda params: fastsam.LookSAM(params, torch.optim.SGD, rho=0.05, k=2, lr=0.05, momentum=0.9),
 }
 
 
