@@ -21,7 +21,9 @@ def extension_error() -> str | None:
     except ImportError as exc:  # not built: the package still works on the other impls
         return str(exc)
     missing = [name for name in op_table.NAMES if not has_kernel(name, "CPU")]
-    if missing:  # a build of older sources (an editable install that was not rebuilt)
+    # A build of older sources (an editable install not rebuilt) that lacks ops. One whose kernel no longer fits its
+    # schema here does not get this far: torch checks the signatures as the library loads, and that stops it.
+    if missing:
         return f"fastsam._C is out of date: it lacks {', '.join(missing)}; rebuild it (make install)"
     return None
 

@@ -17,14 +17,10 @@ if importlib.util.find_spec("triton") is not None:
     PYTHON_BACKENDS += [triton_kernels, triton_cvar]
 
 
-def _grouped():
-    return {m: k for k, (_, members) in _entries.GROUPS.items() for m in members}
-
-
 @pytest.mark.parametrize("op", op_table.OPS, ids=lambda op: op.name)
 def test_entry_takes_the_schema_arguments(op):
     names = op_table.argument_names(op)
-    grouped = _grouped()
+    grouped = _entries.MEMBER_GROUP
     groups = [k for k in _entries.GROUPS if any(grouped.get(n) == k for n in names)]
     params = inspect.signature(getattr(O, op.name)).parameters
     assert list(params) == [n for n in names if n not in grouped] + groups + ["impl"]

@@ -1,4 +1,4 @@
-// CUDA implementations of the CVaR ops (schemas in csrc/ops.cpp, math in fastsam/ops/cvar_reference.py):
+// CUDA implementations of the CVaR ops (schemas in fastsam/ops/op_table.py, math in fastsam/ops/cvar_reference.py):
 // validation, allocation of the outputs and of the kernels' scratch, and launch on the current stream (the
 // kernels and their design: cvar_kernels.cu). Nothing here synchronizes with the device or reads device
 // memory: the count of valid losses, k and the threshold never leave the device, so a call is asynchronous

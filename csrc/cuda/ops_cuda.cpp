@@ -1,4 +1,4 @@
-// CUDA implementations of the fastsam ops (schemas in csrc/ops.cpp, math in fastsam/ops/reference.py):
+// CUDA implementations of the fastsam ops (schemas in fastsam/ops/op_table.py, math in fastsam/ops/reference.py):
 // validation, packing of the tensor lists into fastsam::cuda::TensorArgs, and launch on the current stream.
 // Nothing here synchronizes with the device or reads device memory, so a step stays asynchronous and
 // CUDA-graph capturable.

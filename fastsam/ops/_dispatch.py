@@ -21,7 +21,7 @@ def check_impl(impl: str) -> str:
 
 
 # torch.compile runs this eagerly while tracing and keeps the answer (it depends on the process, not
-# on tensor values): tracing into it would import the extension and register its fakes, which breaks
+# on tensor values): tracing into it would import the extension (registering its kernels), which breaks
 # the graph. So a compiled step keeps the implementation FASTSAM_IMPL named when it was compiled.
 @torch.compiler.assume_constant_result
 def resolve_impl(impl: str, device: torch.device) -> str:

@@ -11,7 +11,7 @@ and IDEs, and so that torch.compile traces it as plain code.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Set
 
 from fastsam.ops import op_table
 from fastsam.ops._dispatch import backend, resolve_impl
@@ -22,31 +22,45 @@ GROUPS = {
     "grad": (GradArgs, ("grads_b", "grads_c", "coef")),
     "amp": (AmpArgs, ("inv_scale", "found_inf")),
 }
+MEMBER_GROUP = {m: k for k, (_, members) in GROUPS.items() for m in members}  # member -> its group's keyword
 
 
 def _list(x):
     return [] if x is None else x
 
 
-def _members(op: str, keyword: str, value, taken: Tuple[str, ...]) -> tuple:
-    """The members of group ``keyword`` that op's schema takes, in schema order (None: all absent)."""
+def _wrong_type(op: str, keyword: str, value) -> None:
+    kind = GROUPS[keyword][0]
+    raise TypeError(f"{op}: {keyword} must be a fastsam.ops.{kind.__name__} or None, got {type(value).__name__}")
+
+
+def _not_taken(op: str, keyword: str, member: str) -> None:
+    raise ValueError(f"{op} takes no {keyword}.{member}")
+
+
+def _unpack(spec: op_table.OpSpec, keyword: str, names: List[str], lists: Set[str]) -> List[str]:
+    """Source lines binding the members of group ``keyword`` that the op takes: absent (None, or [] for a list)
+    without the group, else the group's values after its type check and a check that it sets no member the
+    op lacks. Decided here, once: a call runs plain attribute reads."""
     kind, members = GROUPS[keyword]
-    if value is None:
-        return tuple([] if m.startswith("grads") else None for m in taken)
-    if not isinstance(value, kind):
-        raise TypeError(f"{op}: {keyword} must be a fastsam.ops.{kind.__name__} or None, got {type(value).__name__}")
+    taken = [m for m in members if m in names]
+    absent = ", ".join("[]" if m in lists else "None" for m in taken)
+    given = ", ".join(f"_list({keyword}.{m})" if m in lists else f"{keyword}.{m}" for m in taken)
+    lines = [f"    if {keyword} is None:", f"        {', '.join(taken)}, = {absent},", "    else:",
+             f"        if not isinstance({keyword}, {kind.__name__}):",
+             f"            _wrong_type({spec.name!r}, {keyword!r}, {keyword})"]
     for m in members:
-        if m not in taken and getattr(value, m) is not None:
-            raise ValueError(f"{op} takes no {keyword}.{m}")
-    return tuple(_list(getattr(value, m)) if m.startswith("grads") else getattr(value, m) for m in taken)
+        if m not in taken:
+            lines += [f"        if {keyword}.{m} is not None:",
+                      f"            _not_taken({spec.name!r}, {keyword!r}, {m!r})"]
+    return lines + [f"        {', '.join(taken)}, = {given},"]
 
 
 def _source(spec: op_table.OpSpec) -> str:
     names = op_table.argument_names(spec)
-    grouped = {m: k for k, (_, members) in GROUPS.items() for m in members}
     params: List[str] = []
     for name in names:
-        if name in grouped:
+        if name in MEMBER_GROUP:
             continue
         if name in spec.optional_lists:
             params.append(f"{name}=None")
@@ -60,8 +74,7 @@ def _source(spec: op_table.OpSpec) -> str:
     signature = params + ["*"] + [f"{k}=None" for k in keywords] + ['impl="auto"']
     lines = [f"def {spec.name}({', '.join(signature)}):"]
     for k in keywords:
-        taken = tuple(m for m in GROUPS[k][1] if m in names)
-        lines.append(f"    {', '.join(taken)}, = _members({spec.name!r}, {k!r}, {k}, {taken!r})")
+        lines += _unpack(spec, k, names, op_table.list_arguments(spec))
     lead = spec.lead
     if spec.family == op_table.IN_PLACE:
         lines.append(f"    if len({lead}) == 0:\n        return None")
@@ -76,7 +89,8 @@ def _source(spec: op_table.OpSpec) -> str:
 
 def make_entry(spec: op_table.OpSpec) -> Callable:
     """The fastsam.ops function of one op."""
-    scope = {"_members": _members, "_list": _list, "_resolve": resolve_impl, "_backend": backend}
+    scope = {"_wrong_type": _wrong_type, "_not_taken": _not_taken, "_list": _list, "_resolve": resolve_impl,
+             "_backend": backend, "AmpArgs": AmpArgs, "GradArgs": GradArgs}
     exec(compile(_source(spec), f"<fastsam.ops.{spec.name}>", "exec"), scope)
     fn = scope[spec.name]
     fn.__module__ = "fastsam.ops"

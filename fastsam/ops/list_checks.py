@@ -2,7 +2,7 @@
 
 One function per op, called by the pure-torch reference and by the Triton host code before they touch a
 tensor, so that a list of the wrong length raises a ValueError naming it instead of being cut short by
-``zip`` or read past its end. The C++ ops check the same rules (csrc/cpu/multi_tensor.h, csrc/cuda/ops_cuda.cpp).
+``zip`` or read past its end. The C++ ops check the same rules (csrc/checks.h, shared by the CPU and CUDA ops).
 Each function returns n, the number of parameters (the length of the op's leading list).
 """
 from __future__ import annotations

@@ -15,9 +15,11 @@ Adding an op: a row here, then its implementations (CONTRIBUTING.md lists the fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
+
+from fastsam.ops.cvar_reference import opmath
 
 NAMESPACE = "fastsam"
 IN_PLACE = "sam"  # in-place ops on tensor lists, returning nothing (backend family "sam")
@@ -34,10 +36,10 @@ class OpSpec:
     lead: the argument whose device picks the implementation; for an IN_PLACE op a tensor list, and the
         call does nothing when it is empty.
     doc: the entry's docstring (the full contract is the reference implementation's docstring).
+    samples: () -> argument tuples for torch.library.opcheck, in schema order.
     optional_lists: tensor lists a call may leave out (None in the entry, an empty list to the kernels).
     defaults: defaults of the entry's other trailing arguments.
     fake: the fake (meta) kernel; None for an IN_PLACE op, which returns nothing.
-    samples: () -> argument tuples for torch.library.opcheck, in schema order.
     """
 
     name: str
@@ -45,16 +47,16 @@ class OpSpec:
     family: str
     lead: str
     doc: str
+    samples: Callable[[], List[tuple]]
     optional_lists: Tuple[str, ...] = ()
     defaults: Dict[str, object] = field(default_factory=dict)
     fake: Optional[Callable] = None
-    samples: Callable[[], List[tuple]] = lambda: []
 
 
 # ---------------------------------------------------------------------------------------------- fakes
 def _opmath_scalars(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """value and var of a CVaR op: 0-dim, fp64 for fp64 inputs, fp32 otherwise."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = opmath(x.dtype)
     return x.new_empty((), dtype=dtype), x.new_empty((), dtype=dtype)
 
 
@@ -241,10 +243,18 @@ BY_NAME: Dict[str, OpSpec] = {op.name: op for op in OPS}
 NAMES: Tuple[str, ...] = tuple(BY_NAME)
 
 
+def _arguments(spec: OpSpec):
+    return torch._C.parse_schema(f"{NAMESPACE}::{spec.name}{spec.schema}").arguments
+
+
 def argument_names(spec: OpSpec) -> List[str]:
     """The schema's argument names in order, as fastsam.ops names them."""
-    schema = torch._C.parse_schema(f"{NAMESPACE}::{spec.name}{spec.schema}")
-    return [PY_NAMES.get(a.name, a.name) for a in schema.arguments]
+    return [PY_NAMES.get(a.name, a.name) for a in _arguments(spec)]
+
+
+def list_arguments(spec: OpSpec) -> Set[str]:
+    """The names (as fastsam.ops names them) of the schema's tensor-list arguments."""
+    return {PY_NAMES.get(a.name, a.name) for a in _arguments(spec) if isinstance(a.type, torch.ListType)}
 
 
 _defined = False

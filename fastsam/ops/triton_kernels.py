@@ -371,7 +371,7 @@ def _one_minus_pow(one_m_beta, s):
 @device_fn
 def _bias_corrections(row, lr, lerp_w, one_m_beta2, step_size, bc2_sqrt, STEPS: tl.constexpr):
     """(step size ``lr / (1 - beta1^s)``, ``sqrt(1 - beta2^s)``): the host's, of the float step; with STEPS
-    (torch's capturable step tensors, column 7), from this tensor's own step count, in fp64 as on the host."""
+    (torch's capturable step tensors, column ADAM_STEPS), from this tensor's own step count, in fp64 as on the host."""
     if STEPS:
         s = tl.load(ptr_of(row, ADAM_STEPS, tl.float32, 4)).to(tl.float64)
         step_size = (tl.cast(lr, tl.float64) / _one_minus_pow(lerp_w, s)).to(tl.float32)
