@@ -20,11 +20,11 @@ The trade-off (``sync_first_pass``):
   statistics stay per rank under DDP).
 
 When the base update itself uses the grad at w (CR-SAM's combined grad, GSAM's decomposition, WSAM's mix,
-LastSAM's orthogonal projection, and every one-pass step: LastSAM before its switch, the steps between two
-under ``interval``), that pass is always synced: a local grad
-there would make the ranks' parameters drift apart. For the same reason, CR-SAM's paper mode, whose
-coefficients come from the losses of the three passes, gets from the closure the loss averaged over the
-ranks (one all-reduce of a scalar per pass): each rank's own loss would give each its own update.
+LookSAM's kept g_v, LastSAM's orthogonal projection, and every one-pass step: LastSAM before its switch, the
+steps between two under ``interval``), that pass is always synced: a local grad there would make the ranks'
+parameters drift apart. For the same reason, CR-SAM's paper mode, whose coefficients come from the losses
+of the three passes, gets from the closure the loss averaged over the ranks (one all-reduce of a scalar per
+pass): each rank's own loss would give each its own update.
 FriendlySAM's EMA of the grad at w only shapes the
 perturbation, so under ``no_sync`` each rank keeps the EMA of its own grads (a checkpoint saved on one rank
 holds that rank's EMA).
@@ -41,8 +41,8 @@ Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the choice is the same, at 
   later pass): the memory of an unsharded model. FriendlySAM keeps each rank's EMA of its own grads, as
   under DDP: a full-size state per rank for good, which the optimizer must be built for
   (``FriendlySAM(..., per_rank_ema=True)``, so that a checkpoint template has its layout); without it,
-  ``False`` raises ValueError. CRSAM, GSAM, WSAM and orthogonal LastSAM (and every one-pass step) sync the
-  pass at w in both modes (their update uses it, as under DDP).
+  ``False`` raises ValueError. CRSAM, GSAM, WSAM, LookSAM and orthogonal LastSAM (and every one-pass step)
+  sync the pass at w in both modes (their update uses it, as under DDP).
 
 DDP example (one process per rank, after ``torch.distributed.init_process_group``)::
 
@@ -71,7 +71,7 @@ except ImportError:  # a torch build without torch.distributed
 
 from fastsam._checks import _check_bool
 from fastsam._fsdp_m_sharpness import LocalPerturbation
-from fastsam.optim import ASAM, CRSAM, GSAM, SAM, WSAM, FriendlySAM, LastSAM, LookSAM
+from fastsam.optim import ASAM, CRSAM, SAM, FriendlySAM, LastSAM
 from fastsam.optim._sharding import mean_over_ranks
 from fastsam.utils import frozen_bn_stats
 
@@ -89,7 +89,8 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
     docstring). Without DDP or FSDP2 the closure is the plain SAM closure.
 
     Args:
-        optimizer: the fastsam optimizer (SAM, ASAM, FriendlySAM, CRSAM, LastSAM, GSAM, WSAM) whose step calls it.
+        optimizer: the fastsam optimizer (SAM, ASAM, FriendlySAM, CRSAM, LastSAM, GSAM, WSAM, LookSAM) whose step
+            calls it.
         model: the trained module, usually the ``DistributedDataParallel`` wrapper.
         compute_loss: runs the forward pass on this rank's batch and returns the loss, a scalar tensor.
         sync_first_pass: all-reduce the grad of the pass at w too (the full-batch perturbation). None (the
@@ -117,8 +118,7 @@ def sam_closure(optimizer: SAM, model: torch.nn.Module, compute_loss: Callable[[
                          "sync_first_pass=False) with the fully_shard-ed model")
     local = None  # each rank's own perturbation under FSDP2
     if is_fsdp and not sync_first_pass:
-        always_synced = isinstance(optimizer, (CRSAM, GSAM, WSAM, LookSAM)) or (isinstance(optimizer, LastSAM)
-                                                                         and optimizer.orthogonal)
+        always_synced = optimizer._update_uses_g0  # every step's update uses the pass at w: it stays synced
         if (type(optimizer) in (SAM, ASAM, LastSAM) and not always_synced) or per_rank_ema:
             local = LocalPerturbation(optimizer, model, FSDPModule)
         elif isinstance(optimizer, FriendlySAM):

@@ -39,6 +39,11 @@ def batches(model, n=20):
             for _ in range(n)]
 
 
+def global_norm(tensors):
+    """The 2-norm over all of ``tensors``: the norms per tensor, stacked (as the authors' loops compute it)."""
+    return torch.norm(torch.stack([t.norm(2) for t in tensors]), 2)
+
+
 def loss_at(model, batch):
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)

@@ -18,18 +18,14 @@ from torch import nn
 import fastsam
 from fastsam.utils import frozen_bn_stats
 
-from _sam_loops import (ALL_IMPLS, BASES, CPU_IMPLS, assert_models_close, batches, closure_for, fast_sam, loss_at,
-                        small_cnn)
+from _sam_loops import (ALL_IMPLS, BASES, CPU_IMPLS, assert_models_close, batches, closure_for, fast_sam, global_norm,
+                        loss_at, small_cnn)
 
 EPS = 1e-12
 
 
 def smooth_cnn():
     return small_cnn(nn.Tanh)
-
-
-def global_norm(tensors):
-    return torch.norm(torch.stack([t.norm(2) for t in tensors]), 2)
 
 
 def perturb(named, rho, adaptive):

@@ -8,13 +8,10 @@ from torch import nn
 import fastsam
 from fastsam.utils import frozen_bn_stats
 
-from _sam_loops import ALL_IMPLS, BASES, assert_models_close, batches, closure_for, explicit_step, loss_at, small_cnn
+from _sam_loops import (ALL_IMPLS, BASES, assert_models_close, batches, closure_for, explicit_step, global_norm,
+                        loss_at, small_cnn)
 
 EPS = 1e-12
-
-
-def global_norm(tensors):
-    return torch.norm(torch.stack([t.norm(2) for t in tensors]), 2)
 
 
 def loop_looksam(model, base, data, rho, k, alpha, adaptive=False):

@@ -8,7 +8,7 @@ import fastsam
 from fastsam.utils import frozen_bn_stats
 
 from _sam_loops import (ALL_IMPLS, BASES, CPU_IMPLS, assert_models_close, batches, closure_for, explicit_step, fast_sam,
-                        loop_sam, loss_at, operator_fn, second_pass_and_restore, small_cnn, small_mlp)
+                        global_norm, loop_sam, loss_at, operator_fn, second_pass_and_restore, small_cnn, small_mlp)
 
 MODELS = [small_cnn, small_mlp]
 MODEL_IDS = ["cnn", "mlp"]
@@ -16,10 +16,6 @@ MODEL_IDS = ["cnn", "mlp"]
 
 def grads_of(named):
     return {n: w.grad.detach().clone() for n, w in named if w.grad is not None}
-
-
-def global_norm(tensors):
-    return torch.norm(torch.stack([t.norm(2) for t in tensors]), 2)
 
 
 def loop_fsam(model, base, data, rho, sigma, lmbda, adaptive):

@@ -164,12 +164,12 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, steps_per_epoch:
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay, **({"capturable": True} if capturable else {}))
     if config.optimizer in BASES:
         return BASES[config.optimizer](model.parameters(), **kwargs)
-    kwargs.update(rho=config.rho, impl=config.impl, interval=config.interval)
+    kwargs.update(rho=config.rho, impl=config.impl)
     base = BASES[config.base]
-    if config.optimizer == "looksam":
-        kwargs.pop("interval")
+    if config.optimizer == "looksam":  # its interval is its k; 1 takes LookSAM's default
         return fastsam.LookSAM(model.named_parameters(), base, k=config.interval if config.interval > 1 else 5,
                                **kwargs)
+    kwargs["interval"] = config.interval
     if config.optimizer == "lastsam":
         return fastsam.LastSAM(model.named_parameters(), base, switch_at=0.5, sharpness="sam",
                                total_steps=config.epochs * steps_per_epoch, **kwargs)

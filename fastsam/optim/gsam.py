@@ -18,6 +18,12 @@ _EPS = 1e-12
 _DOT, _SQ_G0, _SQ_G1 = 0, 1, 2
 
 
+def _host_lr(lr):
+    if isinstance(lr, Tensor):
+        raise TypeError("GSAM with rho_min follows the lr on the host: the lr must be a float, not a tensor")
+    return lr
+
+
 class GSAM(SAM):
     r"""Surrogate gap guided SAM.
 
@@ -84,9 +90,8 @@ class GSAM(SAM):
             return
         if _check_nonneg("rho_min", rho_min) > group["rho"]:
             raise ValueError(f"rho_min must be at most rho ({group['rho']}), got {rho_min}")
-        lr0 = group.setdefault("initial_lr", group["lr"])
-        if isinstance(lr0, Tensor) or isinstance(group["lr"], Tensor):
-            raise TypeError("GSAM with rho_min follows the lr on the host: the lr must be a float, not a tensor")
+        lr0 = _host_lr(group.setdefault("initial_lr", group["lr"]))
+        _host_lr(group["lr"])
         if not _check_number("lr_min", group["lr_min"]) < lr0:
             raise ValueError(f"lr_min must be below the group's initial lr ({lr0}) when rho_min is set, "
                              f"got {group['lr_min']}")
@@ -95,9 +100,7 @@ class GSAM(SAM):
         rho_min = group["rho_min"]
         if rho_min is None:
             return group["rho"]
-        lr, lr_min = group["lr"], group["lr_min"]
-        if isinstance(lr, Tensor):
-            raise TypeError("GSAM with rho_min follows the lr on the host: the lr must be a float, not a tensor")
+        lr, lr_min = _host_lr(group["lr"]), group["lr_min"]
         return rho_min + (group["rho"] - rho_min) * (lr - lr_min) / (group["initial_lr"] - lr_min)
 
     def _combination(self, buckets: List[_buckets.Bucket], inv=None, fused: bool = True) -> Combination:

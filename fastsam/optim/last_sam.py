@@ -67,6 +67,7 @@ class LastSAM(SAM):
             raise ValueError(f"sharpness must be one of {_SHARPNESS}, got {sharpness!r}")
         self.sharpness = sharpness
         self.orthogonal = _check_bool("orthogonal", orthogonal)
+        self._update_uses_g0 = self.orthogonal  # the orthogonal projection uses the grad at w
         self.switch_step = _switch_step(switch_at, total_steps)
         self._dot: Dict[torch.device, Tensor] = {}
         self._coef: Dict[torch.device, Tensor] = {}
@@ -105,11 +106,6 @@ class LastSAM(SAM):
 
     def _phase(self) -> str:
         return f"the switch at step {self.switch_step}, {super()._phase()}"
-
-    @property
-    def update_uses_grad_at_w(self) -> bool:
-        # Before the switch the pass at w is the only one; the orthogonal projection uses its grad.
-        return not self.sharpness_active or self.orthogonal
 
     def _combination(self, buckets: List[_buckets.Bucket], inv=None, fused: bool = True) -> Optional[Combination]:
         if not self.orthogonal or not self.sharpness_active:

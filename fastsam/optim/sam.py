@@ -12,7 +12,7 @@ import fastsam.ops as ops
 from fastsam._checks import _check_bool, _check_nonneg, _check_number  # noqa: F401  (re-exported to the family)
 from fastsam.optim import _buckets, _fused_update, _gate, _passes, _sharding
 from fastsam.ops.reference import upcast
-from fastsam.optim._buckets import take
+from fastsam.optim._buckets import take, with_grad
 
 # (indices of a bucket's params or None for all, ema, sigma, lmbda): one perturb call; see reference.perturb_.
 Direction = Tuple[Optional[List[int]], List[Tensor], float, float]
@@ -329,7 +329,7 @@ class SAM(torch.optim.Optimizer):
         of the grads), summed over scopes and ranks: non-finite iff one of the grads is. By device."""
         sums = _sharding.zeroed(buffers, scopes, 1)
         for b, g in pairs:
-            idx = [i for i, t in enumerate(g) if t is not None]
+            idx = with_grad(g)
             ops.norm_sq_(acc=sums[b.scope], grads=take(g, idx), params=take(b.params, idx), row_scales=[],
                          mode=ops.MODE_IDENTITY, eta=0.0, impl=b.impl)
         return _sharding.global_sums(sums, added={b.scope for b, _ in pairs})
@@ -826,7 +826,7 @@ def _combine_into_grads(bucket: _buckets.Bucket, grads_b: List[Tensor], grads_c:
     generic path); parameters without a grad in the last pass keep none. Summed in fp32 and rounded once
     into ``.grad``, like the fused kernels (fp16/bf16 partial sums would add a rounding per term)."""
     every = bucket.grads()
-    idx = [i for i, g in enumerate(every) if g is not None]
+    idx = with_grad(every)
     grads = take(every, idx)
     if not grads:
         return

@@ -134,6 +134,6 @@ class WSAM(SAM):
                                  init_momentum=False, grad=ops.GradArgs(self._coef[d][_SHARP], b.buffers["grad0"]),
                                  amp=gate.on(d) if gate else None, impl=b.impl)
             else:
-                idx = [i for i, g in enumerate(b.grads()) if g is not None]
+                idx = with_grad(b.grads())
                 torch._foreach_add_(take(b.params, idx), take(b.buffers["grad0"], idx), alpha=-lr)
         self._base_grads = {}
